@@ -1,0 +1,19 @@
+"""hyft: hybrid fine-tuning — zeroth-order updates on the base model, first-order updates on a PEFT module."""
+
+from hyft.errors import HyftError
+from hyft.evaluate import EvalResult, evaluate
+from hyft.models import DEFAULT_MODEL, load_model
+from hyft.tasks import Example, get_task, sample_splits
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "EvalResult",
+    "Example",
+    "HyftError",
+    "evaluate",
+    "get_task",
+    "load_model",
+    "sample_splits",
+]

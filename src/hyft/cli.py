@@ -1,0 +1,111 @@
+"""The ``hyft`` command line: thin wrappers that parse flags and call the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from hyft.errors import HyftError
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from hyft.tasks import TASKS, sample_splits
+
+    for name, cls in TASKS.items():
+        task = cls()
+        splits = sample_splits(task, seed=args.seed)
+        sizes = f"train={len(splits.train):<5} dev={len(splits.dev):<4} test={len(splits.test):<5}"
+        print(f"{name:<11} {sizes} {task.description}")
+        for note in splits.notes:
+            print(f"{'':11} note: {note}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hyft.evaluate import evaluate
+    from hyft.models import load_model
+    from hyft.tasks import get_task, sample_splits
+
+    if args.batch_size <= 0 or (args.num_eval is not None and args.num_eval <= 0):
+        raise HyftError("--batch-size and --num-eval must be positive")
+    task = get_task(args.task)
+    splits = sample_splits(task, seed=args.seed)
+    for note in splits.notes:
+        print(f"note: {note}", file=sys.stderr)
+    examples = splits.get(args.split)[: args.num_eval]
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    result = evaluate(model, tokenizer, examples, batch_size=args.batch_size, normalize=args.normalize,
+                      desc=f"{args.task}/{args.split}")
+    print(
+        f"{args.task} {args.split}: accuracy {result.accuracy:.4f} (n={result.n}, "
+        f"{result.examples_per_second:.1f} examples/s, {result.seconds:.1f}s)"
+    )
+    if args.json:
+        record = {
+            "task": args.task, "model": args.model, "split": args.split, "n": result.n,
+            "accuracy": result.accuracy, "seconds": round(result.seconds, 3), "seed": args.seed,
+            "normalize": args.normalize, "dtype": args.dtype,
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hyft.models import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="hyft", description="Hybrid ZO/FO fine-tuning of language models.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tasks", help="list the built-in tasks and their split sizes")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("eval", help="zero-shot (or any checkpoint's) accuracy on a task")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="packaged name, Hugging Face id or local directory")
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--split", default="test", choices=["test", "dev", "train"])
+    p.add_argument("--num-eval", type=int, default=None, help="evaluate only the first N examples")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="seed of the MeZO-style split sampling")
+    p.add_argument("--normalize", default="mean", choices=["mean", "sum"], help="candidate score")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--json", default=None, help="also write the result to this JSON file")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except HyftError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"hyft: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hyft: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

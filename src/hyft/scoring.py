@@ -1,0 +1,192 @@
+"""Candidate scoring: Examples → padded token batches → per-candidate log-likelihoods, accuracy, losses.
+
+Pure functions of (model, batch). Every candidate of an example goes through the model in the same batch.
+Sequences are left-padded by default so that all continuations end at the last position and the LM head
+only has to run on the last few positions (``logits_to_keep``), which saves most of the vocabulary
+projection; right padding is supported and gives the same scores.
+
+When every candidate of every example in a batch is a single token after a shared context (SST-2, WSC),
+one forward of the context scores all candidates at once: half the compute of one row per candidate,
+and exactly the same log-likelihoods.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from hyft.tasks.base import Example
+
+Normalize = Literal["mean", "sum"]
+
+
+@dataclass
+class Batch:
+    """Token ids of every (context, continuation) pair of some examples, and where the continuations are."""
+
+    input_ids: Tensor  # [N, T]
+    attention_mask: Tensor  # [N, T]
+    position_ids: Tensor  # [N, T], counted from each row's first real token
+    target_mask: Tensor  # [N, T] True where the token belongs to the continuation being scored
+    num_candidates: list[int]  # per example; N == sum(num_candidates)
+    gold: Tensor  # [B] gold candidate index per example
+    keep: int  # trailing positions whose logits are needed (T when right-padded)
+    candidate_ids: Tensor | None = None  # [B, K] single-token fast path: rows are contexts, -1 pads ragged K
+
+    def to(self, device: torch.device | str) -> Batch:
+        move = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, Tensor)}
+        return Batch(**{**vars(self), **move})
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    max_length: int = 256,
+    padding_side: Literal["left", "right"] = "left",
+    gold_only: bool = False,
+) -> Batch:
+    """Tokenise context and continuation separately (so the boundary is exact) and pad into one batch.
+
+    Contexts that do not fit ``max_length`` lose tokens from the left; continuations are never cut.
+    ``gold_only`` keeps just the gold candidate of each example (for the LM loss).
+    """
+    gold = torch.tensor([0 if gold_only else ex.gold for ex in examples], dtype=torch.long)
+    if not gold_only and (fast := _single_token_candidates(tokenizer, examples)) is not None:
+        rows = [(tokenizer(ex.pairs()[0][0]).input_ids[-max_length:], 0) for ex in examples]
+        counts = [len(ex.candidates) for ex in examples]
+        return _pad(tokenizer, rows, counts, gold, padding_side, candidate_ids=fast)
+    rows = []
+    counts = []
+    for ex in examples:
+        pairs = ex.pairs()
+        if gold_only:
+            pairs = [pairs[ex.gold]]
+        counts.append(len(pairs))
+        for context, continuation in pairs:
+            ctx = tokenizer(context, add_special_tokens=True).input_ids
+            cont = tokenizer(continuation, add_special_tokens=False).input_ids
+            if not cont:
+                raise ValueError(f"candidate {continuation!r} tokenises to nothing")
+            budget = max(max_length - len(cont), 1)
+            rows.append((ctx[-budget:] + cont, len(cont)))
+    return _pad(tokenizer, rows, counts, gold, padding_side)
+
+
+def _pad(
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[tuple[list[int], int]],
+    counts: list[int],
+    gold: Tensor,
+    padding_side: str,
+    candidate_ids: Tensor | None = None,
+) -> Batch:
+    """Pad (token ids, continuation length) rows into a Batch."""
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    n = len(rows)
+    input_ids = torch.full((n, width), pad, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    target = torch.zeros((n, width), dtype=torch.bool)
+    for i, (ids, n_cont) in enumerate(rows):
+        start = width - len(ids) if padding_side == "left" else 0
+        end = start + len(ids)
+        input_ids[i, start:end] = torch.tensor(ids)
+        attention[i, start:end] = 1
+        target[i, end - n_cont : end] = n_cont > 0
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    keep = (max(c for _, c in rows) + 1) if padding_side == "left" else width
+    return Batch(input_ids, attention, positions, target, counts, gold, min(keep, width), candidate_ids)
+
+
+def _single_token_candidates(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example]) -> Tensor | None:
+    """[B, K] candidate token ids when every example shares one context and all candidates are one token."""
+    rows = []
+    for ex in examples:
+        if isinstance(ex.context, tuple) and len(set(ex.context)) > 1:
+            return None
+        ids = [tokenizer(c, add_special_tokens=False).input_ids for c in ex.candidates]
+        if any(len(i) != 1 for i in ids):
+            return None
+        rows.append([i[0] for i in ids])
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _kept_logits(model: nn.Module, batch: Batch) -> Tensor:
+    """Logits of the last ``batch.keep`` positions, computing only those where the model allows it."""
+    kwargs = {}
+    if batch.keep < batch.input_ids.shape[1] and _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = batch.keep
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+        **kwargs,
+    ).logits
+    return logits[:, -batch.keep :].float()
+
+
+def token_logprobs(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    """Sum of log p(continuation token | prefix) per row, and the number of scored tokens per row."""
+    k = batch.keep
+    logits = _kept_logits(model, batch)[:, :-1]  # position t predicts token t + 1
+    targets = batch.input_ids[:, -k + 1 :]
+    mask = batch.target_mask[:, -k + 1 :]
+    logp = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return (logp * mask).sum(-1), mask.sum(-1)
+
+
+def candidate_scores(model: nn.Module, batch: Batch, normalize: Normalize = "mean") -> Tensor:
+    """[B, K] candidate scores (mean or summed token log-likelihood); ragged K is padded with -inf."""
+    if batch.candidate_ids is not None:
+        return _single_token_scores(model, batch)
+    total, count = token_logprobs(model, batch)
+    per_row = total / count if normalize == "mean" else total
+    k_max = max(batch.num_candidates)
+    scores = per_row.new_full((len(batch.num_candidates), k_max), float("-inf"))
+    offset = 0
+    for i, k in enumerate(batch.num_candidates):
+        scores[i, :k] = per_row[offset : offset + k]
+        offset += k
+    return scores
+
+
+def _single_token_scores(model: nn.Module, batch: Batch) -> Tensor:
+    """Log p(candidate token | context), read from the logits at each context's last real position."""
+    assert batch.candidate_ids is not None
+    logits = _kept_logits(model, batch)
+    width = batch.input_ids.shape[1]
+    positions = torch.arange(width, device=batch.attention_mask.device)
+    last = (batch.attention_mask * positions).amax(-1) - (width - batch.keep)
+    logp = logits[torch.arange(len(last), device=last.device), last].log_softmax(-1)
+    ids = batch.candidate_ids
+    scores = logp.gather(-1, ids.clamp(min=0))
+    return scores.masked_fill(ids < 0, float("-inf"))
+
+
+def classification_loss(scores: Tensor, gold: Tensor) -> Tensor:
+    """MeZO's train-as-classification: cross-entropy over the candidates' scores."""
+    return F.cross_entropy(scores, gold)
+
+
+def lm_loss(model: nn.Module, gold_batch: Batch) -> Tensor:
+    """Token-averaged LM cross-entropy on the gold continuations (a batch built with ``gold_only``)."""
+    total, count = token_logprobs(model, gold_batch)
+    return -total.sum() / count.sum()
+
+
+def accuracy(scores: Tensor, gold: Tensor) -> float:
+    return (scores.argmax(-1) == gold).float().mean().item()

@@ -1,0 +1,21 @@
+"""Task registry: built-in tasks by name (and, through :func:`get_task`, a user's task file later)."""
+
+from __future__ import annotations
+
+from hyft.errors import HyftError
+from hyft.tasks.base import DATA_DIR, Example, Splits, Task, sample_splits
+from hyft.tasks.glue import SST2
+from hyft.tasks.superglue import WSC
+from hyft.tasks.winogrande import WinoGrande
+
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (SST2, WSC, WinoGrande)}
+
+
+def get_task(name: str) -> Task:
+    """A task by registry name; unknown names get a message listing the known ones."""
+    if name not in TASKS:
+        raise HyftError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    return TASKS[name]()
+
+
+__all__ = ["DATA_DIR", "TASKS", "Example", "Splits", "Task", "get_task", "sample_splits"]

@@ -1,0 +1,64 @@
+"""Model loading: local directories, clear offline errors, and the real SmolLM2 GGUF → safetensors cache."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from hyft.errors import HyftError
+from hyft.models import PACKAGED_GGUF, convert_gguf, load_model, packaged_gguf_path
+from tests.conftest import tiny_model
+
+
+def test_local_directory_round_trip(tmp_path, tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, tok = load_model(str(tmp_path))
+    ids = torch.tensor([tokenizer("it was great").input_ids])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert tok.pad_token is not None
+
+
+def test_missing_local_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(HyftError, match="not a Hugging Face model directory"):
+        load_model(str(tmp_path / "nothing-here"))
+
+
+def test_unknown_hub_model_offline_names_the_model(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HyftError, match=r"cannot load model 'no-such-org/no-such-model'.*local directory"):
+        load_model("no-such-org/no-such-model")
+
+
+def test_unknown_dtype(tmp_path):
+    with pytest.raises(HyftError, match="unknown dtype"):
+        load_model("smollm2-135m", dtype="int3")
+
+
+@pytest.mark.real_model
+def test_smollm2_cache_matches_fresh_conversion(tmp_path, monkeypatch):
+    """The cached safetensors model gives the same logits as the GGUF conversion, ties kept, loads fast."""
+    monkeypatch.setenv("HYFT_CACHE", str(tmp_path))
+    from transformers import AutoModelForCausalLM
+
+    gguf = packaged_gguf_path("smollm2-135m")
+    fresh = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    cached_dir = convert_gguf(gguf, tmp_path / "smollm2-135m")
+    assert (cached_dir / "model.safetensors").stat().st_size < 600e6  # tied embedding stored once
+
+    start = time.perf_counter()
+    model, tokenizer = load_model("smollm2-135m")
+    seconds = time.perf_counter() - start
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ids = torch.tensor([tokenizer("the movie was wonderful . It was great").input_ids])
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+    print(f"cached load: {seconds:.2f}s")  # reported, not asserted: timing belongs in benchmarks
+
+
+def test_packaged_names():
+    assert "smollm2-135m" in PACKAGED_GGUF
