@@ -10,9 +10,11 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from hyft.config import RunConfig
 from hyft.errors import HyftError
 
 Command = Callable[[argparse.Namespace], int]
+CONFIG_KEYS = set(RunConfig.__dataclass_fields__)
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
@@ -60,6 +62,62 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from hyft.trainer import train
+
+    values = RunConfig.from_yaml(args.config).to_dict() if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if k in CONFIG_KEYS})
+    config = RunConfig.from_dict(values, source="flags")
+    out = args.out or f"runs/{config.task}-{config.method}-s{config.seed}"
+    results = train(config, out, overwrite=args.overwrite, progress=not args.no_progress)
+    zero_shot = results["zero_shot_test_accuracy"]
+    if zero_shot is not None:
+        print(f"zero-shot test accuracy: {zero_shot:.4f}")
+    print(f"fine-tuned test accuracy: {results['test_accuracy']:.4f} ({results['method']}, {results['task']}, "
+          f"{results['steps']} steps, {results['train_seconds']:.0f}s training, "
+          f"peak RSS {results['peak_rss_mb']:.0f} MB)")
+    print(f"run directory: {out}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from hyft.replay import replay
+
+    replay(args.model, args.log, args.out, upto=args.upto, dtype=args.dtype)
+    print(f"replayed {args.log} onto {args.model}; saved to {args.out}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from hyft.plot import plot_runs
+
+    runs = [Path(r) for r in args.runs]
+    for run in runs:
+        if not (run / "metrics.jsonl").is_file():
+            raise HyftError(f"{run} is not a run directory (no metrics.jsonl)")
+    print(plot_runs(runs, Path(args.out)))
+    return 0
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per RunConfig field; unset flags keep the YAML's (or the default) value."""
+    from dataclasses import fields
+
+    for f in fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs: dict = {"default": argparse.SUPPRESS, "help": f.metadata.get("help"), "dest": f.name}
+        kind = str(f.type)
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind.startswith("list"):
+            kwargs["nargs"] = "+"
+        elif kind.startswith("int"):
+            kwargs["type"] = int
+        elif kind.startswith("float"):
+            kwargs["type"] = float
+        parser.add_argument(flag, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hyft.models import DEFAULT_MODEL
 
@@ -83,6 +141,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="fine-tune with hybrid or a baseline method")
+    p.add_argument("--config", default=None, help="YAML config (a run's config.yaml reruns it); flags override")
+    p.add_argument("--out", default=None, help="run directory (default runs/<task>-<method>-s<seed>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("replay", help="rebuild a fine-tuned base model from the original and a ZO log")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the original model the run started from")
+    p.add_argument("--log", required=True, help="RUN/zo_log.jsonl")
+    p.add_argument("--out", required=True, help="directory for the rebuilt model")
+    p.add_argument("--upto", type=int, default=None, help="apply only the first N updates (e.g. the best-dev index)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("plot", help="compare several runs: loss and dev accuracy against step")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--out", default="runs/compare.png")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 

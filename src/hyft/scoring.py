@@ -136,7 +136,8 @@ def _kept_logits(model: nn.Module, batch: Batch) -> Tensor:
         use_cache=False,
         **kwargs,
     ).logits
-    return logits[:, -batch.keep :].float()
+    logits = logits[:, -batch.keep :]
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def token_logprobs(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:

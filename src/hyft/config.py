@@ -1,0 +1,133 @@
+"""RunConfig: every knob of a training run, validated once, round-tripped through YAML and CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hyft.errors import HyftError
+
+METHODS = ("hybrid", "fo-full", "fo-peft", "zo-full", "zo-peft")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class RunConfig:
+    """A training run. Field docs double as the CLI help (``hyft train --help``)."""
+
+    # what to train
+    model: str = field(default="smollm2-135m", metadata={"help": "packaged name, Hugging Face id or local dir"})
+    task: str = field(default="sst2", metadata={"help": "built-in task name"})
+    method: str = field(default="hybrid", metadata={"help": "update rule: " + ", ".join(METHODS)})
+    seed: int = field(default=0, metadata={"help": "root seed: data sampling, order, ZO directions"})
+    dtype: str = field(default="float32", metadata={"help": "weights dtype: float32, bfloat16 or float16"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when present)"})
+    # data and budget
+    num_train: int = field(default=1000, metadata={"help": "training examples sampled (MeZO protocol)"})
+    num_dev: int = field(default=500, metadata={"help": "dev examples sampled from the training file"})
+    num_test: int = field(default=1000, metadata={"help": "test examples, at most, from the validation file"})
+    steps: int = field(default=200, metadata={"help": "training steps (minibatches)"})
+    epochs: float | None = field(default=None, metadata={"help": "if set, the budget in epochs (overrides steps)"})
+    batch_size: int = field(default=16, metadata={"help": "examples per step"})
+    shuffle: str = field(default="reshuffle", metadata={"help": "reshuffle (every epoch), once, or none"})
+    loss: str = field(default="classification", metadata={"help": "classification (CE over candidates) or lm"})
+    normalize: str = field(default="mean", metadata={"help": "candidate score: mean or sum of token log-probs"})
+    max_length: int = field(default=256, metadata={"help": "tokens per sequence; contexts are cut on the left"})
+    # evaluation
+    eval_every: int = field(default=50, metadata={"help": "steps between dev evaluations (0: only at the end)"})
+    eval_dev_examples: int | None = field(default=None, metadata={"help": "evaluate on the first N dev examples"})
+    eval_batch_size: int = field(default=32, metadata={"help": "examples per evaluation batch"})
+    zero_shot: bool = field(default=True, metadata={"help": "also test the model before training"})
+    # first-order group (phi)
+    lr_fo: float = field(default=1e-3, metadata={"help": "learning rate of the FO group"})
+    optimizer_fo: str = field(default="sgd", metadata={"help": "sgd or adamw"})
+    momentum_fo: float = field(default=0.0, metadata={"help": "SGD momentum of the FO group"})
+    weight_decay_fo: float = field(default=0.0, metadata={"help": "weight decay of the FO group"})
+    schedule_fo: str = field(default="constant", metadata={"help": "constant, linear or cosine"})
+    warmup_fo: int = field(default=0, metadata={"help": "linear warmup steps of the FO group"})
+    # zeroth-order group (theta)
+    lr_zo: float = field(default=1e-6, metadata={"help": "learning rate of the ZO group"})
+    eps: float = field(default=1e-3, metadata={"help": "ZO perturbation size epsilon"})
+    estimator: str = field(default="two-sided", metadata={"help": "two-sided or one-sided SPSA"})
+    zo_dist: str = field(default="gaussian", metadata={"help": "direction distribution: gaussian or rademacher"})
+    zo_params: str | None = field(default=None, metadata={"help": "regex: ZO-train only matching base params"})
+    weight_decay_zo: float = field(default=0.0, metadata={"help": "weight decay of the ZO group"})
+    schedule_zo: str = field(default="constant", metadata={"help": "constant, linear or cosine"})
+    warmup_zo: int = field(default=0, metadata={"help": "linear warmup steps of the ZO group"})
+    # PEFT module
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_targets: list[str] | None = field(
+        default=None, metadata={"help": "module names or all-linear (default: peft's choice, q_proj,v_proj on Llama)"}
+    )
+
+    def validate(self) -> RunConfig:
+        """Raise HyftError naming the first bad value."""
+        checks = [
+            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
+            (self.steps > 0, "steps must be > 0"),
+            (self.epochs is None or self.epochs > 0, "epochs must be > 0"),
+            (self.batch_size > 0, "batch_size must be > 0"),
+            (self.eval_batch_size > 0, "eval_batch_size must be > 0"),
+            (self.num_train > 0 and self.num_dev >= 0 and self.num_test > 0, "num_train/num_test must be > 0"),
+            (self.eval_every >= 0, "eval_every must be >= 0"),
+            (self.lr_fo >= 0, "lr_fo must be >= 0"),
+            (self.lr_zo >= 0, "lr_zo must be >= 0"),
+            (self.eps > 0, "eps must be > 0"),
+            (self.weight_decay_fo >= 0 and self.weight_decay_zo >= 0, "weight decay must be >= 0"),
+            (self.warmup_fo >= 0 and self.warmup_zo >= 0, "warmup must be >= 0"),
+            (self.schedule_fo in SCHEDULES and self.schedule_zo in SCHEDULES, f"schedule: {', '.join(SCHEDULES)}"),
+            (self.optimizer_fo in ("sgd", "adamw"), "optimizer_fo must be sgd or adamw"),
+            (self.estimator in ("two-sided", "one-sided"), "estimator must be two-sided or one-sided"),
+            (self.zo_dist in ("gaussian", "rademacher"), "zo_dist must be gaussian or rademacher"),
+            (self.shuffle in ("reshuffle", "once", "none"), "shuffle must be reshuffle, once or none"),
+            (self.loss in ("classification", "lm"), "loss must be classification or lm"),
+            (self.normalize in ("mean", "sum"), "normalize must be mean or sum"),
+            (self.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16"),
+            (self.lora_r > 0, "lora_r must be > 0"),
+            (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+            (self.max_length > 1, "max_length must be > 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise HyftError(f"bad config value: {message}")
+        return self
+
+    @property
+    def uses_peft(self) -> bool:
+        return self.method in ("hybrid", "fo-peft", "zo-peft")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> RunConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise HyftError(f"{source}: unknown key(s) {', '.join(unknown)}")
+        try:
+            return cls(**data).validate()
+        except TypeError as err:
+            raise HyftError(f"{source}: {err}") from err
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise HyftError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise HyftError(f"{path}: not valid YAML ({err})") from err
+        if not isinstance(data, dict):
+            raise HyftError(f"{path}: expected a mapping of config keys")
+        return cls.from_dict(data, source=str(path))

@@ -1,0 +1,144 @@
+"""What every update rule shares: the objective on a batch, the two parameter groups' updates, the seed
+stream for ZO directions, and the SPSA estimate. A method subclass only writes ``step``."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from hyft.config import RunConfig
+from hyft.params import ParamGroups
+from hyft.schedule import lr_at
+from hyft.scoring import Batch, candidate_scores, classification_loss, encode, lm_loss
+from hyft.tasks.base import Example
+from hyft.zo import ZOEngine, ZOUpdate
+
+
+class Objective:
+    """The training loss of a batch of Examples: classification (CE over candidates) or LM on the gold."""
+
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RunConfig):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.device = next(model.parameters()).device
+
+    def encode(self, examples: Sequence[Example]) -> Batch:
+        gold_only = self.config.loss == "lm"
+        return encode(self.tokenizer, examples, self.config.max_length, gold_only=gold_only).to(self.device)
+
+    def __call__(self, batch: Batch) -> Tensor:
+        if self.config.loss == "lm":
+            return lm_loss(self.model, batch)
+        return classification_loss(candidate_scores(self.model, batch, self.config.normalize), batch.gold)
+
+
+@dataclass
+class StepStats:
+    loss: float
+    lr_fo: float | None = None
+    lr_zo: float | None = None
+    zo_coef: float | None = None
+    zo_update: ZOUpdate | None = None
+    skipped: bool = False  # a non-finite loss or coefficient: no update was applied
+
+
+class Method(ABC):
+    """An update rule: built from (model, groups, objective, config); ``step`` turns a batch into an update."""
+
+    name: str
+
+    def __init__(self, model: nn.Module, groups: ParamGroups, objective: Objective, config: RunConfig, total: int):
+        self.model, self.groups, self.objective, self.config, self.total = model, groups, objective, config, total
+        self.engine = ZOEngine(model, groups.zo, config.zo_dist) if groups.zo else None
+        self.optimizer = self._fo_optimizer() if groups.fo else None
+        self.seeds = torch.Generator().manual_seed(config.seed * 1_000_003 + 17)  # ZO direction seeds only
+
+    @abstractmethod
+    def step(self, examples: Sequence[Example], step: int) -> StepStats:
+        """One update from one minibatch."""
+
+    # --- the pieces a step is made of -------------------------------------------------------------
+    def _fo_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for _, p in self.groups.fo]
+        c = self.config
+        if c.optimizer_fo == "adamw":
+            return torch.optim.AdamW(params, lr=c.lr_fo, weight_decay=c.weight_decay_fo)
+        return torch.optim.SGD(params, lr=c.lr_fo, momentum=c.momentum_fo, weight_decay=c.weight_decay_fo)
+
+    def lr_fo(self, step: int) -> float:
+        return lr_at(self.config.lr_fo, self.config.schedule_fo, step, self.total, self.config.warmup_fo)
+
+    def lr_zo(self, step: int) -> float:
+        return lr_at(self.config.lr_zo, self.config.schedule_zo, step, self.total, self.config.warmup_zo)
+
+    def next_seed(self) -> int:
+        return int(torch.randint(0, 2**62, (1,), generator=self.seeds).item())
+
+    def loss_with_grad(self, batch: Batch) -> Tensor:
+        """L(θ, φ; B) with autograd through the FO group only."""
+        self.model.train()
+        loss = self.objective(batch)
+        loss.backward()
+        return loss
+
+    @torch.no_grad()
+    def spsa(self, batch: Batch, seed: int, loss0: float | None = None) -> tuple[float, float]:
+        """SPSA coefficient g for direction z(seed): two-sided (L+ − L−)/2ε, or one-sided (L+ − L0)/ε.
+
+        Also returns the loss at θ: ``loss0`` (computed if not given) one-sided, (L+ + L−)/2 two-sided.
+        """
+        assert self.engine is not None
+        eps = self.config.eps
+        self.model.eval()
+        with self.engine.perturbed(seed, +eps):
+            plus = self.objective(batch).item()
+        if self.config.estimator == "one-sided":
+            if loss0 is None:
+                loss0 = self.objective(batch).item()
+            return (plus - loss0) / eps, loss0
+        with self.engine.perturbed(seed, -eps):
+            minus = self.objective(batch).item()
+        return (plus - minus) / (2 * eps), (plus + minus) / 2 if loss0 is None else loss0
+
+    def fo_update(self, step: int) -> float:
+        """φ ← optimizer step with this step's FO learning rate; returns that rate."""
+        assert self.optimizer is not None
+        lr = self.lr_fo(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
+
+    def zo_update(self, seed: int, coef: float, step: int) -> ZOUpdate:
+        """θ ← θ − η_zo (g·z + λ θ), applied in place from the seed; returns the logged update."""
+        assert self.engine is not None
+        update = ZOUpdate(step, seed, coef, lr=self.lr_zo(step), weight_decay=self.config.weight_decay_zo)
+        self.engine.update(update)
+        return update
+
+    def discard_grads(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    # --- checkpointing ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "seeds": self.seeds.get_state(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seeds.set_state(state["seeds"])
+        if self.optimizer is not None and state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+
+def finite(*values: float | None) -> bool:
+    return all(v is None or math.isfinite(v) for v in values)

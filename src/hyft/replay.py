@@ -1,0 +1,40 @@
+"""Rebuild a fine-tuned base model from the original weights and a run's ZO log (seeds + coefficients)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from hyft.errors import HyftError
+from hyft.models import load_model
+from hyft.zo import ZOEngine, ZOLog, canonical_name, select_params
+
+
+def replay(model_name: str, log_path: str | Path, out: str | Path | None = None,
+           upto: int | None = None, dtype: str | None = None, device: str = "cpu") -> nn.Module:
+    """Apply the first ``upto`` (default: all) logged updates to ``model_name`` and save it to ``out``."""
+    log_path = Path(log_path)
+    if not log_path.is_file():
+        raise HyftError(f"ZO log not found: {log_path}")
+    try:
+        header, updates = ZOLog.read(log_path)
+    except (ValueError, TypeError, KeyError) as err:
+        raise HyftError(f"{log_path}: not a readable hyft ZO log ({err})") from err
+    if header["method"] not in ("hybrid", "zo-full"):
+        raise HyftError(f"{log_path}: a {header['method']} log updates PEFT weights, not the base model; "
+                        "use the run's adapter/ instead")
+    model, tokenizer = load_model(model_name, dtype or header["dtype"], device)
+    params = select_params(model, header["zo_params"])
+    names = [canonical_name(n) for n, _ in params]
+    numel = sum(p.numel() for _, p in params)
+    if numel != header["numel"] or names[:1] != header["first"] or names[-1:] != header["last"]:
+        raise HyftError(f"{log_path} was written for a different model ({header['model']!r}, "
+                        f"{header['numel']:,} ZO weights); {model_name!r} has {numel:,}")
+    engine = ZOEngine(model, params, header["dist"])
+    for u in updates[:upto]:
+        engine.update(u)
+    if out is not None:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    return model

@@ -1,0 +1,52 @@
+"""Everything a run writes to disk, in one place, with atomic writes (temporary file, then rename)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from hyft.errors import HyftError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """``config.yaml``, ``metrics.jsonl``, ``zo_log.jsonl``, ``results.json``, ``adapter/``, ``plots/``."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, path: str | Path, overwrite: bool = False) -> RunDir:
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            if not overwrite:
+                raise HyftError(f"output directory {path} exists and is not empty; pass --overwrite to replace it")
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(path)
+
+    config = property(lambda self: self.path / "config.yaml")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    zo_log = property(lambda self: self.path / "zo_log.jsonl")
+    results = property(lambda self: self.path / "results.json")
+    adapter = property(lambda self: self.path / "adapter")
+    plots = property(lambda self: self.path / "plots")
+
+    def log_metrics(self, row: dict[str, Any]) -> None:
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        atomic_write_text(self.results, json.dumps(results, indent=2) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,190 @@
+"""The perturbation engine: seeded random directions, perturbed forwards that never touch the stored
+weights, in-place SPSA updates, and the (seed, coefficient) log that replays them.
+
+How a perturbed forward works: a forward pre-hook on every module that owns ZO parameters swaps in a
+temporary ``θ + scale·z`` for that module's own weights, and its forward hook swaps the stored Parameter
+back. Only one module's temporaries are alive at a time (a tied weight, used by two modules, is kept for
+the pass so it is perturbed once, consistently). The stored weights are never written during the
+estimate, so a step with learning rate 0 leaves θ bitwise unchanged in every dtype, unlike MeZO's
+in-place +ε, −2ε, +ε sequence, which drifts in low precision.
+
+Directions: ``z`` for a parameter is drawn from a generator seeded with a mix of the step seed and a
+hash of the parameter's canonical name, so it is regenerated identically for the perturbation, the update
+and a later replay, whatever wrapping (peft) the model has.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+DISTRIBUTIONS = ("gaussian", "rademacher")
+FULL_PRECISION = (torch.float32, torch.float64)  # updated in place; lower precisions go through fp32
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name in the unwrapped base model (peft adds ``base_model.model.`` and ``.base_layer``)."""
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
+def direction_seed(step_seed: int, name: str) -> int:
+    return (step_seed * 0x9E3779B1 + zlib.crc32(canonical_name(name).encode())) % (2**63 - 1)
+
+
+def draw_direction(shape: torch.Size, seed: int, dist: str, device: torch.device) -> Tensor:
+    """z ~ N(0, I) or Rademacher ±1, float32, reproducible from ``seed``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    if dist == "gaussian":
+        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    if dist == "rademacher":
+        return torch.randint(0, 2, shape, generator=gen, device=device, dtype=torch.int8).float().mul_(2).sub_(1)
+    raise ValueError(f"unknown direction distribution {dist!r}; choose {', '.join(DISTRIBUTIONS)}")
+
+
+@dataclass
+class ZOUpdate:
+    """One logged update: θ ← θ − lr·(coef·z(seed) + weight_decay·θ)."""
+
+    step: int
+    seed: int
+    coef: float
+    lr: float
+    weight_decay: float = 0.0
+
+
+class ZOEngine:
+    """Perturbs and updates a fixed list of named parameters of ``model`` from seeds only."""
+
+    def __init__(self, model: nn.Module, params: list[tuple[str, nn.Parameter]], dist: str = "gaussian"):
+        if dist not in DISTRIBUTIONS:
+            raise ValueError(f"unknown direction distribution {dist!r}; choose {', '.join(DISTRIBUTIONS)}")
+        self.dist = dist
+        self.params = params
+        index = {id(p): i for i, (_, p) in enumerate(params)}
+        # module -> [(attribute name, parameter index)] for the ZO parameters it owns directly
+        self.owners: dict[nn.Module, list[tuple[str, int]]] = {}
+        uses = [0] * len(params)
+        for module in model.modules():
+            for attr, p in module.named_parameters(recurse=False):
+                if id(p) in index:
+                    self.owners.setdefault(module, []).append((attr, index[id(p)]))
+                    uses[index[id(p)]] += 1
+        self.shared = {i for i, n in enumerate(uses) if n > 1}
+        missing = [params[i][0] for i, n in enumerate(uses) if n == 0]
+        if missing:
+            raise ValueError(f"ZO parameters not owned by any module: {missing[:3]}")
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for _, p in self.params)
+
+    def direction(self, i: int, step_seed: int) -> Tensor:
+        name, p = self.params[i]
+        return draw_direction(p.shape, direction_seed(step_seed, name), self.dist, p.device)
+
+    def _perturbed_value(self, i: int, step_seed: int, scale: float) -> Tensor:
+        p = self.params[i][1].detach()
+        z = self.direction(i, step_seed)
+        if p.dtype in FULL_PRECISION:
+            return z.to(p.dtype).mul_(scale).add_(p)
+        return z.mul_(scale).add_(p.float()).to(p.dtype)
+
+    @contextmanager
+    def perturbed(self, step_seed: int, scale: float) -> Iterator[None]:
+        """Within the block, forwards see θ + scale·z(step_seed); the stored weights are untouched."""
+        live: dict[int, Tensor] = {}
+
+        def swap_in(module: nn.Module, _args: object) -> None:
+            for attr, i in self.owners[module]:
+                value = live.get(i)
+                if value is None:
+                    value = self._perturbed_value(i, step_seed, scale)
+                    if i in self.shared:
+                        live[i] = value
+                module._parameters[attr] = value  # a plain tensor, read by the module's forward
+
+        def swap_out(module: nn.Module, _args: object, _out: object) -> None:
+            for attr, i in self.owners[module]:
+                module._parameters[attr] = self.params[i][1]
+
+        handles = []
+        for module in self.owners:
+            handles.append(module.register_forward_pre_hook(swap_in))
+            handles.append(module.register_forward_hook(swap_out))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for module, attrs in self.owners.items():
+                for attr, i in attrs:
+                    module._parameters[attr] = self.params[i][1]
+
+    @torch.no_grad()
+    def update(self, u: ZOUpdate) -> None:
+        """θ ← θ − lr·(coef·z + weight_decay·θ), with fp32 arithmetic for low-precision weights.
+
+        A zero step (lr = 0, or coef = 0 without decay) writes nothing: θ stays bitwise identical.
+        """
+        step = u.lr * u.coef
+        decay = u.lr * u.weight_decay
+        if step == 0.0 and decay == 0.0:
+            return
+        for i, (_, p) in enumerate(self.params):
+            z = self.direction(i, u.seed)
+            if p.dtype in FULL_PRECISION:
+                if decay:
+                    p.mul_(1.0 - decay)
+                p.add_(z.to(p.dtype), alpha=-step)
+            else:
+                new = p.float()
+                if decay:
+                    new.mul_(1.0 - decay)
+                p.copy_(new.add_(z, alpha=-step))
+
+
+def select_params(
+    model: nn.Module, pattern: str | None = None, trainable: bool | None = None
+) -> list[tuple[str, nn.Parameter]]:
+    """Named parameters, each tied tensor once, optionally filtered by regex on the canonical name
+    and by ``requires_grad``."""
+    regex = re.compile(pattern) if pattern else None
+    out = []
+    for name, p in model.named_parameters():  # named_parameters() already skips repeated (tied) tensors
+        if trainable is not None and p.requires_grad != trainable:
+            continue
+        if regex and not regex.search(canonical_name(name)):
+            continue
+        out.append((name, p))
+    return out
+
+
+class ZOLog:
+    """The run's ZO updates as JSON lines: a header (what was perturbed), then one line per update."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def start(self, header: dict) -> None:
+        self.path.write_text(json.dumps({"header": header}) + "\n")
+
+    def append(self, u: ZOUpdate) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(asdict(u)) + "\n")
+
+    @staticmethod
+    def read(path: Path) -> tuple[dict, list[ZOUpdate]]:
+        lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        if not lines or "header" not in lines[0]:
+            raise ValueError(f"{path}: not a hyft ZO log (no header line)")
+        return lines[0]["header"], [ZOUpdate(**row) for row in lines[1:]]
