@@ -1,0 +1,207 @@
+"""End-to-end on a tiny Llama: each method learns, runs reproduce, the ZO log replays the base bitwise,
+the best-dev state is restored exactly, the adapter loads with peft, and the sampler reshuffles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hyft.cli import main
+from hyft.config import RunConfig
+from hyft.methods import METHODS, Objective
+from hyft.params import prepare
+from hyft.replay import replay
+from hyft.sampler import EpochSampler
+from hyft.scoring import candidate_scores, encode
+from hyft.tasks import get_task, sample_splits
+from hyft.trainer import Trainer
+from hyft.zo import canonical_name
+from tests.conftest import make_tokenizer, tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = make_tokenizer()
+    tiny_model("llama", len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def tiny_config(model: str, **overrides) -> RunConfig:
+    values = dict(model=model, task="sst2", num_train=24, num_dev=8, num_test=8, steps=6, batch_size=4,
+                  eval_every=0, eval_batch_size=8, lr_fo=0.05, lr_zo=1e-3, eps=1e-3, zero_shot=False)
+    values.update(overrides)
+    return RunConfig(**values).validate()
+
+
+# Learning rates at which each method makes progress on a fixed batch of a random tiny Llama.
+LEARNING_RATES = {
+    "hybrid": dict(lr_fo=0.5, lr_zo=2e-3), "fo-full": dict(lr_fo=0.5), "fo-peft": dict(lr_fo=0.5),
+    "zo-full": dict(lr_zo=2e-3), "zo-peft": dict(lr_zo=0.05, eps=1e-2),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_lowers_the_training_loss(method, tokenizer):
+    examples = sample_splits(get_task("sst2"), seed=0, num_train=8, num_dev=0, num_test=1).train
+    config = RunConfig(method=method, **LEARNING_RATES[method]).validate()
+    model, groups = prepare(tiny_model("llama", len(tokenizer)), config)
+    objective = Objective(model, tokenizer, config)
+    batch = objective.encode(examples)
+    with torch.no_grad():
+        before = objective(batch).item()
+    step = METHODS[method](model, groups, objective, config, total=40)
+    for i in range(40):
+        assert not step.step(examples, i).skipped
+    with torch.no_grad():
+        after = objective(batch).item()
+    assert after < before - 0.02, (before, after)
+
+
+@pytest.mark.parametrize("mode", ["reshuffle", "once", "none"])
+def test_sampler_visits_each_example_once_per_epoch(mode):
+    sampler = EpochSampler(10, 3, mode, seed=1)
+    epochs = []
+    for _ in range(3):
+        seen = []
+        for _ in range(sampler.steps_per_epoch):
+            seen += sampler.next_batch()
+        epochs.append(seen)
+        assert sorted(seen) == list(range(10))
+    if mode == "reshuffle":
+        assert epochs[0] != epochs[1] != epochs[2]
+    elif mode == "once":
+        assert epochs[0] == epochs[1] == epochs[2] != list(range(10))
+    else:
+        assert epochs[0] == list(range(10))
+
+
+def test_sampler_state_round_trip():
+    a = EpochSampler(10, 4, "reshuffle", seed=2)
+    for _ in range(4):
+        a.next_batch()
+    b = EpochSampler(10, 4, "reshuffle", seed=99)
+    b.load_state_dict(a.state_dict())
+    assert [a.next_batch() for _ in range(6)] == [b.next_batch() for _ in range(6)]
+
+
+def _metric_rows(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+
+def test_same_command_twice_gives_identical_metrics(tiny_dir, tmp_path):
+    config = tiny_config(tiny_dir, method="hybrid", eval_every=3)
+    first = Trainer(config, tmp_path / "a", progress=False).run()
+    second = Trainer(config, tmp_path / "b", progress=False).run()
+    assert _metric_rows(tmp_path / "a") == _metric_rows(tmp_path / "b")
+    assert first["test_accuracy"] == second["test_accuracy"]
+    assert (tmp_path / "a" / "zo_log.jsonl").read_text() == (tmp_path / "b" / "zo_log.jsonl").read_text()
+
+
+@pytest.mark.parametrize("method", ["hybrid", "zo-full"])
+def test_replay_rebuilds_the_final_base_bitwise(method, tiny_dir, tmp_path):
+    trainer = Trainer(tiny_config(tiny_dir, method=method), tmp_path / "run", progress=False)
+    trainer.run()  # eval only at the end: the best state is the final state
+    rebuilt = replay(tiny_dir, tmp_path / "run" / "zo_log.jsonl", out=tmp_path / "replayed")
+    trained = {canonical_name(n): p for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    original = dict(AutoModelForCausalLM.from_pretrained(tiny_dir).named_parameters())
+    changed = 0
+    for name, p in rebuilt.named_parameters():
+        assert torch.equal(p, trained[name]), name
+        changed += int(not torch.equal(p, original[name]))
+    assert changed == len(original)  # every base tensor moved: the log really carries the fine-tuning
+    assert (tmp_path / "replayed" / "config.json").is_file()
+    log_bytes = (tmp_path / "run" / "zo_log.jsonl").stat().st_size
+    assert log_bytes < 4096  # 6 updates: the whole change to the base model is a few hundred bytes
+
+
+def test_best_dev_state_is_restored_exactly(tiny_dir, tmp_path):
+    config = tiny_config(tiny_dir, method="hybrid", steps=8, eval_every=2, lr_zo=5e-3, lr_fo=0.5)
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    results = trainer.run()
+    index = results["zo_log_best_index"]
+    assert index == results["best_step"]  # one ZO update per step
+    rebuilt = replay(tiny_dir, tmp_path / "run" / "zo_log.jsonl", upto=index)
+    trained = {canonical_name(n): p for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    for name, p in rebuilt.named_parameters():
+        assert torch.equal(p, trained[name]), name
+
+
+def test_adapter_round_trip_with_peft(tiny_dir, tmp_path):
+    from peft import PeftModel
+
+    trainer = Trainer(tiny_config(tiny_dir, method="hybrid"), tmp_path / "run", progress=False)
+    trainer.run()
+    base = replay(tiny_dir, tmp_path / "run" / "zo_log.jsonl")
+    loaded = PeftModel.from_pretrained(base, tmp_path / "run" / "adapter")
+    examples = sample_splits(get_task("sst2"), 0, 24, 8, 8).test
+    batch = encode(trainer.tokenizer, examples)
+    with torch.no_grad():
+        expected = candidate_scores(trainer.model.eval(), batch)
+        got = candidate_scores(loaded.eval(), batch)
+    assert torch.equal(expected, got)
+    assert any(not torch.all(p == 0) for n, p in loaded.named_parameters() if "lora_B" in n)
+
+
+def test_run_directory_contents_and_rerun_from_config(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--model", tiny_dir, "--method", "fo-peft", "--num-train", "16", "--num-dev", "8",
+            "--num-test", "8", "--steps", "4", "--batch-size", "4", "--eval-every", "2", "--out", str(out),
+            "--no-progress", "--lr-fo", "0.1"]
+    assert main(args) == 0
+    assert "fine-tuned test accuracy" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    for key in ("method", "task", "model", "steps", "seed", "test_accuracy", "best_dev_accuracy",
+                "zero_shot_test_accuracy", "train_seconds", "peak_rss_mb"):
+        assert key in results
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "plots" / "loss.png").is_file() and (out / "plots" / "dev_accuracy.png").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "dev_accuracy" in r] == [2, 4]
+    assert all({"loss", "lr_fo", "lr_zo", "zo_coef", "seconds"} <= set(r) for r in rows if "loss" in r)
+    # the resolved config reruns the same job
+    assert main(["train", "--config", str(out / "config.yaml"), "--out", str(tmp_path / "again"),
+                 "--no-progress"]) == 0
+    assert _metric_rows(out) == _metric_rows(tmp_path / "again")
+    assert main(["plot", str(out), str(tmp_path / "again"), "--out", str(tmp_path / "cmp.png")]) == 0
+    assert (tmp_path / "cmp.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--method", "sgd-magic"], "method must be one of"),
+        (["--lr-zo", "-1"], "lr_zo must be >= 0"),
+        (["--eps", "0"], "eps must be > 0"),
+        (["--batch-size", "0"], "batch_size must be > 0"),
+        (["--task", "nope"], "unknown task 'nope'"),
+    ],
+)
+def test_bad_train_flags_exit_2_with_one_line(tiny_dir, tmp_path, capsys, args, message):
+    code = main(["train", "--model", tiny_dir, "--out", str(tmp_path / "r"), "--no-progress", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_existing_output_directory_needs_overwrite(tiny_dir, tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "keep.txt").write_text("x")
+    assert main(["train", "--model", tiny_dir, "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "r" / "keep.txt").is_file()
+
+
+def test_diverging_run_stops_with_a_clear_error(tiny_dir, tmp_path):
+    from hyft.errors import HyftError
+
+    config = tiny_config(tiny_dir, method="fo-peft", lr_fo=1e30, steps=12)
+    with pytest.raises(HyftError, match="training diverged"):
+        Trainer(config, tmp_path / "run", progress=False).run()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["skipped"] for r in rows)
