@@ -65,11 +65,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from hyft.trainer import train
 
-    values = RunConfig.from_yaml(args.config).to_dict() if args.config else {}
+    if args.resume and (args.config or args.out or args.overwrite):
+        raise HyftError("--resume takes the run's own config.yaml; drop --config/--out/--overwrite")
+    source = args.config or (str(Path(args.resume) / "config.yaml") if args.resume else None)
+    if args.resume and not Path(source).is_file():
+        raise HyftError(f"{args.resume} is not a run directory (no config.yaml)")
+    values = RunConfig.from_yaml(source).to_dict() if source else {}
     values.update({k: v for k, v in vars(args).items() if k in CONFIG_KEYS})
     config = RunConfig.from_dict(values, source="flags")
-    out = args.out or f"runs/{config.task}-{config.method}-s{config.seed}"
-    results = train(config, out, overwrite=args.overwrite, progress=not args.no_progress)
+    out = args.resume or args.out or f"runs/{config.task}-{config.method}-s{config.seed}"
+    results = train(config, out, overwrite=args.overwrite, progress=not args.no_progress,
+                    resume=bool(args.resume))
     zero_shot = results["zero_shot_test_accuracy"]
     if zero_shot is not None:
         print(f"zero-shot test accuracy: {zero_shot:.4f}")
@@ -146,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML config (a run's config.yaml reruns it); flags override")
     p.add_argument("--out", default=None, help="run directory (default runs/<task>-<method>-s<seed>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _config_flags(p)
     p.set_defaults(func=cmd_train)
@@ -177,10 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except HyftError as err:
+        code = getattr(err, "exit_code", 2)
         if args.debug:
             traceback.print_exc()
-        print(f"hyft: error: {err}", file=sys.stderr)
-        return 2
+        print(f"hyft: {'error: ' if code == 2 else ''}{err}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print("hyft: interrupted", file=sys.stderr)
         return 130

@@ -39,6 +39,20 @@ class RunDir:
     results = property(lambda self: self.path / "results.json")
     adapter = property(lambda self: self.path / "adapter")
     plots = property(lambda self: self.path / "plots")
+    checkpoint = property(lambda self: self.path / "checkpoint.pt")
+
+    @classmethod
+    def existing(cls, path: str | Path) -> RunDir:
+        run = cls(Path(path))
+        if not run.config.is_file():
+            raise HyftError(f"{path} is not a run directory (no config.yaml); start a new run with --out")
+        return run
+
+    def truncate_jsonl(self, path: Path, lines: int) -> None:
+        """Keep the first ``lines`` lines (rows written after the checkpoint being resumed are dropped)."""
+        if path.is_file():
+            kept = path.read_text().splitlines(keepends=True)[:lines]
+            atomic_write_text(path, "".join(kept))
 
     def log_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics.open("a") as f:

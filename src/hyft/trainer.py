@@ -1,21 +1,26 @@
-"""The training loop: budget, sampler → method.step, metrics, dev evaluation, best-dev state, final test.
+"""The training loop: budget, sampler → method.step, metrics, dev evaluation, best-dev state, checkpoints,
+final test.
 
-Knows methods only through ``step`` / ``state_dict``. The best-dev state is the FO/PEFT weights at that
-evaluation plus an index into the ZO log; the base model at that point is rebuilt exactly by replaying
-the log from the original weights.
+Knows methods only through ``step`` / ``state_dict``. The base model is never copied: its state at any
+step is the original weights plus a prefix of the ZO log, so the best-dev state and every checkpoint hold
+only the directly trained weights (PEFT module, or all weights for fo-full) and an index into that log.
+A run killed at any point and resumed with ``--resume`` ends bitwise where the uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import resource
+import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from hyft.config import RunConfig
@@ -30,6 +35,14 @@ from hyft.tasks import get_task, sample_splits
 from hyft.zo import ZOEngine, ZOLog, ZOUpdate, canonical_name
 
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before a run is declared diverged
+
+
+class Interrupted(HyftError):
+    """SIGINT/SIGTERM arrived: a checkpoint was saved and the run can be resumed."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def resolve_device(device: str) -> torch.device:
@@ -48,7 +61,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 @dataclass
 class Snapshot:
-    """The best-dev state: a copy of the directly trained weights and how many ZO updates were applied."""
+    """The best-dev state: the directly trained weights and how many ZO updates had been applied."""
 
     step: int
     dev_accuracy: float
@@ -56,18 +69,47 @@ class Snapshot:
     zo_updates: int
 
 
+@dataclass
+class TrainState:
+    """Counters of the loop; with the method's, sampler's and RNG states it is a checkpoint."""
+
+    step: int = 0  # completed steps
+    zo_updates: int = 0  # lines in the ZO log after its header
+    metrics_lines: int = 0
+    bad: int = 0  # consecutive skipped (non-finite) steps
+    skipped: int = 0
+    train_seconds: float = 0.0
+    dev_accuracy: float = float("nan")
+    zero_shot: float | None = None
+    best: Snapshot | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 class Trainer:
     """One run: ``Trainer(config, out).run()`` returns the results dict also written to results.json."""
 
-    def __init__(self, config: RunConfig, out: str | Path, overwrite: bool = False, progress: bool = True):
+    def __init__(self, config: RunConfig, out: str | Path, overwrite: bool = False, progress: bool = True,
+                 resume: bool = False):
         self.config = config.validate()
-        self.run_dir = RunDir.create(out, overwrite)
         self.progress = progress
-        config.to_yaml(self.run_dir.config)
+        self.resume = resume
+        if resume:
+            self.run_dir = RunDir.existing(out)
+            stored = RunConfig.from_yaml(self.run_dir.config)
+            diff = {k: (v, getattr(config, k)) for k, v in stored.to_dict().items() if getattr(config, k) != v}
+            if diff:
+                changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                raise HyftError(f"cannot resume {out} with a different config ({changes}); "
+                                "start a new run with --out instead")
+        else:
+            self.run_dir = RunDir.create(out, overwrite)
+            config.to_yaml(self.run_dir.config)
+        self._stop: int | None = None
 
     def log(self, message: str) -> None:
         print(message, file=sys.stderr)
 
+    # --- the run ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         c = self.config
         device = resolve_device(c.device)
@@ -77,12 +119,13 @@ class Trainer:
             self.log(f"note: {note}")
         dev = splits.dev[: c.eval_dev_examples]
         model, tokenizer = load_model(c.model, c.dtype, device)
+        checkpoint = self._read_checkpoint() if self.resume else None
 
-        zero_shot = None
-        if c.zero_shot:
-            zero_shot = evaluate(model, tokenizer, splits.test, c.eval_batch_size, c.normalize, c.max_length,
-                                 self.progress, "zero-shot test").accuracy
-            self.log(f"zero-shot test accuracy: {zero_shot:.4f} (n={len(splits.test)})")
+        state = TrainState()
+        if checkpoint is None and c.zero_shot:
+            state.zero_shot = evaluate(model, tokenizer, splits.test, c.eval_batch_size, c.normalize,
+                                       c.max_length, self.progress, "zero-shot test").accuracy
+            self.log(f"zero-shot test accuracy: {state.zero_shot:.4f} (n={len(splits.test)})")
 
         model, groups = prepare(model, c)
         self.log(f"{c.method}: {groups.describe()}")
@@ -90,56 +133,75 @@ class Trainer:
         method: Method = METHODS[c.method](model, groups, Objective(model, tokenizer, c), c, total)
         sampler = EpochSampler(len(splits.train), c.batch_size, c.shuffle, c.seed)
         zo_log = ZOLog(self.run_dir.zo_log)
-        if method.engine is not None:
-            zo_log.start(zo_header(c, method.engine))
-        snapshot_params = groups.fo + (groups.zo if c.method == "zo-peft" else [])
-        zo_on_base = c.method in ("hybrid", "zo-full")
+        direct = direct_params(c, groups)
+
+        if checkpoint is not None:
+            state = self._resume_from(checkpoint, method, sampler, direct, model)
+            self.log(f"resumed {self.run_dir.path} at step {state.step} of {total}")
+        else:
+            if method.engine is not None:
+                zo_log.start(zo_header(c, method.engine))
+            self._save_checkpoint(state, method, sampler, direct)
 
         def dev_eval(step: int) -> float:
             result = evaluate(model, tokenizer, dev, c.eval_batch_size, c.normalize, c.max_length, False)
-            self.run_dir.log_metrics({"step": step, "dev_accuracy": result.accuracy, "eval_seconds": result.seconds})
+            self._log_metrics(state, {"step": step, "dev_accuracy": result.accuracy,
+                                      "eval_seconds": round(result.seconds, 3)})
             return result.accuracy
 
-        best: Snapshot | None = None
-        n_updates, bad, skipped_total, train_seconds = 0, 0, 0, 0.0
-        bar = tqdm(range(total), desc=f"{c.method} {c.task}", disable=not self.progress, dynamic_ncols=True)
-        dev_acc = float("nan")
-        for step in bar:
-            start = time.perf_counter()
-            examples = [splits.train[i] for i in sampler.next_batch()]
-            stats = method.step(examples, step)
-            seconds = time.perf_counter() - start
-            train_seconds += seconds
-            if stats.zo_update is not None:
-                zo_log.append(stats.zo_update)
-                n_updates += 1
-            bad = bad + 1 if stats.skipped else 0
-            skipped_total += int(stats.skipped)
-            self.run_dir.log_metrics({
-                "step": step + 1, "epoch": sampler.epoch, "loss": stats.loss, "lr_zo": stats.lr_zo,
-                "lr_fo": stats.lr_fo, "zo_coef": stats.zo_coef, "seconds": round(seconds, 4),
-                "skipped": stats.skipped,
-            })
-            if bad >= MAX_BAD_STEPS:
-                raise HyftError(
-                    f"training diverged: {bad} consecutive non-finite losses or ZO coefficients at step {step + 1} "
-                    f"(no update was applied for them); lower lr_fo/lr_zo or eps. Metrics so far: "
-                    f"{self.run_dir.metrics}"
-                )
-            is_last = step + 1 == total
-            if (c.eval_every and (step + 1) % c.eval_every == 0) or is_last:
-                dev_acc = dev_eval(step + 1)
-                if best is None or dev_acc > best.dev_accuracy:
-                    weights = [p.detach().to("cpu", copy=True) for _, p in snapshot_params]
-                    best = Snapshot(step + 1, dev_acc, weights, n_updates)
-            bar.set_postfix(loss=f"{stats.loss:.4f}", dev=f"{dev_acc:.3f}", refresh=False)
-        bar.close()
-        steps_per_second = total / train_seconds if train_seconds else float("nan")
+        bar = tqdm(total=total, initial=state.step, desc=f"{c.method} {c.task}", disable=not self.progress,
+                   dynamic_ncols=True)
+        handlers = self._catch_signals()
+        try:
+            while state.step < total:
+                step = state.step
+                start = time.perf_counter()
+                stats = method.step([splits.train[i] for i in sampler.next_batch()], step)
+                seconds = time.perf_counter() - start
+                state.step, state.train_seconds = step + 1, state.train_seconds + seconds
+                if stats.zo_update is not None:
+                    zo_log.append(stats.zo_update)
+                    state.zo_updates += 1
+                state.bad = state.bad + 1 if stats.skipped else 0
+                state.skipped += int(stats.skipped)
+                self._log_metrics(state, {
+                    "step": step + 1, "epoch": sampler.epoch, "loss": stats.loss, "lr_zo": stats.lr_zo,
+                    "lr_fo": stats.lr_fo, "zo_coef": stats.zo_coef, "seconds": round(seconds, 4),
+                    "skipped": stats.skipped,
+                })
+                if state.bad >= MAX_BAD_STEPS:
+                    raise HyftError(
+                        f"training diverged: {state.bad} consecutive non-finite losses or ZO coefficients at step "
+                        f"{step + 1} (no update was applied for them); lower lr_fo/lr_zo or eps. The last good "
+                        f"checkpoint is kept in {self.run_dir.checkpoint}"
+                    )
+                if (c.eval_every and state.step % c.eval_every == 0) or state.step == total:
+                    state.dev_accuracy = dev_eval(state.step)
+                    if state.best is None or state.dev_accuracy > state.best.dev_accuracy:
+                        weights = [p.detach().to("cpu", copy=True) for _, p in direct]
+                        state.best = Snapshot(state.step, state.dev_accuracy, weights, state.zo_updates)
+                if (c.checkpoint_every and state.step % c.checkpoint_every == 0) or state.step == total:
+                    self._save_checkpoint(state, method, sampler, direct)
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats.loss:.4f}", dev=f"{state.dev_accuracy:.3f}",
+                                steps_s=f"{state.step / max(state.train_seconds, 1e-9):.2f}", refresh=False)
+                if self._stop is not None:
+                    self._save_checkpoint(state, method, sampler, direct)
+                    name = signal.Signals(self._stop).name
+                    raise Interrupted(f"{name} at step {state.step}: checkpoint saved; resume with "
+                                      f"`hyft train --resume {self.run_dir.path}`", self._stop)
+        finally:
+            bar.close()
+            self._restore_signals(handlers)
+        return self._finish(state, total, model, tokenizer, method, groups, direct, splits.test, len(dev), device)
 
+    def _finish(self, state: TrainState, total: int, model: nn.Module, tokenizer, method: Method,
+                groups: ParamGroups, direct, test_examples, n_dev: int, device: torch.device) -> dict[str, Any]:
+        c, best = self.config, state.best
         assert best is not None
-        self.restore(best, snapshot_params, groups, zo_on_base, method, model)
+        self.restore(best, direct, method, model)
         self.model, self.tokenizer = model, tokenizer  # the best-dev state, for callers of the library
-        test = evaluate(model, tokenizer, splits.test, c.eval_batch_size, c.normalize, c.max_length,
+        test = evaluate(model, tokenizer, test_examples, c.eval_batch_size, c.normalize, c.max_length,
                         self.progress, "test")
         if c.uses_peft:
             model.save_pretrained(self.run_dir.adapter)
@@ -149,12 +211,13 @@ class Trainer:
             "lr_zo": c.lr_zo if groups.zo else None, "eps": c.eps if groups.zo else None,
             "estimator": c.estimator if groups.zo else None,
             "test_accuracy": test.accuracy, "n_test": test.n, "best_dev_accuracy": best.dev_accuracy,
-            "best_step": best.step, "zero_shot_test_accuracy": zero_shot,
+            "best_step": best.step, "zero_shot_test_accuracy": state.zero_shot,
             "zo_log_best_index": best.zo_updates if groups.zo else None,
-            "train_seconds": round(train_seconds, 2), "steps_per_second": round(steps_per_second, 4),
-            "skipped_steps": skipped_total, "peak_rss_mb": round(peak_memory_mb(torch.device("cpu")), 1),
+            "train_seconds": round(state.train_seconds, 2),
+            "steps_per_second": round(total / state.train_seconds, 4) if state.train_seconds else None,
+            "skipped_steps": state.skipped, "peak_rss_mb": round(peak_memory_mb(torch.device("cpu")), 1),
             "peak_device_mb": round(peak_memory_mb(device), 1) if device.type == "cuda" else None,
-            "device": str(device), "num_train": len(splits.train), "n_dev_eval": len(dev),
+            "device": str(device), "n_dev_eval": n_dev,
             "trainable_fo": sum(p.numel() for _, p in groups.fo), "trainable_zo": sum(p.numel() for _, p in groups.zo),
         }
         self.run_dir.write_results(results)
@@ -165,20 +228,100 @@ class Trainer:
                  f"results in {self.run_dir.results}")
         return results
 
-    def restore(self, best: Snapshot, snapshot_params, groups: ParamGroups, zo_on_base: bool,
-                method: Method, model: torch.nn.Module) -> None:
-        """Put the model back in its best-dev state (a no-op when the best evaluation was the last)."""
+    def restore(self, best: Snapshot, direct, method: Method, model: nn.Module) -> None:
+        """Put the model in its best-dev state: copy the direct weights, rebuild the base from the log."""
         with torch.no_grad():
-            for (_, p), w in zip(snapshot_params, best.weights, strict=True):
+            for (_, p), w in zip(direct, best.weights, strict=True):
                 p.copy_(w)
-        if not zo_on_base or method.engine is None:
+        if not zo_on_base(self.config) or method.engine is None:
             return
         _, updates = ZOLog.read(self.run_dir.zo_log)
         if best.zo_updates == len(updates):
             return
         self.log(f"rebuilding the base model at step {best.step} from the ZO log ({best.zo_updates} updates)")
+        self._rebuild_base(method.engine, updates[: best.zo_updates], model)
+
+    def _rebuild_base(self, engine: ZOEngine, updates: list[ZOUpdate], model: nn.Module) -> None:
         original, _ = load_model(self.config.model, self.config.dtype, next(model.parameters()).device)
-        replay_into(method.engine, original, updates[: best.zo_updates])
+        replay_into(engine, original, updates)
+
+    # --- metrics and checkpoints -----------------------------------------------------------------
+    def _log_metrics(self, state: TrainState, row: dict[str, Any]) -> None:
+        self.run_dir.log_metrics(row)
+        state.metrics_lines += 1
+
+    def _save_checkpoint(self, state: TrainState, method: Method, sampler: EpochSampler, direct) -> None:
+        """Write ``checkpoint.pt`` atomically: an interrupted write never replaces the previous one."""
+        payload = {
+            "state": state,
+            "method": method.state_dict(),
+            "sampler": sampler.state_dict(),
+            "direct": {name: p.detach().to("cpu", copy=True) for name, p in direct},
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        tmp = self.run_dir.checkpoint.with_name(".checkpoint.pt.tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, self.run_dir.checkpoint)
+
+    def _read_checkpoint(self) -> dict[str, Any] | None:
+        path = self.run_dir.checkpoint
+        if not path.is_file():
+            self.log(f"no checkpoint in {self.run_dir.path}: starting the run from the beginning")
+            for stale in (self.run_dir.metrics, self.run_dir.zo_log):
+                stale.unlink(missing_ok=True)
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # a truncated or foreign file
+            raise HyftError(f"cannot read checkpoint {path} ({err})") from err
+
+    def _resume_from(self, ckpt: dict[str, Any], method: Method, sampler: EpochSampler, direct,
+                     model: nn.Module) -> TrainState:
+        state: TrainState = ckpt["state"]
+        method.load_state_dict(ckpt["method"])
+        sampler.load_state_dict(ckpt["sampler"])
+        with torch.no_grad():
+            for name, p in direct:
+                p.copy_(ckpt["direct"][name])
+        # rows and updates written after this checkpoint belong to steps that will be run again
+        self.run_dir.truncate_jsonl(self.run_dir.metrics, state.metrics_lines)
+        if method.engine is not None:
+            self.run_dir.truncate_jsonl(self.run_dir.zo_log, 1 + state.zo_updates)
+            if zo_on_base(self.config) and state.zo_updates:
+                _, updates = ZOLog.read(self.run_dir.zo_log)
+                self._rebuild_base(method.engine, updates, model)
+        torch.set_rng_state(ckpt["torch_rng"])
+        if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        return state
+
+    def _catch_signals(self) -> dict[int, Any]:
+        """SIGINT/SIGTERM finish the current step, save a checkpoint and stop (main thread only)."""
+        def request_stop(signum: int, _frame: object) -> None:
+            self._stop = signum
+
+        handlers = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, request_stop)
+        except ValueError:  # not the main thread: no handlers, the caller manages interruption
+            pass
+        return handlers
+
+    @staticmethod
+    def _restore_signals(handlers: dict[int, Any]) -> None:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def zo_on_base(config: RunConfig) -> bool:
+    return config.method in ("hybrid", "zo-full")
+
+
+def direct_params(config: RunConfig, groups: ParamGroups) -> list[tuple[str, nn.Parameter]]:
+    """Weights that the ZO log cannot rebuild, so snapshots and checkpoints must store them."""
+    return groups.fo + (groups.zo if config.method == "zo-peft" else [])
 
 
 def zo_header(config: RunConfig, engine: ZOEngine) -> dict[str, Any]:
@@ -191,7 +334,7 @@ def zo_header(config: RunConfig, engine: ZOEngine) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def replay_into(engine: ZOEngine, original: torch.nn.Module, updates: list[ZOUpdate]) -> None:
+def replay_into(engine: ZOEngine, original: nn.Module, updates: list[ZOUpdate]) -> None:
     """Reset the engine's parameters to ``original``'s weights, then apply ``updates`` in order."""
     source = {canonical_name(n): p for n, p in original.named_parameters()}
     for name, p in engine.params:
@@ -200,6 +343,7 @@ def replay_into(engine: ZOEngine, original: torch.nn.Module, updates: list[ZOUpd
         engine.update(u)
 
 
-def train(config: RunConfig, out: str | Path, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Library entry point: run one training job and return its results."""
-    return Trainer(config, out, overwrite, progress).run()
+def train(config: RunConfig, out: str | Path, overwrite: bool = False, progress: bool = True,
+          resume: bool = False) -> dict[str, Any]:
+    """Library entry point: run (or resume) one training job and return its results."""
+    return Trainer(config, out, overwrite, progress, resume).run()

@@ -1,0 +1,111 @@
+"""Exact resume: a tiny-model run killed with SIGKILL (or stopped with SIGTERM) at several points and
+resumed ends with the same weights, metrics rows, ZO log and test accuracy as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import make_tokenizer, tiny_model
+
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-resume")
+    tokenizer = make_tokenizer()
+    tiny_model("llama", len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def command(model: str, out: Path) -> list[str]:
+    return [sys.executable, "-m", "hyft.cli", "train", "--model", model, "--method", "hybrid", "--task", "sst2",
+            "--num-train", "24", "--num-dev", "8", "--num-test", "8", "--steps", str(STEPS), "--batch-size", "4",
+            "--eval-every", "7", "--checkpoint-every", "3", "--lr-fo", "0.3", "--lr-zo", "1e-3",
+            "--no-zero-shot", "--no-progress", "--out", str(out)]
+
+
+def resume(out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hyft.cli", "train", "--resume", str(out), "--no-progress"],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def step_rows(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if '"loss"' in line)
+
+
+def comparable(out: Path) -> dict:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    results = json.loads((out / "results.json").read_text())
+    return {
+        "metrics": [{k: v for k, v in r.items() if "seconds" not in k} for r in rows],
+        "zo_log": (out / "zo_log.jsonl").read_text(),
+        "adapter": {k: v.tolist() for k, v in load_file(out / "adapter" / "adapter_model.safetensors").items()},
+        "test_accuracy": results["test_accuracy"],
+        "best": (results["best_step"], results["best_dev_accuracy"], results["zo_log_best_index"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    proc = subprocess.run(command(tiny_dir, out), capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return comparable(out)
+
+
+@pytest.mark.parametrize("kill_after", [1, 11, 26])
+def test_sigkill_and_resume_matches_uninterrupted_run(kill_after, tiny_dir, tmp_path, reference):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(tiny_dir, out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while step_rows(out) < kill_after and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = step_rows(out)
+    assert killed_at < STEPS, "the run finished before it could be killed; the test needs slower steps"
+    done = resume(out)
+    assert done.returncode == 0, done.stderr
+    assert comparable(out) == reference
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_dir, tmp_path, reference):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(tiny_dir, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    while step_rows(out) < 5 and proc.poll() is None:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "checkpoint saved; resume with `hyft train --resume" in err and "Traceback" not in err
+    assert (out / "checkpoint.pt").is_file()
+    done = resume(out)
+    assert done.returncode == 0, done.stderr
+    assert comparable(out) == reference
+
+
+def test_resume_with_a_different_config_is_refused(tiny_dir, tmp_path, reference):
+    out = tmp_path / "run"
+    assert subprocess.run(command(tiny_dir, out), env=ENV, capture_output=True, timeout=300).returncode == 0
+    proc = subprocess.run([sys.executable, "-m", "hyft.cli", "train", "--resume", str(out), "--lr-fo", "0.9"],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 2
+    assert "cannot resume" in proc.stderr and "lr_fo: 0.3 -> 0.9" in proc.stderr
