@@ -35,10 +35,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from hyft.models import load_model
     from hyft.tasks import get_task, sample_splits
 
-    if args.batch_size <= 0 or (args.num_eval is not None and args.num_eval <= 0):
-        raise HyftError("--batch-size and --num-eval must be positive")
+    if args.batch_size <= 0 or args.num_test <= 0 or (args.num_eval is not None and args.num_eval <= 0):
+        raise HyftError("--batch-size, --num-test and --num-eval must be positive")
     task = get_task(args.task)
-    splits = sample_splits(task, seed=args.seed)
+    splits = sample_splits(task, seed=args.seed, num_test=args.num_test)
     for note in splits.notes:
         print(f"note: {note}", file=sys.stderr)
     examples = splits.get(args.split)[: args.num_eval]
@@ -94,6 +94,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from hyft.export import export
+
+    out = export(args.run, args.out, merge=args.merge)
+    print(f"exported {args.run} to {out}" + (" (merged)" if args.merge else ""))
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from hyft.plot import plot_runs
 
@@ -140,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="sst2")
     p.add_argument("--split", default="test", choices=["test", "dev", "train"])
     p.add_argument("--num-eval", type=int, default=None, help="evaluate only the first N examples")
+    p.add_argument("--num-test", type=int, default=1000, help="test examples sampled, as in hyft train")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="seed of the MeZO-style split sampling")
     p.add_argument("--normalize", default="mean", choices=["mean", "sum"], help="candidate score")
@@ -164,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upto", type=int, default=None, help="apply only the first N updates (e.g. the best-dev index)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("export", help="a finished run as a Hugging Face model dir (or base + PEFT adapter)")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--merge", action="store_true", help="fold the LoRA weights into the base: one plain model")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="compare several runs: loss and dev accuracy against step")
     p.add_argument("runs", nargs="+", help="run directories")

@@ -11,6 +11,25 @@ import yaml
 
 from hyft.errors import HyftError
 
+
+def _type_ok(kind: str, value: Any) -> bool:
+    """Does ``value`` fit a field annotated ``kind`` (int, float, str, bool, list[str], optionally | None)?"""
+    if value is None:
+        return kind.endswith("| None")
+    base = kind.removesuffix(" | None")
+    if base == "bool":
+        return isinstance(value, bool)
+    if base == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if base == "str":
+        return isinstance(value, str)
+    if base == "list[str]":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return False
+
+
 METHODS = ("hybrid", "fo-full", "fo-peft", "zo-full", "zo-peft")
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -112,14 +131,14 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> RunConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        types = {f.name: str(f.type) for f in fields(cls)}
+        unknown = sorted(set(data) - set(types))
         if unknown:
             raise HyftError(f"{source}: unknown key(s) {', '.join(unknown)}")
-        try:
-            return cls(**data).validate()
-        except TypeError as err:
-            raise HyftError(f"{source}: {err}") from err
+        for key, value in data.items():
+            if not _type_ok(types[key], value):
+                raise HyftError(f"{source}: {key} must be {types[key]}, got {value!r}")
+        return cls(**data).validate()
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
@@ -129,7 +148,7 @@ class RunConfig:
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise HyftError(f"{path}: not valid YAML ({err})") from err
+            raise HyftError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
         if not isinstance(data, dict):
             raise HyftError(f"{path}: expected a mapping of config keys")
         return cls.from_dict(data, source=str(path))

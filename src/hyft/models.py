@@ -98,7 +98,7 @@ def model_dir(name_or_path: str) -> str:
         return str(cached)
     path = Path(name_or_path).expanduser()
     if path.exists() or name_or_path.startswith((".", "/", "~")):
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise HyftError(
                 f"model path {name_or_path!r} is not a Hugging Face model directory (no config.json there)"
             )
@@ -111,8 +111,20 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer by short name, Hugging Face id or local directory."""
+    """Load a causal LM and its tokenizer by short name, Hugging Face id or local directory.
+
+    A PEFT adapter directory (``adapter_config.json``) loads its base model with the adapter attached.
+    """
     source = model_dir(name_or_path)
+    adapter_config = Path(source) / "adapter_config.json"
+    if adapter_config.is_file() and not (Path(source) / "config.json").is_file():
+        import json
+
+        from peft import PeftModel
+
+        base_name = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        model, tokenizer = load_model(base_name, dtype, device)
+        return PeftModel.from_pretrained(model, source).eval(), tokenizer
     try:
         try:  # a local directory or the local Hugging Face cache first: no network round trips
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)

@@ -205,6 +205,9 @@ class Trainer:
                         self.progress, "test")
         if c.uses_peft:
             model.save_pretrained(self.run_dir.adapter)
+        elif c.method == "fo-full":  # every weight was trained: keep the best-dev model itself
+            model.save_pretrained(self.run_dir.path / "model")
+            tokenizer.save_pretrained(self.run_dir.path / "model")
         results = {
             "method": c.method, "task": c.task, "model": c.model, "steps": total, "seed": c.seed,
             "batch_size": c.batch_size, "lr_fo": c.lr_fo if groups.fo else None,

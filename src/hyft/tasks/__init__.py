@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hyft.errors import HyftError
 from hyft.tasks.base import DATA_DIR, Example, Splits, Task, sample_splits
+from hyft.tasks.custom import load_custom_task
 from hyft.tasks.glue import SST2
 from hyft.tasks.superglue import WSC
 from hyft.tasks.winogrande import WinoGrande
@@ -12,9 +13,11 @@ TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (SST2, WSC, WinoGrande)
 
 
 def get_task(name: str) -> Task:
-    """A task by registry name; unknown names get a message listing the known ones."""
+    """A built-in task by name, or a user's task from a YAML file (``path/to/task.yaml``)."""
+    if name.endswith((".yaml", ".yml")):
+        return load_custom_task(name)
     if name not in TASKS:
-        raise HyftError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+        raise HyftError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (or a task .yaml file)")
     return TASKS[name]()
 
 
