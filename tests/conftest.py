@@ -88,3 +88,13 @@ def examples() -> list[Example]:
         Example(("the space", "the book"), (" was small.", " was small."), 1),
         Example("Question: does the pronoun refer to the man? Answer:", (" No", " Yes", " Maybe so"), 2),
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    """A tiny random Llama with the test tokenizer, saved as a model directory that load_model reads."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = make_tokenizer()
+    tiny_model("llama", len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

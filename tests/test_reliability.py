@@ -20,18 +20,8 @@ from hyft.models import load_model
 from hyft.scoring import candidate_scores, encode
 from hyft.tasks import get_task, sample_splits
 from hyft.trainer import Trainer
-from tests.conftest import make_tokenizer, tiny_model
 
 REVIEWS = [("a wonderful film", 1), ("a boring mess", 0), ("it was great fun", 1), ("terrible acting", 0)] * 6
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-rel")
-    tokenizer = make_tokenizer()
-    tiny_model("llama", len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def write_task(tmp_path: Path, spec: dict, rows: list[dict], fmt: str = "jsonl") -> Path:

@@ -14,18 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import make_tokenizer, tiny_model
-
 STEPS = 40
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-resume")
-    tokenizer = make_tokenizer()
-    tiny_model("llama", len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def command(model: str, out: Path) -> list[str]:

@@ -20,16 +20,7 @@ from hyft.scoring import candidate_scores, encode
 from hyft.tasks import get_task, sample_splits
 from hyft.trainer import Trainer
 from hyft.zo import canonical_name
-from tests.conftest import make_tokenizer, tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = make_tokenizer()
-    tiny_model("llama", len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+from tests.conftest import tiny_model
 
 
 def tiny_config(model: str, **overrides) -> RunConfig:
