@@ -191,8 +191,12 @@ def test_existing_output_directory_needs_overwrite(tiny_dir, tmp_path, capsys):
 def test_diverging_run_stops_with_a_clear_error(tiny_dir, tmp_path):
     from hyft.errors import HyftError
 
-    config = tiny_config(tiny_dir, method="fo-peft", lr_fo=1e30, steps=12)
-    with pytest.raises(HyftError, match="training diverged"):
+    config = tiny_config(tiny_dir, method="fo-peft", lr_fo=1e30, steps=12, max_bad_steps=3, checkpoint_every=1)
+    with pytest.raises(HyftError, match="training diverged: 3 consecutive"):
         Trainer(config, tmp_path / "run", progress=False).run()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert any(r["skipped"] for r in rows)
+    skipped = [r["step"] for r in rows if r.get("skipped")]
+    assert len(skipped) == 3 and rows[-1]["skipped"]
+    # the last good checkpoint is kept: none is written during the streak of skipped steps
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["state"].step == skipped[0] - 1

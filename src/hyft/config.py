@@ -62,6 +62,7 @@ class RunConfig:
     eval_batch_size: int = field(default=32, metadata={"help": "examples per evaluation batch"})
     zero_shot: bool = field(default=True, metadata={"help": "also test the model before training"})
     checkpoint_every: int = field(default=25, metadata={"help": "steps between checkpoints (0: only at the end)"})
+    max_bad_steps: int = field(default=5, metadata={"help": "consecutive non-finite steps before the run stops"})
     # first-order group (phi)
     lr_fo: float = field(default=1e-3, metadata={"help": "learning rate of the FO group"})
     optimizer_fo: str = field(default="sgd", metadata={"help": "sgd or adamw"})
@@ -97,6 +98,7 @@ class RunConfig:
             (self.num_train > 0 and self.num_dev >= 0 and self.num_test > 0, "num_train/num_test must be > 0"),
             (self.eval_every >= 0, "eval_every must be >= 0"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+            (self.max_bad_steps > 0, "max_bad_steps must be > 0"),
             (self.lr_fo >= 0, "lr_fo must be >= 0"),
             (self.lr_zo >= 0, "lr_zo must be >= 0"),
             (self.eps > 0, "eps must be > 0"),

@@ -34,8 +34,6 @@ from hyft.sampler import EpochSampler
 from hyft.tasks import get_task, sample_splits
 from hyft.zo import ZOEngine, ZOLog, ZOUpdate, canonical_name
 
-MAX_BAD_STEPS = 5  # consecutive non-finite steps before a run is declared diverged
-
 
 class Interrupted(HyftError):
     """SIGINT/SIGTERM arrived: a checkpoint was saved and the run can be resumed."""
@@ -169,7 +167,7 @@ class Trainer:
                     "lr_fo": stats.lr_fo, "zo_coef": stats.zo_coef, "seconds": round(seconds, 4),
                     "skipped": stats.skipped,
                 })
-                if state.bad >= MAX_BAD_STEPS:
+                if state.bad >= c.max_bad_steps:
                     raise HyftError(
                         f"training diverged: {state.bad} consecutive non-finite losses or ZO coefficients at step "
                         f"{step + 1} (no update was applied for them); lower lr_fo/lr_zo or eps. The last good "
@@ -180,7 +178,8 @@ class Trainer:
                     if state.best is None or state.dev_accuracy > state.best.dev_accuracy:
                         weights = [p.detach().to("cpu", copy=True) for _, p in direct]
                         state.best = Snapshot(state.step, state.dev_accuracy, weights, state.zo_updates)
-                if (c.checkpoint_every and state.step % c.checkpoint_every == 0) or state.step == total:
+                checkpoint_due = (c.checkpoint_every and state.step % c.checkpoint_every == 0) or state.step == total
+                if checkpoint_due and state.bad == 0:  # never checkpoint in a streak of skipped steps
                     self._save_checkpoint(state, method, sampler, direct)
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.loss:.4f}", dev=f"{state.dev_accuracy:.3f}",
