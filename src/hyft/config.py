@@ -32,6 +32,7 @@ def _type_ok(kind: str, value: Any) -> bool:
 
 METHODS = ("hybrid", "fo-full", "fo-peft", "zo-full", "zo-peft")
 SCHEDULES = ("constant", "linear", "cosine")
+ZO_ON_BASE = ("hybrid", "zo-full")  # methods whose ZO log rebuilds the base model
 
 
 @dataclass
@@ -120,6 +121,10 @@ class RunConfig:
             if not ok:
                 raise HyftError(f"bad config value: {message}")
         return self
+
+    @property
+    def zo_on_base(self) -> bool:
+        return self.method in ZO_ON_BASE
 
     @property
     def uses_peft(self) -> bool:

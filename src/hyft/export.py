@@ -35,7 +35,7 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False) -> Path:
     if config.method == "fo-full":
         shutil.copytree(run.path / "model", out, dirs_exist_ok=True)
         return out
-    if config.method in ("hybrid", "zo-full"):
+    if config.zo_on_base:
         base = replay(config.model, run.zo_log, upto=results["zo_log_best_index"], dtype=config.dtype)
     else:
         base, _ = load_model(config.model, config.dtype)

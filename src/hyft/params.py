@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from hyft.config import RunConfig
@@ -63,8 +63,3 @@ def prepare(model: nn.Module, config: RunConfig) -> tuple[nn.Module, ParamGroups
     for p in model.parameters():
         p.requires_grad_(id(p) in fo_ids)
     return model, groups
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The underlying transformers model (unwrapping peft)."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model

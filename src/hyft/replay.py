@@ -6,6 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
+from hyft.config import ZO_ON_BASE
 from hyft.errors import HyftError
 from hyft.models import load_model
 from hyft.zo import ZOEngine, ZOLog, canonical_name, select_params
@@ -21,7 +22,7 @@ def replay(model_name: str, log_path: str | Path, out: str | Path | None = None,
         header, updates = ZOLog.read(log_path)
     except (ValueError, TypeError, KeyError) as err:
         raise HyftError(f"{log_path}: not a readable hyft ZO log ({err})") from err
-    if header["method"] not in ("hybrid", "zo-full"):
+    if header["method"] not in ZO_ON_BASE:
         raise HyftError(f"{log_path}: a {header['method']} log updates PEFT weights, not the base model; "
                         "use the run's adapter/ instead")
     model, tokenizer = load_model(model_name, dtype or header["dtype"], device)

@@ -12,6 +12,7 @@ and exactly the same log-likelihoods.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,7 +122,13 @@ def _single_token_candidates(tokenizer: PreTrainedTokenizerBase, examples: Seque
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _forward_takes_logits_to_keep(type(base))
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    """Per model class, once: inspecting a signature on every forward is wasted work in the hot path."""
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def _kept_logits(model: nn.Module, batch: Batch) -> Tensor:

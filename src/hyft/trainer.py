@@ -235,7 +235,7 @@ class Trainer:
         with torch.no_grad():
             for (_, p), w in zip(direct, best.weights, strict=True):
                 p.copy_(w)
-        if not zo_on_base(self.config) or method.engine is None:
+        if not self.config.zo_on_base or method.engine is None:
             return
         _, updates = ZOLog.read(self.run_dir.zo_log)
         if best.zo_updates == len(updates):
@@ -290,7 +290,7 @@ class Trainer:
         self.run_dir.truncate_jsonl(self.run_dir.metrics, state.metrics_lines)
         if method.engine is not None:
             self.run_dir.truncate_jsonl(self.run_dir.zo_log, 1 + state.zo_updates)
-            if zo_on_base(self.config) and state.zo_updates:
+            if self.config.zo_on_base and state.zo_updates:
                 _, updates = ZOLog.read(self.run_dir.zo_log)
                 self._rebuild_base(method.engine, updates, model)
         torch.set_rng_state(ckpt["torch_rng"])
@@ -315,10 +315,6 @@ class Trainer:
     def _restore_signals(handlers: dict[int, Any]) -> None:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-
-
-def zo_on_base(config: RunConfig) -> bool:
-    return config.method in ("hybrid", "zo-full")
 
 
 def direct_params(config: RunConfig, groups: ParamGroups) -> list[tuple[str, nn.Parameter]]:
