@@ -5,8 +5,8 @@
 
 The grid file has ``base`` (RunConfig keys shared by all runs), ``out`` (directory) and ``runs``: a list
 of {name, ...RunConfig overrides}; ``seeds: [0, 1, 2]`` repeats every run per seed. A run whose name is
-already in ``<out>/results.jsonl`` is skipped, so the grid can be stopped and extended (more seeds, a
-faster machine) and rerun.
+already in ``<out>/results.jsonl`` is skipped and an interrupted one resumes from its checkpoint, so the
+grid can be stopped and extended (more seeds, a faster machine) and rerun.
 """
 
 from __future__ import annotations
@@ -62,7 +62,11 @@ def run_grid(grid: dict[str, Any], only: str | None) -> None:
         cmd = command(run["config"], run_dir)
         print(f"[grid] {run['name']}: {cmd}", flush=True)
         exe = str(Path(sys.executable).parent / "hyft")
-        proc = subprocess.run([exe, *shlex.split(cmd)[1:], "--overwrite", "--no-progress"], check=False)
+        if (run_dir / "checkpoint.pt").is_file():  # an interrupted run: continue it rather than start over
+            argv = [exe, "train", "--resume", str(run_dir), "--no-progress"]
+        else:
+            argv = [exe, *shlex.split(cmd)[1:], "--overwrite", "--no-progress"]
+        proc = subprocess.run(argv, check=False)
         if proc.returncode != 0:
             print(f"[grid] {run['name']} failed with exit code {proc.returncode}; continuing", flush=True)
             continue
