@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hyft import noise
 from hyft.config import RunConfig
 from hyft.methods import METHODS, Objective
 from hyft.params import prepare
@@ -162,3 +163,32 @@ def test_directions_do_not_depend_on_peft_wrapping(tokenizer):
     assert len(e_bare.params) == len(e_wrapped.params)
     for i in range(len(e_bare.params)):
         assert torch.equal(e_bare.direction(i, 3), e_wrapped.direction(i, 3))
+
+
+def test_directions_are_chunked_independently_of_thread_count(monkeypatch):
+    """z(seed) is the same with 1 or 2 noise threads, and chunk k can be regenerated on its own."""
+    n = int(2.5 * noise.CHUNK)
+    for dist in noise.DISTRIBUTIONS:
+        monkeypatch.setenv("HYFT_NOISE_THREADS", "1")
+        serial = noise.direction(torch.Size([n]), 99, dist, torch.device("cpu"))
+        monkeypatch.setenv("HYFT_NOISE_THREADS", "2")
+        parallel = noise.direction(torch.Size([n]), 99, dist, torch.device("cpu"))
+        assert torch.equal(serial, parallel)
+        last = torch.empty(n - 2 * noise.CHUNK)
+        assert torch.equal(noise.fill_(last, 99, 2, dist), serial[2 * noise.CHUNK :])
+        # neighbouring chunks are not copies of each other
+        assert not torch.equal(serial[: noise.CHUNK // 2], serial[noise.CHUNK : noise.CHUNK + noise.CHUNK // 2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_streamed_perturbation_and_update_match_the_formula(dtype):
+    """perturbed() = p + s·z and axpy_() = shrink·p + a·z, chunk by chunk, with fp32 math below fp32."""
+    p = torch.randn(noise.CHUNK + 1000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    z = noise.direction(p.shape, 5, "gaussian", p.device)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = {"rtol": 0.0, "atol": 1e-6} if dtype in (torch.float32, torch.float64) else {"rtol": 1e-2, "atol": 1e-2}
+    assert torch.allclose(noise.perturbed(p, 5, 1e-2, "gaussian"), (p.to(wide) + 1e-2 * z.to(wide)).to(dtype), **tol)
+    q = p.clone()
+    noise.axpy_([(q, 5)], -0.5, "gaussian", shrink=0.9)
+    assert torch.allclose(q, (p.to(wide) * 0.9 - 0.5 * z.to(wide)).to(dtype), **tol)
+    assert not torch.equal(q, p)

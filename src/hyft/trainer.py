@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hyft import noise
 from hyft.config import RunConfig
 from hyft.errors import HyftError
 from hyft.evaluate import evaluate
@@ -291,7 +292,10 @@ class Trainer:
         if method.engine is not None:
             self.run_dir.truncate_jsonl(self.run_dir.zo_log, 1 + state.zo_updates)
             if self.config.zo_on_base and state.zo_updates:
-                _, updates = ZOLog.read(self.run_dir.zo_log)
+                try:
+                    _, updates = ZOLog.read(self.run_dir.zo_log)
+                except ValueError as err:
+                    raise HyftError(f"cannot resume {self.run_dir.path}: {err}") from err
                 self._rebuild_base(method.engine, updates, model)
         torch.set_rng_state(ckpt["torch_rng"])
         if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
@@ -326,6 +330,7 @@ def zo_header(config: RunConfig, engine: ZOEngine) -> dict[str, Any]:
     names = [canonical_name(n) for n, _ in engine.params]
     return {
         "model": config.model, "method": config.method, "dtype": config.dtype, "dist": engine.dist,
+        "scheme": noise.SCHEME,
         "zo_params": config.zo_params, "num_tensors": len(names), "numel": engine.numel,
         "first": names[:1], "last": names[-1:],
     }

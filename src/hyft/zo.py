@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-DISTRIBUTIONS = ("gaussian", "rademacher")
-FULL_PRECISION = (torch.float32, torch.float64)  # updated in place; lower precisions go through fp32
+from hyft import noise
 
 
 def canonical_name(name: str) -> str:
@@ -41,14 +40,8 @@ def direction_seed(step_seed: int, name: str) -> int:
 
 
 def draw_direction(shape: torch.Size, seed: int, dist: str, device: torch.device) -> Tensor:
-    """z ~ N(0, I) or Rademacher ±1, float32, reproducible from ``seed``."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    if dist == "gaussian":
-        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-    if dist == "rademacher":
-        return torch.randint(0, 2, shape, generator=gen, device=device, dtype=torch.int8).float().mul_(2).sub_(1)
-    raise ValueError(f"unknown direction distribution {dist!r}; choose {', '.join(DISTRIBUTIONS)}")
+    """z ~ N(0, I) or Rademacher ±1, float32, reproducible from ``seed`` (see :mod:`hyft.noise`)."""
+    return noise.direction(shape, seed, dist, device)
 
 
 @dataclass
@@ -66,8 +59,7 @@ class ZOEngine:
     """Perturbs and updates a fixed list of named parameters of ``model`` from seeds only."""
 
     def __init__(self, model: nn.Module, params: list[tuple[str, nn.Parameter]], dist: str = "gaussian"):
-        if dist not in DISTRIBUTIONS:
-            raise ValueError(f"unknown direction distribution {dist!r}; choose {', '.join(DISTRIBUTIONS)}")
+        noise.check_dist(dist)
         self.dist = dist
         self.params = params
         index = {id(p): i for i, (_, p) in enumerate(params)}
@@ -93,11 +85,8 @@ class ZOEngine:
         return draw_direction(p.shape, direction_seed(step_seed, name), self.dist, p.device)
 
     def _perturbed_value(self, i: int, step_seed: int, scale: float) -> Tensor:
-        p = self.params[i][1].detach()
-        z = self.direction(i, step_seed)
-        if p.dtype in FULL_PRECISION:
-            return z.to(p.dtype).mul_(scale).add_(p)
-        return z.mul_(scale).add_(p.float()).to(p.dtype)
+        name, p = self.params[i]
+        return noise.perturbed(p, direction_seed(step_seed, name), scale, self.dist)
 
     @contextmanager
     def perturbed(self, step_seed: int, scale: float) -> Iterator[None]:
@@ -140,17 +129,8 @@ class ZOEngine:
         decay = u.lr * u.weight_decay
         if step == 0.0 and decay == 0.0:
             return
-        for i, (_, p) in enumerate(self.params):
-            z = self.direction(i, u.seed)
-            if p.dtype in FULL_PRECISION:
-                if decay:
-                    p.mul_(1.0 - decay)
-                p.add_(z.to(p.dtype), alpha=-step)
-            else:
-                new = p.float()
-                if decay:
-                    new.mul_(1.0 - decay)
-                p.copy_(new.add_(z, alpha=-step))
+        noise.axpy_([(p.data, direction_seed(u.seed, name)) for name, p in self.params], -step, self.dist,
+                    shrink=1.0 - decay)
 
 
 def select_params(
@@ -187,4 +167,8 @@ class ZOLog:
         lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
         if not lines or "header" not in lines[0]:
             raise ValueError(f"{path}: not a hyft ZO log (no header line)")
+        scheme = lines[0]["header"].get("scheme", "per-tensor-v1")
+        if scheme != noise.SCHEME:
+            raise ValueError(f"its directions use the {scheme!r} scheme and this hyft draws {noise.SCHEME!r}; "
+                             "use the hyft version that wrote it")
         return lines[0]["header"], [ZOUpdate(**row) for row in lines[1:]]
