@@ -113,6 +113,20 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hyft.bench import ROWS, run_bench
+
+    unknown = [r for r in args.rows or [] if r not in ROWS]
+    if unknown:
+        raise HyftError(f"unknown benchmark row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    results = run_bench(args.model, args.batch_size, args.seq_len, args.rows, args.repeats, args.warmup,
+                        args.dtype, args.device, memory=not args.no_memory, out=args.out)
+    from hyft.bench.report import markdown
+
+    print(markdown(results))
+    return 0
+
+
 def _config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per RunConfig field; unset flags keep the YAML's (or the default) value."""
     from dataclasses import fields
@@ -179,6 +193,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--merge", action="store_true", help="fold the LoRA weights into the base: one plain model")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="step time (split into forward/backward/perturb/update) and peak memory "
+                                     "of every method, beside the MeZO algorithm")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--rows", nargs="+", default=None, help="subset of rows (default: all)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds (medians are reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-row peak-memory subprocesses")
+    p.add_argument("--out", default="runs/bench", help="directory for bench.json, bench.md and split.png")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plot", help="compare several runs: loss and dev accuracy against step")
     p.add_argument("runs", nargs="+", help="run directories")

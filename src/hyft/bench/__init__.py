@@ -1,0 +1,94 @@
+"""``hyft bench``: step time and memory of every method on one model and batch shape.
+
+In one process, every row gets its own model copy and the rows run interleaved (row 1, row 2, ..., row 1,
+...) for ``repeats`` rounds after ``warmup`` rounds, so that slow drifts of the machine hit all rows alike;
+medians are reported. Peak memory is measured per row in a fresh subprocess (:mod:`hyft.bench.memory`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hyft.bench.memory import measure
+from hyft.bench.report import markdown, plot_split
+from hyft.bench.rows import ROWS, build_row
+from hyft.bench.timing import CATEGORIES
+
+__all__ = ["ROWS", "run_bench"]
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+        "cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_bench(model: str = "smollm2-135m", batch_size: int = 16, seq_len: int = 64, rows: list[str] | None = None,
+              repeats: int = 5, warmup: int = 1, dtype: str = "float32", device: str = "auto",
+              memory: bool = True, out: str | Path | None = None, log=print) -> dict[str, Any]:
+    """Time every row, measure memory, write ``bench.json``, ``bench.md`` and ``split.png`` to ``out``."""
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    names = rows or list(ROWS)
+    log(f"building {len(names)} rows on {dev} ({model}, batch {batch_size} x seq {seq_len}, {dtype})")
+    built = [build_row(n, model, batch_size, seq_len, dtype, str(dev)) for n in names]
+    samples: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    for round_ in range(warmup + repeats):
+        for row in built:
+            before = row.generated()
+            sample = row.timer.measure(row.step)
+            sample["drawn"] = row.generated() - before
+            if round_ >= warmup:
+                samples[row.name].append(sample)
+        log(f"round {round_ + 1}/{warmup + repeats}: " +
+            ", ".join(f"{r.name} {samples[r.name][-1]['total']:.2f}s" for r in built if samples[r.name]))
+    results: dict[str, Any] = {"rows": {}}
+    for row in built:
+        s = samples[row.name]
+        med = {k: statistics.median(x[k] for x in s) for k in ("total", *CATEGORIES)}
+        drawn = statistics.median(x["drawn"] for x in s)
+        results["rows"][row.name] = {
+            "label": row.label, "seconds": med, "all_totals": [x["total"] for x in s],
+            "rng_sweeps": drawn / row.zo_numel if row.zo_numel else 0.0, "zo_numel": row.zo_numel,
+        }
+    del built
+    if memory:
+        for name in names:
+            log(f"memory: {name}")
+            results["rows"][name]["memory"] = measure(name, model, batch_size, seq_len, dtype, str(dev))
+    results["setup"] = {"model": model, "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype,
+                        "repeats": repeats, "warmup": warmup, "noise_threads": os.environ.get("HYFT_NOISE_THREADS"),
+                        "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv)}
+    results["machine"] = machine(dev)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(results, indent=2))
+        (out / "bench.md").write_text(markdown(results))
+        plot_split(results, out / "split.png")
+        log(f"wrote {out}/bench.json, bench.md, split.png")
+    return results

@@ -1,0 +1,54 @@
+"""Peak memory of one row, measured in a fresh process so that rows do not see each other's peaks:
+peak RSS on CPU (the whole process: runtime, weights, activations, temporaries), and
+``torch.cuda.max_memory_allocated`` on CUDA.
+
+    python -m hyft.bench.memory ROW --model M --batch-size 16 --seq-len 64 [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import torch
+
+
+def measure(row: str, model: str, batch_size: int, seq_len: int, dtype: str, device: str,
+            steps: int = 3) -> dict[str, float]:
+    """Run ``steps`` steps of ``row`` in a subprocess and return its peaks in MB."""
+    cmd = [sys.executable, "-m", "hyft.bench.memory", row, "--model", model, "--batch-size", str(batch_size),
+           "--seq-len", str(seq_len), "--dtype", dtype, "--device", device, "--steps", str(steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory run of {row} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    from hyft.bench.rows import build_row
+
+    p = argparse.ArgumentParser()
+    p.add_argument("row")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=3)
+    a = p.parse_args()
+    row = build_row(a.row, a.model, a.batch_size, a.seq_len, a.dtype, a.device, timed=False)
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for _ in range(a.steps):
+        row.step()
+    peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loaded_rss_mb": loaded}
+    if torch.cuda.is_available() and a.device != "cpu":
+        peaks["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(peaks))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Benchmark results → a markdown table with the targets checked, and a stacked-bar plot of the split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hyft.bench.timing import CATEGORIES
+
+
+def _memory(row: dict[str, Any]) -> float | None:
+    mem = row.get("memory")
+    if not mem:
+        return None
+    return mem.get("cuda_peak_mb", mem["peak_rss_mb"])
+
+
+def targets(results: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
+    """(what, measured ratio, limit, met) for each target whose rows were measured."""
+    rows = results["rows"]
+    t = {name: r["seconds"]["total"] for name, r in rows.items()}
+    out = []
+    if "forward" in t:
+        fwd = t["forward"]
+        for name in ("zo-full", "zo-full-rademacher", "mezo"):
+            if name in t:
+                out.append((f"{name} step / two no-grad forwards", t[name] / (2 * fwd), 1.3))
+        if "fo-peft" in t:
+            for name, limit in (("hybrid-one-sided", 1.3), ("hybrid-one-sided-rademacher", 1.3),
+                                ("hybrid-two-sided", 2.3)):
+                if name in t:
+                    out.append((f"({name} − fo-peft) / one forward", (t[name] - t["fo-peft"]) / fwd, limit))
+    mem = {name: _memory(r) for name, r in rows.items()}
+    for name, base in (("zo-full", "forward"), ("zo-full-rademacher", "forward"), ("mezo", "forward"),
+                       ("hybrid-one-sided", "fo-peft"), ("hybrid-two-sided", "fo-peft")):
+        if mem.get(name) and mem.get(base):
+            out.append((f"{name} peak memory / {base}", mem[name] / mem[base], 1.10))  # type: ignore[operator]
+    return [(what, ratio, limit, ratio <= limit) for what, ratio, limit in out]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    s, m = results["setup"], results["machine"]
+    rows = results["rows"]
+    fwd = rows.get("forward", {}).get("seconds", {}).get("total")
+    inf_mem = _memory(rows["forward"]) if "forward" in rows else None
+    where = m.get("gpu") or m["cpu"]
+    lines = [
+        f"{s['model']}, batch {s['batch_size']} × sequence {s['seq_len']}, {s['dtype']}, on {m['device']} "
+        f"({where}; {m['cores']} cores, {m['torch_threads']} torch threads), torch {m['torch']}. "
+        f"Medians of {s['repeats']} interleaved repeats after {s['warmup']} warm-up.",
+        "",
+        "| row | step s | × fwd | forward | backward | perturb | update | other | RNG sweeps | peak MB | × inference |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows.values():
+        sec, mem = r["seconds"], _memory(r)
+        cells = [r["label"], f"{sec['total']:.3f}", f"{sec['total'] / fwd:.2f}" if fwd else "–",
+                 *(f"{sec[c]:.3f}" for c in CATEGORIES), f"{r['rng_sweeps']:.2f}",
+                 f"{mem:,.0f}" if mem else "–", f"{mem / inf_mem:.2f}" if mem and inf_mem else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    checked = targets(results)
+    if checked:
+        lines += ["", "| target | measured | limit | |", "|---|---|---|---|"]
+        lines += [f"| {what} | {ratio:.2f} | ≤ {limit:.2f} | {'met' if ok else 'missed'} |"
+                  for what, ratio, limit, ok in checked]
+    lines += ["", f"Command: `{s['command']}`", ""]
+    return "\n".join(lines)
+
+
+def plot_split(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(results["rows"].values())
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
+    left = [0.0] * len(rows)
+    labels = [r["label"] for r in rows]
+    for c in CATEGORIES:
+        widths = [r["seconds"][c] for r in rows]
+        ax.barh(labels, widths, left=left, label=c)
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    s = results["setup"]
+    ax.set_xlabel("seconds per step (median)")
+    ax.set_title(f"{s['model']}, batch {s['batch_size']} × seq {s['seq_len']} on {results['machine']['device']}")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,152 @@
+"""The benchmark's rows: each is one kind of training step (or the no-grad forward) on a fixed batch,
+built on its own copy of the model, with timing hooks around the pieces a step is made of."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hyft import noise
+from hyft.bench.mezo import MeZOReference
+from hyft.bench.timing import SplitTimer
+from hyft.config import RunConfig
+from hyft.methods import METHODS, Objective
+from hyft.models import load_model
+from hyft.params import prepare
+from hyft.scoring import Batch
+
+# row -> (label, RunConfig overrides); "forward" and "mezo" are not hyft methods
+ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+    "forward": ("no-grad forward (inference)", {}),
+    "fo-peft": ("fo-peft (LoRA, SGD)", {"method": "fo-peft", "lr_fo": 1e-3}),
+    "fo-full": ("fo-full (AdamW)", {"method": "fo-full", "optimizer_fo": "adamw", "lr_fo": 1e-6}),
+    "zo-full": ("zo-full (hyft engine)", {"method": "zo-full"}),
+    "zo-full-rademacher": ("zo-full, Rademacher z", {"method": "zo-full", "zo_dist": "rademacher"}),
+    "mezo": ("MeZO algorithm (reference)", {"method": "zo-full"}),
+    "zo-peft": ("zo-peft (LoRA)", {"method": "zo-peft", "lr_zo": 1e-4, "eps": 1e-2}),
+    "hybrid-one-sided": ("hybrid, one-sided", {"method": "hybrid", "estimator": "one-sided"}),
+    "hybrid-two-sided": ("hybrid, two-sided", {"method": "hybrid", "estimator": "two-sided"}),
+    "hybrid-one-sided-rademacher": ("hybrid, one-sided, Rademacher z",
+                                    {"method": "hybrid", "estimator": "one-sided", "zo_dist": "rademacher"}),
+}
+
+
+@dataclass
+class Row:
+    name: str
+    label: str
+    step: Callable[[], None]
+    timer: SplitTimer = field(default_factory=SplitTimer)
+    zo_numel: int = 0  # ZO parameters: one RNG sweep draws this many numbers
+    generated: Callable[[], int] = lambda: 0  # a counter of random numbers drawn (read before and after a step)
+
+
+def fixed_batch(vocab: int, batch_size: int, seq_len: int, device: torch.device, seed: int = 0) -> Batch:
+    """A [batch, seq] batch of random token ids scored as a 2-way classification on the last position,
+    which is exactly the work of a training step on SST-2-style tasks at that shape."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
+    ones = torch.ones_like(ids)
+    return Batch(
+        input_ids=ids, attention_mask=ones, position_ids=torch.arange(seq_len).expand(batch_size, -1).clone(),
+        target_mask=torch.zeros_like(ids, dtype=torch.bool), num_candidates=[2] * batch_size,
+        gold=torch.randint(0, 2, (batch_size,), generator=gen), keep=1,
+        candidate_ids=torch.randint(0, vocab, (batch_size, 2), generator=gen),
+    ).to(device)
+
+
+class _FixedObjective:
+    """The method's objective, fed the fixed batch and timed as the forward pass."""
+
+    def __init__(self, objective: Objective, batch: Batch, timer: SplitTimer):
+        self.objective, self.batch = objective, batch
+        self.call = timer.timed(objective.__call__, "forward")
+
+    def encode(self, _examples: object) -> Batch:
+        return self.batch
+
+    def __call__(self, batch: Batch) -> Tensor:
+        return self.call(batch)
+
+
+class _Drawn:
+    """Counts the random numbers the noise engine draws (all threads)."""
+
+    def __init__(self) -> None:
+        self.count, self.lock, self.inner = 0, threading.Lock(), noise.fill_
+
+    def __call__(self, out: Tensor, seed: int, k: int, dist: str) -> Tensor:
+        with self.lock:
+            self.count += out.numel()
+        return self.inner(out, seed, k, dist)
+
+
+_DRAWN: _Drawn | None = None
+
+
+def _drawn() -> _Drawn:
+    global _DRAWN
+    if _DRAWN is None:
+        _DRAWN = _Drawn()
+        noise.fill_ = _DRAWN  # the engine looks fill_ up at call time
+    return _DRAWN
+
+
+def build_row(name: str, model_name: str, batch_size: int, seq_len: int, dtype: str, device: str,
+              timed: bool = True) -> Row:
+    """One row on a fresh copy of the model (steps change weights; rows must not share them)."""
+    if name not in ROWS:
+        raise ValueError(f"unknown benchmark row {name!r}; choose from {', '.join(ROWS)}")
+    label, overrides = ROWS[name]
+    config = RunConfig(model=model_name, dtype=dtype, device=device, **overrides)
+    model, tokenizer = load_model(model_name, dtype, device)
+    dev = next(model.parameters()).device
+    batch = fixed_batch(len(tokenizer), batch_size, seq_len, dev)
+    timer = SplitTimer(sync=torch.cuda.synchronize if dev.type == "cuda" else None, enabled=timed)
+    if name == "forward":
+        model.eval()
+        objective = Objective(model, tokenizer, config)
+        forward = timer.timed(objective.__call__, "forward")
+
+        def step() -> None:
+            with torch.no_grad():
+                forward(batch)
+
+        return Row(name, label, step, timer)
+    if name == "mezo":
+        return _mezo_row(name, label, model, tokenizer, config, batch, timer)
+    model, groups = prepare(model, config)
+    objective = _FixedObjective(Objective(model, tokenizer, config), batch, timer)
+    method = METHODS[config.method](model, groups, objective, config, total=10_000)  # type: ignore[arg-type]
+    method.loss_with_grad = timer.timed(method.loss_with_grad, "backward")  # exclusive of the forward inside
+    if method.engine is not None:
+        method.engine._perturbed_value = timer.timed(method.engine._perturbed_value, "perturb")
+        method.engine.update = timer.timed(method.engine.update, "update")
+    if method.optimizer is not None:
+        method.optimizer.step = timer.timed(method.optimizer.step, "update")
+    counter = _drawn()
+    steps = iter(range(10**9))
+
+    def step() -> None:
+        method.step([], next(steps))
+
+    return Row(name, label, step, timer, method.engine.numel if method.engine else 0, lambda: counter.count)
+
+
+def _mezo_row(name: str, label: str, model: nn.Module, tokenizer, config: RunConfig, batch: Batch,
+              timer: SplitTimer) -> Row:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    objective = Objective(model, tokenizer, config)
+    loss = timer.timed(lambda: objective(batch), "forward")
+    params = list(model.parameters())  # tied weights once, as named_parameters() dedups them
+    ref = MeZOReference(params, loss, eps=config.eps, lr=config.lr_zo)
+    ref.perturb = timer.timed(ref.perturb, "perturb")
+    ref.update = timer.timed(ref.update, "update")
+    return Row(name, label, ref.step, timer, sum(p.numel() for p in params), lambda: ref.generated)

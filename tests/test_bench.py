@@ -1,0 +1,64 @@
+"""The benchmark harness on a tiny model: every row runs, RNG sweeps per step are counted as designed
+(hyft: 3 two-sided, 2 one-sided; the MeZO algorithm: 4), the split adds up, and the reports are written.
+No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hyft.bench import ROWS, run_bench
+from hyft.bench.report import targets
+
+
+@pytest.fixture(scope="module")
+def results(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    res = run_bench(tiny_dir, batch_size=2, seq_len=8, repeats=2, warmup=1, device="cpu", memory=False,
+                    out=out, log=lambda _: None)
+    return res, out
+
+
+def test_every_row_runs_and_the_split_adds_up(results):
+    res, _ = results
+    assert set(res["rows"]) == set(ROWS)
+    for row in res["rows"].values():
+        sec = row["seconds"]
+        assert sec["total"] > 0
+        parts = sum(v for k, v in sec.items() if k != "total")
+        assert parts == pytest.approx(sec["total"], rel=0.05)  # medians of parts vs median of totals
+    assert res["rows"]["fo-peft"]["seconds"]["backward"] > 0
+    assert res["rows"]["zo-full"]["seconds"]["perturb"] > 0
+    assert res["rows"]["zo-full"]["seconds"]["backward"] == 0
+
+
+def test_rng_sweeps_per_step(results):
+    rows = results[0]["rows"]
+    assert rows["mezo"]["rng_sweeps"] == 4
+    assert rows["zo-full"]["rng_sweeps"] == 3
+    assert rows["zo-full-rademacher"]["rng_sweeps"] == 3
+    assert rows["hybrid-two-sided"]["rng_sweeps"] == 3
+    assert rows["hybrid-one-sided"]["rng_sweeps"] == 2
+    assert rows["zo-peft"]["rng_sweeps"] == 3
+    assert rows["fo-peft"]["rng_sweeps"] == rows["fo-full"]["rng_sweeps"] == rows["forward"]["rng_sweeps"] == 0
+    assert rows["zo-peft"]["zo_numel"] < rows["zo-full"]["zo_numel"] == rows["mezo"]["zo_numel"]
+
+
+def test_reports_are_written(results):
+    res, out = results
+    assert json.loads((out / "bench.json").read_text())["setup"]["seq_len"] == 8
+    md = (out / "bench.md").read_text()
+    assert "MeZO algorithm (reference)" in md and "| target |" in md
+    assert (out / "split.png").stat().st_size > 0
+    names = [what for what, *_ in targets(res)]
+    assert any(n.startswith("zo-full step") for n in names)
+    assert any(n.startswith("(hybrid-one-sided − fo-peft)") for n in names)
+
+
+def test_memory_is_measured_in_fresh_processes(tiny_dir):
+    res = run_bench(tiny_dir, batch_size=2, seq_len=8, rows=["forward", "zo-full"], repeats=1, warmup=0,
+                    device="cpu", memory=True, log=lambda _: None)
+    for row in res["rows"].values():
+        assert row["memory"]["peak_rss_mb"] >= row["memory"]["loaded_rss_mb"] > 0
+    assert any("peak memory" in what for what, *_ in targets(res))
