@@ -187,8 +187,26 @@ def test_streamed_perturbation_and_update_match_the_formula(dtype):
     z = noise.direction(p.shape, 5, "gaussian", p.device)
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     tol = {"rtol": 0.0, "atol": 1e-6} if dtype in (torch.float32, torch.float64) else {"rtol": 1e-2, "atol": 1e-2}
-    assert torch.allclose(noise.perturbed(p, 5, 1e-2, "gaussian"), (p.to(wide) + 1e-2 * z.to(wide)).to(dtype), **tol)
+    (moved,) = noise.perturbed([(p, 5)], 1e-2, "gaussian")
+    assert torch.allclose(moved, (p.to(wide) + 1e-2 * z.to(wide)).to(dtype), **tol)
     q = p.clone()
     noise.axpy_([(q, 5)], -0.5, "gaussian", shrink=0.9)
     assert torch.allclose(q, (p.to(wide) * 0.9 - 0.5 * z.to(wide)).to(dtype), **tol)
     assert not torch.equal(q, p)
+
+
+def test_lookahead_batching_does_not_change_the_perturbed_forward(tokenizer, examples, monkeypatch):
+    """Temporaries made one module at a time or many at once give bitwise the same scores."""
+    from hyft import zo
+
+    model = tiny_model("llama", len(tokenizer))
+    engine = ZOEngine(model, select_params(model))
+    batch = encode(tokenizer, examples)
+    scores = []
+    for lookahead in (1, 1 << 22):
+        monkeypatch.setattr(zo, "LOOKAHEAD", lookahead)
+        with torch.no_grad(), engine.perturbed(11, 1e-2):
+            scores.append(candidate_scores(model, batch))
+    assert torch.equal(scores[0], scores[1])
+    with torch.no_grad():
+        assert not torch.equal(scores[0], candidate_scores(model, batch))

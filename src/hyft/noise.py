@@ -131,12 +131,11 @@ def direction(shape: torch.Size, seed: int, dist: str, device: torch.device) -> 
     return z
 
 
-def perturbed(p: Tensor, seed: int, scale: float, dist: str) -> Tensor:
-    """A new tensor p + scale·z(seed) in p's dtype (float32 arithmetic for lower precisions)."""
-    src = p.detach().reshape(-1)
-    out = torch.empty_like(src)
+def perturbed(params: list[tuple[Tensor, int]], scale: float, dist: str) -> list[Tensor]:
+    """New tensors p + scale·z(seed) in each p's dtype (float32 arithmetic for lower precisions); all
+    chunks of all tensors are generated in one parallel batch."""
 
-    def work(k: int, s: slice) -> None:
+    def work(src: Tensor, out: Tensor, seed: int, k: int, s: slice) -> None:
         z = fill_(_buffer(out.device)[: s.stop - s.start], seed, k, dist)
         if out.dtype == torch.float32:
             torch.add(src[s], z, alpha=scale, out=out[s])
@@ -145,8 +144,15 @@ def perturbed(p: Tensor, seed: int, scale: float, dist: str) -> Tensor:
         else:
             out[s].copy_(torch.add(src[s].float(), z, alpha=scale))
 
-    _run([partial(work, k, s) for k, s in _chunks(src.numel())], src.device)
-    return out.view_as(p)
+    outs, calls = [], []
+    for p, seed in params:
+        src = p.detach().reshape(-1)
+        out = torch.empty_like(src)
+        outs.append(out.view_as(p))
+        calls += [partial(work, src, out, seed, k, s) for k, s in _chunks(src.numel())]
+    if calls:
+        _run(calls, outs[0].device)
+    return outs
 
 
 @torch.no_grad()

@@ -55,6 +55,9 @@ class ZOUpdate:
     weight_decay: float = 0.0
 
 
+LOOKAHEAD = 1 << 22  # elements of perturbed temporaries made in one batch (16 MiB in float32)
+
+
 class ZOEngine:
     """Perturbs and updates a fixed list of named parameters of ``model`` from seeds only."""
 
@@ -72,6 +75,8 @@ class ZOEngine:
                     self.owners.setdefault(module, []).append((attr, index[id(p)]))
                     uses[index[id(p)]] += 1
         self.shared = {i for i, n in enumerate(uses) if n > 1}
+        self.order = list(self.owners)
+        self.position = {m: j for j, m in enumerate(self.order)}
         missing = [params[i][0] for i, n in enumerate(uses) if n == 0]
         if missing:
             raise ValueError(f"ZO parameters not owned by any module: {missing[:3]}")
@@ -84,23 +89,34 @@ class ZOEngine:
         name, p = self.params[i]
         return draw_direction(p.shape, direction_seed(step_seed, name), self.dist, p.device)
 
-    def _perturbed_value(self, i: int, step_seed: int, scale: float) -> Tensor:
-        name, p = self.params[i]
-        return noise.perturbed(p, direction_seed(step_seed, name), scale, self.dist)
+    def _perturbed_values(self, indices: list[int], step_seed: int, scale: float) -> list[Tensor]:
+        seeded = [(self.params[i][1], direction_seed(step_seed, self.params[i][0])) for i in indices]
+        return noise.perturbed(seeded, scale, self.dist)
 
     @contextmanager
     def perturbed(self, step_seed: int, scale: float) -> Iterator[None]:
-        """Within the block, forwards see θ + scale·z(step_seed); the stored weights are untouched."""
-        live: dict[int, Tensor] = {}
+        """Within the block, forwards see θ + scale·z(step_seed); the stored weights are untouched.
+
+        When a module runs, its temporaries are made together with those of the next modules (in
+        registration order, which is the forward order of the usual decoder stacks) up to
+        ``LOOKAHEAD`` elements, so that the noise threads get enough chunks to share; a temporary is
+        dropped once its module has run (tied ones at the end of the block).
+        """
+        ready: dict[int, Tensor] = {}
 
         def swap_in(module: nn.Module, _args: object) -> None:
+            if any(i not in ready for _, i in self.owners[module]):
+                batch, size = [], 0
+                for later in self.order[self.position[module]:]:
+                    missing = [i for _, i in self.owners[later] if i not in ready and i not in batch]
+                    if batch and size + sum(self.params[i][1].numel() for i in missing) > LOOKAHEAD:
+                        break
+                    batch += missing
+                    size += sum(self.params[i][1].numel() for i in missing)
+                ready.update(zip(batch, self._perturbed_values(batch, step_seed, scale), strict=True))
             for attr, i in self.owners[module]:
-                value = live.get(i)
-                if value is None:
-                    value = self._perturbed_value(i, step_seed, scale)
-                    if i in self.shared:
-                        live[i] = value
-                module._parameters[attr] = value  # a plain tensor, read by the module's forward
+                # a plain tensor, read by the module's forward; tied weights stay ready for their other user
+                module._parameters[attr] = ready[i] if i in self.shared else ready.pop(i)
 
         def swap_out(module: nn.Module, _args: object, _out: object) -> None:
             for attr, i in self.owners[module]:

@@ -54,6 +54,11 @@ def run_bench(model: str = "smollm2-135m", batch_size: int = 16, seq_len: int = 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     names = rows or list(ROWS)
+    peaks = {}
+    if memory:  # first, while this process is small: the subprocesses are forked from it
+        for name in names:
+            log(f"memory: {name}")
+            peaks[name] = measure(name, model, batch_size, seq_len, dtype, str(dev))
     log(f"building {len(names)} rows on {dev} ({model}, batch {batch_size} x seq {seq_len}, {dtype})")
     built = [build_row(n, model, batch_size, seq_len, dtype, str(dev)) for n in names]
     samples: dict[str, list[dict[str, float]]] = {n: [] for n in names}
@@ -75,11 +80,8 @@ def run_bench(model: str = "smollm2-135m", batch_size: int = 16, seq_len: int = 
             "label": row.label, "seconds": med, "all_totals": [x["total"] for x in s],
             "rng_sweeps": drawn / row.zo_numel if row.zo_numel else 0.0, "zo_numel": row.zo_numel,
         }
-    del built
-    if memory:
-        for name in names:
-            log(f"memory: {name}")
-            results["rows"][name]["memory"] = measure(name, model, batch_size, seq_len, dtype, str(dev))
+        if row.name in peaks:
+            results["rows"][row.name]["memory"] = peaks[row.name]
     results["setup"] = {"model": model, "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype,
                         "repeats": repeats, "warmup": warmup, "noise_threads": os.environ.get("HYFT_NOISE_THREADS"),
                         "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv)}

@@ -13,6 +13,7 @@ import os
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -28,6 +29,18 @@ def measure(row: str, model: str, batch_size: int, seq_len: int, dtype: str, dev
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set. Linux's VmHWM belongs to the process image (ru_maxrss would
+    carry over the parent's peak across fork + exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main() -> None:
     from hyft.bench.rows import build_row
 
@@ -41,10 +54,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     a = p.parse_args()
     row = build_row(a.row, a.model, a.batch_size, a.seq_len, a.dtype, a.device, timed=False)
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    loaded = peak_rss_mb()
     for _ in range(a.steps):
         row.step()
-    peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "loaded_rss_mb": loaded}
+    peaks = {"peak_rss_mb": peak_rss_mb(), "loaded_rss_mb": loaded}
     if torch.cuda.is_available() and a.device != "cpu":
         peaks["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(peaks))

@@ -27,7 +27,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
                 out.append((f"{name} step / two no-grad forwards", t[name] / (2 * fwd), 1.3))
         if "fo-peft" in t:
             for name, limit in (("hybrid-one-sided", 1.3), ("hybrid-one-sided-rademacher", 1.3),
-                                ("hybrid-two-sided", 2.3)):
+                                ("hybrid-two-sided", 2.3), ("hybrid-two-sided-rademacher", 2.3)):
                 if name in t:
                     out.append((f"({name} − fo-peft) / one forward", (t[name] - t["fo-peft"]) / fwd, limit))
     mem = {name: _memory(r) for name, r in rows.items()}

@@ -33,6 +33,8 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "hybrid-two-sided": ("hybrid, two-sided", {"method": "hybrid", "estimator": "two-sided"}),
     "hybrid-one-sided-rademacher": ("hybrid, one-sided, Rademacher z",
                                     {"method": "hybrid", "estimator": "one-sided", "zo_dist": "rademacher"}),
+    "hybrid-two-sided-rademacher": ("hybrid, two-sided, Rademacher z",
+                                    {"method": "hybrid", "estimator": "two-sided", "zo_dist": "rademacher"}),
 }
 
 
@@ -125,7 +127,7 @@ def build_row(name: str, model_name: str, batch_size: int, seq_len: int, dtype: 
     method = METHODS[config.method](model, groups, objective, config, total=10_000)  # type: ignore[arg-type]
     method.loss_with_grad = timer.timed(method.loss_with_grad, "backward")  # exclusive of the forward inside
     if method.engine is not None:
-        method.engine._perturbed_value = timer.timed(method.engine._perturbed_value, "perturb")
+        method.engine._perturbed_values = timer.timed(method.engine._perturbed_values, "perturb")
         method.engine.update = timer.timed(method.engine.update, "update")
     if method.optimizer is not None:
         method.optimizer.step = timer.timed(method.optimizer.step, "update")
