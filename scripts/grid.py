@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 from collections import defaultdict
@@ -81,6 +82,12 @@ def dev_curve(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["dev_accuracy"]) for r in rows if "dev_accuracy" in r]
 
 
+def median_step_seconds(run_dir: Path) -> float:
+    """Median wall time of a training step: unlike the total, not inflated by a paused or shared machine."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return statistics.median(r["seconds"] for r in rows if "seconds" in r and "loss" in r)
+
+
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
     return next((step for step, acc in curve if acc >= target), None)
 
@@ -92,7 +99,7 @@ def render(grid: dict[str, Any]) -> str:
     bar = {(r["task"], r["seed"]): dev_curve(Path(r["run_dir"]))[-1][1] for r in records if r["method"] == "fo-peft"}
     lines = [
         "| task | method | seed | steps | test acc | zero-shot | best dev (step) | steps to fo-peft's final dev "
-        "| train s | s/step | peak RSS MB | lr_fo | lr_zo | eps |",
+        "| train s | median s/step | peak RSS MB | lr_fo | lr_zo | eps |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(records, key=lambda r: (r["task"], r["seed"], r["method"])):
@@ -103,7 +110,7 @@ def render(grid: dict[str, Any]) -> str:
             f"| {r['task']} | {r['method']} | {r['seed']} | {r['steps']} | {r['test_accuracy']:.3f} | "
             f"{'' if zs is None else f'{zs:.3f}'} | {r['best_dev_accuracy']:.3f} ({r['best_step']}) | "
             f"{'—' if target is None else (reach if reach is not None else f'not reached ({target:.3f})')} | "
-            f"{r['train_seconds']:.0f} | {r['train_seconds'] / r['steps']:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['train_seconds']:.0f} | {median_step_seconds(Path(r['run_dir'])):.1f} | {r['peak_rss_mb']:.0f} | "
             f"{r.get('lr_fo') or ''} | {r.get('lr_zo') or ''} | {r.get('eps') or ''} |"
         )
     lines.append("")
