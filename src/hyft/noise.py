@@ -137,10 +137,8 @@ def perturbed(params: list[tuple[Tensor, int]], scale: float, dist: str) -> list
 
     def work(src: Tensor, out: Tensor, seed: int, k: int, s: slice) -> None:
         z = fill_(_buffer(out.device)[: s.stop - s.start], seed, k, dist)
-        if out.dtype == torch.float32:
-            torch.add(src[s], z, alpha=scale, out=out[s])
-        elif out.dtype == torch.float64:
-            torch.add(src[s], z.double(), alpha=scale, out=out[s])
+        if out.dtype in FULL_PRECISION:
+            torch.add(src[s], z.to(out.dtype), alpha=scale, out=out[s])
         else:
             out[s].copy_(torch.add(src[s].float(), z, alpha=scale))
 

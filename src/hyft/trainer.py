@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import signal
 import sys
 import time
@@ -27,6 +26,7 @@ from hyft import noise
 from hyft.config import RunConfig
 from hyft.errors import HyftError
 from hyft.evaluate import evaluate
+from hyft.memory import peak_memory_mb
 from hyft.methods import METHODS, Method, Objective
 from hyft.models import load_model
 from hyft.params import ParamGroups, prepare
@@ -50,12 +50,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise HyftError("device cuda requested but CUDA is not available; use --device cpu")
     return torch.device(device)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 @dataclass

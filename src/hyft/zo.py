@@ -3,14 +3,15 @@ weights, in-place SPSA updates, and the (seed, coefficient) log that replays the
 
 How a perturbed forward works: a forward pre-hook on every module that owns ZO parameters swaps in a
 temporary ``θ + scale·z`` for that module's own weights, and its forward hook swaps the stored Parameter
-back. Only one module's temporaries are alive at a time (a tied weight, used by two modules, is kept for
-the pass so it is perturbed once, consistently). The stored weights are never written during the
-estimate, so a step with learning rate 0 leaves θ bitwise unchanged in every dtype, unlike MeZO's
-in-place +ε, −2ε, +ε sequence, which drifts in low precision.
+back. Temporaries are made a few modules ahead (up to ``LOOKAHEAD`` elements) and dropped once their
+module has run (a tied weight, used by two modules, is kept for the pass so it is perturbed once,
+consistently). The stored weights are never written during the estimate, so a step with learning rate 0
+leaves θ bitwise unchanged in every dtype, unlike MeZO's in-place +ε, −2ε, +ε sequence, which drifts in
+low precision.
 
-Directions: ``z`` for a parameter is drawn from a generator seeded with a mix of the step seed and a
-hash of the parameter's canonical name, so it is regenerated identically for the perturbation, the update
-and a later replay, whatever wrapping (peft) the model has.
+Directions: ``z`` for a parameter is drawn (by :mod:`hyft.noise`, in seeded chunks) from a seed mixing
+the step seed and a hash of the parameter's canonical name, so it is regenerated identically for the
+perturbation, the update and a later replay, whatever wrapping (peft) the model has.
 """
 
 from __future__ import annotations
@@ -109,10 +110,11 @@ class ZOEngine:
                 batch, size = [], 0
                 for later in self.order[self.position[module]:]:
                     missing = [i for _, i in self.owners[later] if i not in ready and i not in batch]
-                    if batch and size + sum(self.params[i][1].numel() for i in missing) > LOOKAHEAD:
+                    more = sum(self.params[i][1].numel() for i in missing)
+                    if batch and size + more > LOOKAHEAD:
                         break
                     batch += missing
-                    size += sum(self.params[i][1].numel() for i in missing)
+                    size += more
                 ready.update(zip(batch, self._perturbed_values(batch, step_seed, scale), strict=True))
             for attr, i in self.owners[module]:
                 # a plain tensor, read by the module's forward; tied weights stay ready for their other user

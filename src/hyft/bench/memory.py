@@ -10,10 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
@@ -29,20 +27,9 @@ def measure(row: str, model: str, batch_size: int, seq_len: int, dtype: str, dev
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set. Linux's VmHWM belongs to the process image (ru_maxrss would
-    carry over the parent's peak across fork + exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def main() -> None:
     from hyft.bench.rows import build_row
+    from hyft.memory import peak_rss_mb
 
     p = argparse.ArgumentParser()
     p.add_argument("row")
