@@ -1,5 +1,5 @@
 """The perturbation engine: SPSA against the true directional derivative, exact restore in every dtype,
-tied weights perturbed once, direction statistics, and the update rule."""
+tied embeddings streamed and perturbed once, direction statistics, and the update rule."""
 
 from __future__ import annotations
 
@@ -114,23 +114,46 @@ def test_zo_step_with_zero_learning_rate_is_exact(method, dtype, tokenizer, exam
         assert torch.equal(p, b)
 
 
-def test_tied_weights_are_perturbed_once_and_consistently(tokenizer, examples):
-    model = tiny_model("llama", len(tokenizer))
-    assert model.lm_head.weight is model.model.embed_tokens.weight
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_tied_embedding_is_streamed_and_perturbed_once_consistently(arch, tokenizer, examples, monkeypatch):
+    """The tied embedding/LM head is never made whole, and the perturbed forward equals the forward of a
+    copy whose every weight (the tied one once) is set to θ + εz."""
+    from hyft import zo
+
+    model = tiny_model(arch, len(tokenizer))
+    tied = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is tied
     params = select_params(model)
-    assert sum(1 for n, _ in params if "embed_tokens" in n or "lm_head" in n) == 1  # one tensor, one direction
-    seen = {}
-    hooks = [
-        model.model.embed_tokens.register_forward_hook(lambda m, a, o: seen.__setitem__("embed", m.weight.clone())),
-        model.lm_head.register_forward_hook(lambda m, a, o: seen.__setitem__("head", m.weight.clone())),
-    ]
+    assert sum(1 for _, q in params if q is tied) == 1  # one tensor, one direction
     engine = ZOEngine(model, params)
+    assert set(engine.streamed.values()) == {next(i for i, (_, q) in enumerate(params) if q is tied)}
+    monkeypatch.setattr(zo, "LOOKAHEAD", 4 * tied.shape[1])  # several row blocks even on a tiny vocabulary
+    whole = []
+    real_perturbed = noise.perturbed
+    record = lambda ps, *a: whole.extend(q.shape for q, _ in ps) or real_perturbed(ps, *a)  # noqa: E731
+    monkeypatch.setattr(noise, "perturbed", record)
+    batch = encode(tokenizer, examples)
     with torch.no_grad(), engine.perturbed(7, 1e-2):
-        candidate_scores(model, encode(tokenizer, examples))
-    for h in hooks:
-        h.remove()
-    assert torch.equal(seen["embed"], seen["head"])
-    assert not torch.equal(seen["embed"], model.model.embed_tokens.weight)
+        scores = candidate_scores(model, batch)
+    assert tied.shape not in whole
+    monkeypatch.setattr(noise, "perturbed", real_perturbed)
+    reference = tiny_model(arch, len(tokenizer))
+    with torch.no_grad():
+        for (name, q), (_, r) in zip(params, select_params(reference), strict=True):
+            r.copy_(noise.perturbed([(q, zo.direction_seed(7, name))], 1e-2, "gaussian")[0])
+        assert torch.allclose(scores, candidate_scores(reference, batch), rtol=0, atol=1e-5)
+        assert not torch.allclose(scores, candidate_scores(model, batch), rtol=0, atol=1e-5)
+    assert "forward" not in model.get_input_embeddings().__dict__  # the streamed forwards are removed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_perturbed_rows_equal_the_rows_of_the_whole_tensor(dtype, monkeypatch):
+    """Row ranges that start and end inside noise chunks reproduce the whole-tensor result bitwise."""
+    monkeypatch.setattr(noise, "CHUNK", 1000)
+    p = torch.randn(97, 33, generator=torch.Generator().manual_seed(0)).to(dtype)
+    (whole,) = noise.perturbed([(p, 9)], 1e-2, "rademacher")
+    for start, stop in [(0, 97), (5, 6), (29, 61), (60, 97)]:
+        assert torch.equal(noise.perturbed_rows(p, 9, 1e-2, "rademacher", start, stop), whole[start:stop])
 
 
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher"])

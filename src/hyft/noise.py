@@ -131,26 +131,50 @@ def direction(shape: torch.Size, seed: int, dist: str, device: torch.device) -> 
     return z
 
 
+def _perturb_calls(src: Tensor, out: Tensor, seed: int, scale: float, dist: str, start: int = 0,
+                   stop: int | None = None) -> list[Callable[[], None]]:
+    """Jobs writing ``out = src[start:stop] + scale·z(seed)[start:stop]`` (flat views; float32 arithmetic
+    below fp32). Every chunk that overlaps the range is generated whole, so a range reproduces exactly
+    the elements of the whole-tensor result."""
+    n = src.numel()
+    stop = n if stop is None else stop
+
+    def work(k: int, lo: int, hi: int) -> None:
+        begin = k * CHUNK
+        z = fill_(_buffer(out.device)[: min(CHUNK, n - begin)], seed, k, dist)[lo - begin: hi - begin]
+        dst = out[lo - start: hi - start]
+        if out.dtype in FULL_PRECISION:
+            torch.add(src[lo:hi], z.to(out.dtype), alpha=scale, out=dst)
+        else:
+            dst.copy_(torch.add(src[lo:hi].float(), z, alpha=scale))
+
+    return [partial(work, k, max(start, k * CHUNK), min(stop, (k + 1) * CHUNK))
+            for k in range(start // CHUNK, (stop - 1) // CHUNK + 1)] if stop > start else []
+
+
 def perturbed(params: list[tuple[Tensor, int]], scale: float, dist: str) -> list[Tensor]:
     """New tensors p + scale·z(seed) in each p's dtype (float32 arithmetic for lower precisions); all
     chunks of all tensors are generated in one parallel batch."""
-
-    def work(src: Tensor, out: Tensor, seed: int, k: int, s: slice) -> None:
-        z = fill_(_buffer(out.device)[: s.stop - s.start], seed, k, dist)
-        if out.dtype in FULL_PRECISION:
-            torch.add(src[s], z.to(out.dtype), alpha=scale, out=out[s])
-        else:
-            out[s].copy_(torch.add(src[s].float(), z, alpha=scale))
-
     outs, calls = [], []
     for p, seed in params:
         src = p.detach().reshape(-1)
         out = torch.empty_like(src)
         outs.append(out.view_as(p))
-        calls += [partial(work, src, out, seed, k, s) for k, s in _chunks(src.numel())]
+        calls += _perturb_calls(src, out, seed, scale, dist)
     if calls:
         _run(calls, outs[0].device)
     return outs
+
+
+def perturbed_rows(p: Tensor, seed: int, scale: float, dist: str, start: int, stop: int) -> Tensor:
+    """Rows ``start:stop`` of p + scale·z(seed) for a 2-d p, bitwise equal to those rows of
+    :func:`perturbed`, without making the whole tensor (a tied embedding's lookup and LM head)."""
+    cols = p.shape[1]
+    out = torch.empty((stop - start, cols), dtype=p.dtype, device=p.device)
+    calls = _perturb_calls(p.detach().reshape(-1), out.view(-1), seed, scale, dist, start * cols, stop * cols)
+    if calls:
+        _run(calls, p.device)
+    return out
 
 
 @torch.no_grad()

@@ -4,10 +4,12 @@ weights, in-place SPSA updates, and the (seed, coefficient) log that replays the
 How a perturbed forward works: a forward pre-hook on every module that owns ZO parameters swaps in a
 temporary ``θ + scale·z`` for that module's own weights, and its forward hook swaps the stored Parameter
 back. Temporaries are made a few modules ahead (up to ``LOOKAHEAD`` elements) and dropped once their
-module has run (a tied weight, used by two modules, is kept for the pass so it is perturbed once,
-consistently). The stored weights are never written during the estimate, so a step with learning rate 0
-leaves θ bitwise unchanged in every dtype, unlike MeZO's in-place +ε, −2ε, +ε sequence, which drifts in
-low precision.
+module has run. A weight tied between an embedding and an LM head (SmolLM2, GPT-2, OPT) is never made
+whole: the lookup builds only the perturbed rows it needs and the head computes its logits one block of
+rows at a time, both from the same seed, so the two uses see the same ``θ + scale·z`` and the only
+temporary is one block (other tied weights are made whole and kept for the pass). The stored weights
+are never written during the estimate, so a step with learning rate 0 leaves θ bitwise unchanged in
+every dtype, unlike MeZO's in-place +ε, −2ε, +ε sequence, which drifts in low precision.
 
 Directions: ``z`` for a parameter is drawn (by :mod:`hyft.noise`, in seeded chunks) from a seed mixing
 the step seed and a hash of the parameter's canonical name, so it is regenerated identically for the
@@ -17,14 +19,16 @@ perturbation, the update and a later replay, whatever wrapping (peft) the model 
 from __future__ import annotations
 
 import json
+import math
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hyft import noise
@@ -75,12 +79,21 @@ class ZOEngine:
                 if id(p) in index:
                     self.owners.setdefault(module, []).append((attr, index[id(p)]))
                     uses[index[id(p)]] += 1
-        self.shared = {i for i, n in enumerate(uses) if n > 1}
-        self.order = list(self.owners)
-        self.position = {m: j for j, m in enumerate(self.order)}
         missing = [params[i][0] for i, n in enumerate(uses) if n == 0]
         if missing:
             raise ValueError(f"ZO parameters not owned by any module: {missing[:3]}")
+        self.shared = {i for i, n in enumerate(uses) if n > 1}
+        # tied embedding/LM-head weights are streamed by row blocks instead of swapped in whole
+        self.streamed: dict[nn.Module, int] = {}
+        for i in sorted(self.shared):
+            users = [m for m, attrs in self.owners.items() if any(j == i for _, j in attrs)]
+            if all(_streamable(m, self.owners[m], i) for m in users):
+                self.streamed.update(dict.fromkeys(users, i))
+                self.shared.discard(i)
+        for m in self.streamed:
+            del self.owners[m]
+        self.order = list(self.owners)
+        self.position = {m: j for j, m in enumerate(self.order)}
 
     @property
     def numel(self) -> int:
@@ -101,15 +114,17 @@ class ZOEngine:
         When a module runs, its temporaries are made together with those of the next modules (in
         registration order, which is the forward order of the usual decoder stacks) up to
         ``LOOKAHEAD`` elements, so that the noise threads get enough chunks to share; a temporary is
-        dropped once its module has run (tied ones at the end of the block).
+        dropped once its module has run (tied weights that are not streamed at the end of the block).
         """
         ready: dict[int, Tensor] = {}
+        used: set[int] = set()  # already run: not made again ahead (registration order ≠ forward order)
 
         def swap_in(module: nn.Module, _args: object) -> None:
             if any(i not in ready for _, i in self.owners[module]):
                 batch, size = [], 0
                 for later in self.order[self.position[module]:]:
-                    missing = [i for _, i in self.owners[later] if i not in ready and i not in batch]
+                    missing = [i for _, i in self.owners[later]
+                               if i not in ready and i not in batch and (later is module or i not in used)]
                     more = sum(self.params[i][1].numel() for i in missing)
                     if batch and size + more > LOOKAHEAD:
                         break
@@ -119,6 +134,7 @@ class ZOEngine:
             for attr, i in self.owners[module]:
                 # a plain tensor, read by the module's forward; tied weights stay ready for their other user
                 module._parameters[attr] = ready[i] if i in self.shared else ready.pop(i)
+                used.add(i)
 
         def swap_out(module: nn.Module, _args: object, _out: object) -> None:
             for attr, i in self.owners[module]:
@@ -128,6 +144,9 @@ class ZOEngine:
         for module in self.owners:
             handles.append(module.register_forward_pre_hook(swap_in))
             handles.append(module.register_forward_hook(swap_out))
+        saved = {m: m.__dict__.get("forward") for m in self.streamed}
+        for module, i in self.streamed.items():
+            module.forward = self._streamed_forward(module, i, step_seed, scale)
         try:
             yield
         finally:
@@ -136,6 +155,42 @@ class ZOEngine:
             for module, attrs in self.owners.items():
                 for attr, i in attrs:
                     module._parameters[attr] = self.params[i][1]
+            for module, forward in saved.items():
+                if forward is None:
+                    del module.forward
+                else:
+                    module.forward = forward
+
+    def _streamed_forward(self, module: nn.Module, i: int, step_seed: int, scale: float
+                          ) -> Callable[[Tensor], Tensor]:
+        """The forward of an embedding or LM head with weight θ + scale·z, made one row block at a time."""
+        name, p = self.params[i]
+        seed = direction_seed(step_seed, name)
+        rows, cols = p.shape
+        per = math.lcm(cols, noise.CHUNK) // cols  # rows per block: whole noise chunks when that is cheap
+        per = per * max(1, LOOKAHEAD // (per * cols)) if per * cols <= LOOKAHEAD else max(1, LOOKAHEAD // cols)
+        blocks = [(r, min(r + per, rows)) for r in range(0, rows, per)]
+
+        def block(r0: int, r1: int) -> Tensor:
+            return noise.perturbed_rows(p, seed, scale, self.dist, r0, r1)
+
+        if isinstance(module, nn.Embedding):
+            def lookup(ids: Tensor) -> Tensor:
+                needed, inverse = torch.unique(ids, return_inverse=True)
+                out = p.new_empty((needed.numel(), cols))
+                for r0, r1 in blocks:  # blocks holding none of the ids are never drawn
+                    hit = (needed >= r0) & (needed < r1)
+                    if hit.any():
+                        out[hit] = block(r0, r1)[needed[hit] - r0]
+                return out[inverse]
+            return lookup
+
+        def head(h: Tensor) -> Tensor:
+            out = h.new_empty((*h.shape[:-1], rows))
+            for r0, r1 in blocks:
+                out[..., r0:r1] = F.linear(h, block(r0, r1))
+            return out
+        return head
 
     @torch.no_grad()
     def update(self, u: ZOUpdate) -> None:
@@ -149,6 +204,16 @@ class ZOEngine:
             return
         noise.axpy_([(p.data, direction_seed(u.seed, name)) for name, p in self.params], -step, self.dist,
                     shrink=1.0 - decay)
+
+
+def _streamable(module: nn.Module, attrs: list[tuple[str, int]], i: int) -> bool:
+    """A plain embedding or bias-free linear layer whose only ZO weight is the tied matrix i: its forward
+    is a row lookup or a matmul, so it can run block by block (subclasses may do more, e.g. scale)."""
+    if attrs != [("weight", i)]:
+        return False
+    if type(module) is nn.Embedding:
+        return module.max_norm is None
+    return type(module) is nn.Linear and module.bias is None
 
 
 def select_params(
