@@ -11,7 +11,7 @@ from hyft.config import RunConfig
 from hyft.methods import METHODS, Objective
 from hyft.params import prepare
 from hyft.scoring import candidate_scores, classification_loss, encode
-from hyft.zo import ZOEngine, ZOUpdate, draw_direction, select_params
+from hyft.zo import ZOEngine, ZOUpdate, select_params
 from tests.conftest import tiny_model
 
 
@@ -92,7 +92,7 @@ def test_mezo_in_place_sequence_drifts_in_bf16(tokenizer):
     model = tiny_model("llama", len(tokenizer)).to(torch.bfloat16)
     p = model.model.layers[0].mlp.up_proj.weight
     before = p.detach().clone()
-    z = draw_direction(p.shape, 0, "gaussian", p.device).to(p.dtype)
+    z = noise.direction(p.shape, 0, "gaussian", p.device).to(p.dtype)
     with torch.no_grad():
         for scale in (1e-3, -2e-3, 1e-3):
             p.add_(z, alpha=scale)
@@ -158,12 +158,12 @@ def test_perturbed_rows_equal_the_rows_of_the_whole_tensor(dtype, monkeypatch):
 
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
 def test_direction_statistics_and_reproducibility(dist):
-    z = draw_direction(torch.Size([400_000]), 123, dist, torch.device("cpu"))
+    z = noise.direction(torch.Size([400_000]), 123, dist, torch.device("cpu"))
     assert z.dtype == torch.float32
     assert abs(z.mean().item()) < 5e-3
     assert abs(z.var().item() - 1.0) < 1e-2
-    assert torch.equal(z, draw_direction(torch.Size([400_000]), 123, dist, torch.device("cpu")))
-    assert not torch.equal(z, draw_direction(torch.Size([400_000]), 124, dist, torch.device("cpu")))
+    assert torch.equal(z, noise.direction(torch.Size([400_000]), 123, dist, torch.device("cpu")))
+    assert not torch.equal(z, noise.direction(torch.Size([400_000]), 124, dist, torch.device("cpu")))
     if dist == "rademacher":
         assert set(z.unique().tolist()) == {-1.0, 1.0}
 

@@ -44,11 +44,6 @@ def direction_seed(step_seed: int, name: str) -> int:
     return (step_seed * 0x9E3779B1 + zlib.crc32(canonical_name(name).encode())) % (2**63 - 1)
 
 
-def draw_direction(shape: torch.Size, seed: int, dist: str, device: torch.device) -> Tensor:
-    """z ~ N(0, I) or Rademacher ±1, float32, reproducible from ``seed`` (see :mod:`hyft.noise`)."""
-    return noise.direction(shape, seed, dist, device)
-
-
 @dataclass
 class ZOUpdate:
     """One logged update: θ ← θ − lr·(coef·z(seed) + weight_decay·θ)."""
@@ -101,7 +96,7 @@ class ZOEngine:
 
     def direction(self, i: int, step_seed: int) -> Tensor:
         name, p = self.params[i]
-        return draw_direction(p.shape, direction_seed(step_seed, name), self.dist, p.device)
+        return noise.direction(p.shape, direction_seed(step_seed, name), self.dist, p.device)
 
     def _perturbed_values(self, indices: list[int], step_seed: int, scale: float) -> list[Tensor]:
         seeded = [(self.params[i][1], direction_seed(step_seed, self.params[i][0])) for i in indices]
@@ -167,8 +162,7 @@ class ZOEngine:
         name, p = self.params[i]
         seed = direction_seed(step_seed, name)
         rows, cols = p.shape
-        per = math.lcm(cols, noise.CHUNK) // cols  # rows per block: whole noise chunks when that is cheap
-        per = per * max(1, LOOKAHEAD // (per * cols)) if per * cols <= LOOKAHEAD else max(1, LOOKAHEAD // cols)
+        per = _rows_per_block(cols)
         blocks = [(r, min(r + per, rows)) for r in range(0, rows, per)]
 
         def block(r0: int, r1: int) -> Tensor:
@@ -204,6 +198,15 @@ class ZOEngine:
             return
         noise.axpy_([(p.data, direction_seed(u.seed, name)) for name, p in self.params], -step, self.dist,
                     shrink=1.0 - decay)
+
+
+def _rows_per_block(cols: int) -> int:
+    """Rows of a streamed matrix made at once: about ``LOOKAHEAD`` elements, in whole noise chunks (so no
+    chunk is drawn twice) when a chunk-aligned block fits in that budget."""
+    aligned = math.lcm(cols, noise.CHUNK) // cols
+    if aligned * cols > LOOKAHEAD:
+        return max(1, LOOKAHEAD // cols)
+    return aligned * (LOOKAHEAD // (aligned * cols))
 
 
 def _streamable(module: nn.Module, attrs: list[tuple[str, int]], i: int) -> bool:

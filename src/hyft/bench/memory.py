@@ -29,7 +29,7 @@ def measure(row: str, model: str, batch_size: int, seq_len: int, dtype: str, dev
 
 def main() -> None:
     from hyft.bench.rows import build_row
-    from hyft.memory import peak_rss_mb
+    from hyft.memory import peak_memory_mb, peak_rss_mb
 
     p = argparse.ArgumentParser()
     p.add_argument("row")
@@ -45,8 +45,9 @@ def main() -> None:
     for _ in range(a.steps):
         row.step()
     peaks = {"peak_rss_mb": peak_rss_mb(), "loaded_rss_mb": loaded}
-    if torch.cuda.is_available() and a.device != "cpu":
-        peaks["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        peaks["cuda_peak_mb"] = peak_memory_mb(device)
     print(json.dumps(peaks))
 
 
