@@ -1,6 +1,6 @@
 """The benchmark harness on a tiny model: every row runs, RNG sweeps per step are counted as designed
-(hyft: 3 two-sided, 2 one-sided, plus the tied embedding drawn again by the LM head in each perturbed
-pass; the MeZO algorithm: 4), the split adds up, and the reports are written.
+(hyft: 3 two-sided, 2 one-sided, plus the looked-up embedding rows; the MeZO algorithm: 4), the split
+adds up, and the reports are written.
 No timing is asserted."""
 
 from __future__ import annotations
@@ -8,10 +8,16 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
+from hyft import noise
 from hyft.bench import ROWS, run_bench
 from hyft.bench.report import targets
+from hyft.bench.rows import fixed_batch
+from hyft.config import RunConfig
+from hyft.params import prepare
+from hyft.zo import select_params
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +41,30 @@ def test_every_row_runs_and_the_split_adds_up(results):
     assert res["rows"]["zo-full"]["seconds"]["backward"] == 0
 
 
+def _padded(n: int) -> int:
+    """Random numbers drawn for an n-element tensor: z is made in whole blocks."""
+    return -(-n // noise.BLOCK) * noise.BLOCK
+
+
 def test_rng_sweeps_per_step(results, tiny_dir):
+    """hyft: 3 sweeps two-sided, 2 one-sided, plus the embedding rows the lookup draws (only the blocks
+    holding the batch's tokens); the MeZO algorithm: 4."""
     rows = results[0]["rows"]
-    tied = AutoModelForCausalLM.from_pretrained(tiny_dir).get_input_embeddings().weight.numel()
-    again = tied / rows["zo-full"]["zo_numel"]  # the lookup and the head each draw the tied rows
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    params = select_params(model)
+    numel = sum(p.numel() for _, p in params)
+    sweep = sum(_padded(p.numel()) for _, p in params)
+    cols = model.get_input_embeddings().weight.shape[1]
+    ids = fixed_batch(model.config.vocab_size, 2, 8, torch.device("cpu")).input_ids.unique().tolist()
+    lookup = sum(_padded((r + 1) * cols) - (r * cols) // noise.BLOCK * noise.BLOCK for r in ids)
     assert rows["mezo"]["rng_sweeps"] == 4
-    assert rows["zo-full"]["rng_sweeps"] == pytest.approx(3 + 2 * again)
-    assert rows["zo-full-rademacher"]["rng_sweeps"] == pytest.approx(3 + 2 * again)
-    assert rows["hybrid-two-sided"]["rng_sweeps"] == pytest.approx(3 + 2 * again)
-    assert rows["hybrid-one-sided"]["rng_sweeps"] == pytest.approx(2 + again)
-    assert rows["zo-peft"]["rng_sweeps"] == 3
+    assert rows["zo-full"]["zo_numel"] == numel
+    for name in ("zo-full", "zo-full-rademacher", "hybrid-two-sided"):
+        assert rows[name]["rng_sweeps"] == pytest.approx((3 * sweep + 2 * lookup) / numel), name
+    assert rows["hybrid-one-sided"]["rng_sweeps"] == pytest.approx((2 * sweep + lookup) / numel)
+    _, groups = prepare(AutoModelForCausalLM.from_pretrained(tiny_dir), RunConfig(method="zo-peft"))
+    lora = sum(p.numel() for _, p in groups.zo)
+    assert rows["zo-peft"]["rng_sweeps"] == pytest.approx(3 * sum(_padded(p.numel()) for _, p in groups.zo) / lora)
     assert rows["fo-peft"]["rng_sweeps"] == rows["fo-full"]["rng_sweeps"] == rows["forward"]["rng_sweeps"] == 0
     assert rows["zo-peft"]["zo_numel"] < rows["zo-full"]["zo_numel"] == rows["mezo"]["zo_numel"]
 

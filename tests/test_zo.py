@@ -3,10 +3,12 @@ tied embeddings streamed and perturbed once, direction statistics, and the updat
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from hyft import noise
+from hyft import noise, zmath
 from hyft.config import RunConfig
 from hyft.methods import METHODS, Objective
 from hyft.params import prepare
@@ -129,31 +131,35 @@ def test_tied_embedding_is_streamed_and_perturbed_once_consistently(arch, tokeni
     assert set(engine.streamed.values()) == {next(i for i, (_, q) in enumerate(params) if q is tied)}
     monkeypatch.setattr(zo, "LOOKAHEAD", 4 * tied.shape[1])  # several row blocks even on a tiny vocabulary
     whole = []
-    real_perturbed = noise.perturbed
-    record = lambda ps, *a: whole.extend(q.shape for q, _ in ps) or real_perturbed(ps, *a)  # noqa: E731
-    monkeypatch.setattr(noise, "perturbed", record)
+    real_perturbed = zmath.perturbed
+    record = lambda ts, *a: whole.extend(t.p.shape for t in ts) or real_perturbed(ts, *a)  # noqa: E731
+    monkeypatch.setattr(zmath, "perturbed", record)
     batch = encode(tokenizer, examples)
     with torch.no_grad(), engine.perturbed(7, 1e-2):
         scores = candidate_scores(model, batch)
     assert tied.shape not in whole
-    monkeypatch.setattr(noise, "perturbed", real_perturbed)
+    monkeypatch.setattr(zmath, "perturbed", real_perturbed)
     reference = tiny_model(arch, len(tokenizer))
     with torch.no_grad():
         for (name, q), (_, r) in zip(params, select_params(reference), strict=True):
-            r.copy_(noise.perturbed([(q, zo.direction_seed(7, name))], 1e-2, "gaussian")[0])
+            r.copy_(zmath.perturbed([zmath.Target(q, None, zo.direction_seed(7, name))], 1e-2, "gaussian")[0])
         assert torch.allclose(scores, candidate_scores(reference, batch), rtol=0, atol=1e-5)
         assert not torch.allclose(scores, candidate_scores(model, batch), rtol=0, atol=1e-5)
     assert "forward" not in model.get_input_embeddings().__dict__  # the streamed forwards are removed
 
 
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_perturbed_rows_equal_the_rows_of_the_whole_tensor(dtype, monkeypatch):
-    """Row ranges that start and end inside noise chunks reproduce the whole-tensor result bitwise."""
-    monkeypatch.setattr(noise, "CHUNK", 1000)
-    p = torch.randn(97, 33, generator=torch.Generator().manual_seed(0)).to(dtype)
-    (whole,) = noise.perturbed([(p, 9)], 1e-2, "rademacher")
-    for start, stop in [(0, 97), (5, 6), (29, 61), (60, 97)]:
-        assert torch.equal(noise.perturbed_rows(p, 9, 1e-2, "rademacher", start, stop), whole[start:stop])
+def test_perturbed_rows_equal_the_rows_of_the_whole_tensor(dtype, dist, monkeypatch):
+    """Row ranges that start and end inside blocks and pieces reproduce the whole-tensor result bitwise."""
+    monkeypatch.setattr(noise, "CPU_PIECE", 2 * noise.BLOCK)
+    p = torch.randn(297, 33, generator=torch.Generator().manual_seed(0)).to(dtype)
+    t = zmath.Target(p, None, 9)
+    (whole,) = zmath.perturbed([t], 1e-2, dist)
+    for start, stop in [(0, 297), (5, 6), (29, 61), (60, 297)]:
+        assert torch.equal(zmath.perturbed_range(t, 1e-2, dist, start * 33, stop * 33).view(-1, 33),
+                           whole[start:stop])
+    assert torch.equal(zmath.perturbed_rows(t, 1e-2, dist, [3, 200, 7]), whole[[3, 200, 7]])
 
 
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
@@ -188,32 +194,66 @@ def test_directions_do_not_depend_on_peft_wrapping(tokenizer):
         assert torch.equal(e_bare.direction(i, 3), e_wrapped.direction(i, 3))
 
 
-def test_directions_are_chunked_independently_of_thread_count(monkeypatch):
-    """z(seed) is the same with 1 or 2 noise threads, and chunk k can be regenerated on its own."""
-    n = int(2.5 * noise.CHUNK)
-    for dist in noise.DISTRIBUTIONS:
-        monkeypatch.setenv("HYFT_NOISE_THREADS", "1")
-        serial = noise.direction(torch.Size([n]), 99, dist, torch.device("cpu"))
-        monkeypatch.setenv("HYFT_NOISE_THREADS", "2")
-        parallel = noise.direction(torch.Size([n]), 99, dist, torch.device("cpu"))
-        assert torch.equal(serial, parallel)
-        last = torch.empty(n - 2 * noise.CHUNK)
-        assert torch.equal(noise.fill_(last, 99, 2, dist), serial[2 * noise.CHUNK :])
-        # neighbouring chunks are not copies of each other
-        assert not torch.equal(serial[: noise.CHUNK // 2], serial[noise.CHUNK : noise.CHUNK + noise.CHUNK // 2])
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_directions_do_not_depend_on_pieces_or_threads(dist, monkeypatch):
+    """z(seed) is a function of position only: the piece size, ATen's thread count and where a range
+    starts change no value (bitwise), and distant pieces are not copies of each other."""
+    n = 3 * noise.CPU_PIECE + 5000
+    reference = noise.direction(torch.Size([n]), 99, dist, torch.device("cpu"))
+    threads = torch.get_num_threads()
+    try:
+        for piece, nthreads in [(noise.BLOCK, 1), (1 << 16, 3), (noise.CPU_PIECE, 2)]:
+            monkeypatch.setattr(noise, "CPU_PIECE", piece)
+            torch.set_num_threads(nthreads)
+            assert torch.equal(noise.direction(torch.Size([n]), 99, dist, torch.device("cpu")), reference)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.undo()
+    start = 37 * noise.BLOCK
+    part = noise.fill_(torch.empty(8 * noise.BLOCK), 99, start, dist)
+    assert torch.equal(part, reference[start: start + 8 * noise.BLOCK])
+    assert not torch.equal(reference[:4096], reference[noise.CPU_PIECE: noise.CPU_PIECE + 4096])
+
+
+def _reference_z(seed: int, i: int, dist: str) -> float:
+    """z(seed)[i] from the documented formula, in Python integers and float64."""
+    key = noise.direction_key(seed)
+    gamma = 0x9E3779B97F4A7C15
+    if dist == "rademacher":
+        word = noise.mix64(key + (i // 32) * gamma) & 0xFFFFFFFF
+        return -1.0 if (word >> (i % 32)) & 1 else 1.0
+    block, offset = divmod(i, noise.BLOCK)
+    half, j = divmod(offset, noise.BLOCK // 2)
+    x = noise.mix64(key + (block * noise.BLOCK // 2 + j) * gamma)
+    radius = math.sqrt(-2 * math.log((((x >> 40) & 0xFFFFFF) + 1) * 2.0**-24))
+    angle = (x & 0xFFFFFF) * 2 * math.pi * 2.0**-24
+    return radius * (math.cos(angle) if half == 0 else math.sin(angle))
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_directions_follow_the_counter_formula_with_full_64_bit_seeds(dist):
+    """The tensor code computes the documented hash exactly (Rademacher bitwise, Gaussian to float32
+    rounding), and seeds differing only above bit 32 give different directions."""
+    seed = (1 << 62) + 12345
+    n = 300_000
+    z = noise.direction(torch.Size([n]), seed, dist, torch.device("cpu"))
+    for i in [0, 1, 511, 512, 513, 1023, 1024, 5000, 131_071, 200_001, n - 1]:
+        assert abs(z[i].item() - _reference_z(seed, i, dist)) <= 4e-7 * max(1.0, abs(z[i].item())), i
+    high_bits_only = noise.direction(torch.Size([n]), seed + (1 << 40), dist, torch.device("cpu"))
+    assert (z == high_bits_only).float().mean() < (0.6 if dist == "rademacher" else 1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_streamed_perturbation_and_update_match_the_formula(dtype):
-    """perturbed() = p + s·z and axpy_() = shrink·p + a·z, chunk by chunk, with fp32 math below fp32."""
-    p = torch.randn(noise.CHUNK + 1000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    """perturbed() = p + s·z and update_() = (1 − decay)·p − step·z, piece by piece, fp32 math below fp32."""
+    p = torch.randn(noise.CPU_PIECE + 1000, generator=torch.Generator().manual_seed(0)).to(dtype)
     z = noise.direction(p.shape, 5, "gaussian", p.device)
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     tol = {"rtol": 0.0, "atol": 1e-6} if dtype in (torch.float32, torch.float64) else {"rtol": 1e-2, "atol": 1e-2}
-    (moved,) = noise.perturbed([(p, 5)], 1e-2, "gaussian")
+    (moved,) = zmath.perturbed([zmath.Target(p, None, 5)], 1e-2, "gaussian")
     assert torch.allclose(moved, (p.to(wide) + 1e-2 * z.to(wide)).to(dtype), **tol)
     q = p.clone()
-    noise.axpy_([(q, 5)], -0.5, "gaussian", shrink=0.9)
+    zmath.update_([zmath.Target(q, None, 5)], 0.5, 0.1, "gaussian")
     assert torch.allclose(q, (p.to(wide) * 0.9 - 0.5 * z.to(wide)).to(dtype), **tol)
     assert not torch.equal(q, p)
 
@@ -226,6 +266,7 @@ def test_lookahead_batching_does_not_change_the_perturbed_forward(tokenizer, exa
     engine = ZOEngine(model, select_params(model))
     batch = encode(tokenizer, examples)
     scores = []
+    monkeypatch.setattr(zo, "_rows_per_block", lambda cols: 64)  # the same LM-head blocks in both
     for lookahead in (1, 1 << 22):
         monkeypatch.setattr(zo, "LOOKAHEAD", lookahead)
         with torch.no_grad(), engine.perturbed(11, 1e-2):

@@ -89,7 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from hyft.replay import replay
 
-    replay(args.model, args.log, args.out, upto=args.upto, dtype=args.dtype)
+    replay(args.model, args.log, args.out, upto=args.upto, dtype=args.dtype, device=args.device,
+           snapshots=args.snapshots)
     print(f"replayed {args.log} onto {args.model}; saved to {args.out}")
     return 0
 
@@ -185,7 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", required=True, help="RUN/zo_log.jsonl")
     p.add_argument("--out", required=True, help="directory for the rebuilt model")
     p.add_argument("--upto", type=int, default=None, help="apply only the first N updates (e.g. the best-dev index)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="must be the run's dtype (the default)")
+    p.add_argument("--device", default="cpu", help="where to replay (cpu, cuda); logs replay on any device")
+    p.add_argument("--snapshots", default=None,
+                   help="base snapshots to start from (default: snapshots/ beside the log, when present)")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("export", help="a finished run as a Hugging Face model dir (or base + PEFT adapter)")

@@ -78,6 +78,11 @@ class RunConfig:
     zo_dist: str = field(default="gaussian", metadata={"help": "direction distribution: gaussian or rademacher"})
     zo_params: str | None = field(default=None, metadata={"help": "regex: ZO-train only matching base params"})
     weight_decay_zo: float = field(default=0.0, metadata={"help": "weight decay of the ZO group"})
+    zo_compensate: bool = field(
+        default=True, metadata={"help": "bf16/fp16: keep each ZO update's rounding error in a residual (one more "
+                                        "weight-sized buffer) so that updates below the ulp accumulate"})
+    snapshot_every: int = field(
+        default=100, metadata={"help": "ZO updates between base snapshots: resume/restore/export replay at most this"})
     schedule_zo: str = field(default="constant", metadata={"help": "constant, linear or cosine"})
     warmup_zo: int = field(default=0, metadata={"help": "linear warmup steps of the ZO group"})
     # PEFT module
@@ -99,6 +104,7 @@ class RunConfig:
             (self.num_train > 0 and self.num_dev >= 0 and self.num_test > 0, "num_train/num_test must be > 0"),
             (self.eval_every >= 0, "eval_every must be >= 0"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+            (self.snapshot_every > 0, "snapshot_every must be > 0"),
             (self.max_bad_steps > 0, "max_bad_steps must be > 0"),
             (self.lr_fo >= 0, "lr_fo must be >= 0"),
             (self.lr_zo >= 0, "lr_zo must be >= 0"),

@@ -1,39 +1,48 @@
-"""Seeded random directions, generated in cache-sized chunks, in parallel on CPU.
+"""Seeded random directions from a counter-based generator: z(seed)[i] is a pure function of (seed, i).
 
-A direction z for a tensor of n elements is a sequence of chunks of ``CHUNK`` elements; chunk k is drawn
-from its own generator seeded with ``chunk_seed(seed, k)``. So z depends on the seed only (not on the
-number of threads), every chunk can be made independently, and each use of z is one pass over memory:
-a chunk is generated into a cache-resident buffer and consumed there (θ + εz into a temporary, or the
-update into θ) instead of a whole-tensor ``randn`` followed by whole-tensor arithmetic.
+Every coordinate is computed from a 64-bit hash of its position (SplitMix64's finaliser over the Weyl
+sequence ``key + j·γ``, with ``key`` the direction's full 64-bit seed mixed once), using only integer
+tensor ops. So the values do not depend on how a tensor is cut into pieces, on the thread count or on
+the device: the random bits are bitwise identical everywhere, and CPU and CUDA differ only in the last
+ulp of the float transform (``log``/``cos``/``sin`` of the Gaussian).
 
-Distributions: ``gaussian`` (N(0, 1) per coordinate) and ``rademacher`` (±1 with probability ½ each,
-32 signs per 32-bit random word, several times cheaper to draw on CPU). Both have mean 0 and unit
-variance per coordinate, which is what SPSA needs for E[z zᵀ] = I.
+Distributions, both with mean 0 and unit variance per coordinate (E[z zᵀ] = I, what SPSA needs):
+- ``gaussian``: Box–Muller. z is laid out in blocks of ``BLOCK`` elements; pair j of block b gives
+  r·cos θ to element ``b·BLOCK + j`` and r·sin θ to element ``b·BLOCK + BLOCK/2 + j``, so that both
+  halves are written as contiguous runs.
+- ``rademacher``: ±1, 32 signs per 32-bit word of the hash, written straight into the float bits.
 
-The values depend on the device's generator (CPU: Mersenne Twister, CUDA: Philox): a ZO log replays
-bitwise on the kind of device that wrote it.
+Work is cut into pieces that are whole blocks: ``CPU_PIECE`` elements on CPU, ``DEVICE_PIECE`` elsewhere
+(a constant number of kernel launches per tensor up to that size, ~25 per piece). One Python thread
+issues the ops and ATen's own threads share each of them (a pool of Python threads issuing small ops
+loses to GIL hand-offs). ``log``/``cos``/``sin`` run on slices of 2 ATen grains, which ATen splits, if at
+all, into two halves that are multiples of the vector width: no element ever falls into a scalar tail
+loop (whose libm result can differ from the vectorised one by an ulp), so CPU results are bitwise
+independent of the thread count.
 """
 
 from __future__ import annotations
 
-import os
+import math
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
-CHUNK = 1 << 18  # 256 Ki elements = 1 MiB of float32: fits in L2, amortises per-chunk overhead
-SCHEME = "chunked-v2"  # the seed → z mapping; recorded in ZO logs so replay refuses a different one
-FULL_PRECISION = (torch.float32, torch.float64)  # written in place; lower precisions go through fp32
+SCHEME = "counter-v3"  # the (seed, position) → z mapping; recorded in ZO logs so replay refuses another one
+BLOCK = 1024  # elements: z is generated in whole, aligned blocks
+CPU_PIECE = 1 << 20  # 1 Mi elements: large enough that ATen's threads share each op, 18 MiB of scratch
+DEVICE_PIECE = 1 << 24  # 16 Mi elements on accelerators: one piece for most tensors
+FULL_PRECISION = (torch.float32, torch.float64)  # written directly; lower precisions go through fp32
 
-_SHIFTS: dict[torch.device, Tensor] = {}
+_MASK64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15
+_M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_HALF = BLOCK // 2
+_TRANSCENDENTAL = 1 << 16  # log/cos/sin run on slices of 2 ATen grains: split (if at all) in aligned halves
 _local = threading.local()
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
 
 
 def check_dist(dist: str) -> None:
@@ -41,85 +50,132 @@ def check_dist(dist: str) -> None:
         raise ValueError(f"unknown direction distribution {dist!r}; choose {', '.join(DISTRIBUTIONS)}")
 
 
-def chunk_seed(seed: int, k: int) -> int:
-    """A well-mixed 63-bit seed for chunk ``k`` of the direction with ``seed`` (splitmix64 finaliser)."""
-    x = (seed + (k + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (x ^ (x >> 31)) >> 1
+def _i64(x: int) -> int:
+    """The int64 with the same 64 bits as the unsigned ``x`` (torch has no uint64 arithmetic)."""
+    x &= _MASK64
+    return x - (1 << 64) if x >> 63 else x
 
 
-def _generator(device: torch.device) -> torch.Generator:
-    """One reusable generator per thread and device (re-seeded per chunk)."""
-    gens = getattr(_local, "gens", None)
-    if gens is None:
-        gens = _local.gens = {}
-    if device not in gens:
-        gens[device] = torch.Generator(device=device)
-    return gens[device]
+def mix64(x: int) -> int:
+    """SplitMix64's finaliser on a Python int (the reference the tensor code is tested against)."""
+    x &= _MASK64
+    x = ((x ^ (x >> 30)) * _M1) & _MASK64
+    x = ((x ^ (x >> 27)) * _M2) & _MASK64
+    return x ^ (x >> 31)
 
 
-def _buffer(device: torch.device) -> Tensor:
-    """A per-thread float32 scratch chunk, so the hot loop allocates nothing."""
-    bufs = getattr(_local, "bufs", None)
-    if bufs is None:
-        bufs = _local.bufs = {}
-    if device not in bufs:
-        bufs[device] = torch.empty(CHUNK, dtype=torch.float32, device=device)
-    return bufs[device]
+def direction_key(seed: int) -> int:
+    """The 64-bit key of direction ``seed``: every bit of the seed matters (no 32-bit truncation)."""
+    return mix64(seed ^ 0x5851F42D4C957F2D)
 
 
-def _shifts(device: torch.device) -> Tensor:
-    """[31, 30, ..., 0]: shifting a word left by 31 − i puts its bit i in the sign position."""
-    shifts = _SHIFTS.get(device)
-    if shifts is None:
-        shifts = _SHIFTS[device] = torch.arange(31, -1, -1, dtype=torch.int32, device=device)
-    return shifts
+def _mix_(x: Tensor, tmp: Tensor) -> Tensor:
+    """In place: SplitMix64's finaliser on int64 tensors (wrapping multiply, logical shifts by masking)."""
+    for shift, mult in ((30, _M1), (27, _M2), (31, None)):
+        torch.bitwise_right_shift(x, shift, out=tmp)
+        tmp.bitwise_and_((1 << (64 - shift)) - 1)
+        x.bitwise_xor_(tmp)
+        if mult is not None:
+            x.mul_(_i64(mult))
+    return x
 
 
-def fill_(out: Tensor, seed: int, k: int, dist: str) -> Tensor:
-    """Overwrite the contiguous float32 vector ``out`` (≤ CHUNK elements) with chunk k of z(seed)."""
-    gen = _generator(out.device)
-    gen.manual_seed(chunk_seed(seed, k))
+class _Scratch:
+    """Per-thread, per-device buffers, so the hot loop on CPU allocates nothing."""
+
+    def __init__(self, device: torch.device, pairs: int):
+        self.device = device
+        self.x = torch.empty(pairs, dtype=torch.int64, device=device)
+        self.t = torch.empty(pairs, dtype=torch.int64, device=device)
+        self.a = torch.empty(pairs, dtype=torch.float32, device=device)
+        self.b = torch.empty(pairs, dtype=torch.float32, device=device)
+        self.c = torch.empty(pairs, dtype=torch.float32, device=device)
+        self.z = torch.empty(2 * pairs, dtype=torch.float32, device=device)
+        self.weyl = torch.arange(pairs, dtype=torch.int64, device=device).mul_(_i64(_GAMMA))  # j·γ (mod 2⁶⁴)
+        self.shifts = torch.arange(31, -1, -1, dtype=torch.int32, device=device)
+
+
+def piece_size(device: torch.device) -> int:
+    return CPU_PIECE if device.type == "cpu" else DEVICE_PIECE
+
+
+def _scratch(device: torch.device) -> _Scratch:
+    cache = getattr(_local, "scratch", None)
+    if cache is None:
+        cache = _local.scratch = {}
+    if device not in cache:
+        cache[device] = _Scratch(device, piece_size(device) // 2)
+    return cache[device]
+
+
+def _hash_(s: _Scratch, key: int, first: int, count: int) -> Tensor:
+    """s.x[:count] ← mix64(key + (first + j)·γ) for j < count: the random words of a piece."""
+    x = s.x[:count]
+    torch.add(s.weyl[:count], _i64(key + first * _GAMMA), out=x)
+    return _mix_(x, s.t[:count])
+
+
+def fill_(out: Tensor, seed: int, start: int, dist: str) -> Tensor:
+    """Overwrite the float32 vector ``out`` with z(seed)[start : start + len(out)].
+
+    ``start`` and ``len(out)`` are multiples of ``BLOCK`` and ``len(out)`` ≤ the device's piece size.
+    """
+    n = out.numel()
+    if start % BLOCK or n % BLOCK or n > piece_size(out.device):
+        raise ValueError(f"fill_ needs whole blocks of {BLOCK} (start {start}, length {n})")
+    s = _scratch(out.device)
+    key = direction_key(seed)
     if dist == "gaussian":
-        return out.normal_(generator=gen)
+        m = n // 2
+        x = _hash_(s, key, start // 2, m)
+        t, a, b, c = s.t[:m], s.a[:m], s.b[:m], s.c[:m]
+        # radius from the high 24 bits: u = (h + 1)·2⁻²⁴ ∈ (0, 1] exactly, so −2 ln u ≥ 0
+        torch.bitwise_right_shift(x, 40, out=t)
+        t.bitwise_and_((1 << 24) - 1).add_(1)
+        a.copy_(t).mul_(2.0**-24)
+        # angle from the low 24 bits
+        x.bitwise_and_((1 << 24) - 1)
+        b.copy_(x).mul_(2 * math.pi * 2.0**-24)
+        for lo in range(0, m, _TRANSCENDENTAL):  # see the module docstring: no scalar tails
+            hi = min(lo + _TRANSCENDENTAL, m)
+            a[lo:hi].log_()
+            torch.cos(b[lo:hi], out=c[lo:hi])
+            b[lo:hi].sin_()
+        a.mul_(-2.0).sqrt_()
+        halves = out.view(-1, 2, _HALF)
+        torch.mul(a.view(-1, _HALF), c.view(-1, _HALF), out=halves[:, 0])
+        torch.mul(a.view(-1, _HALF), b.view(-1, _HALF), out=halves[:, 1])
+        return out
     if dist == "rademacher":
-        # bit i of a random 32-bit word becomes the sign bit of the float ±1.0 (0x3F800000 is 1.0f)
-        n = out.numel()
-        words = torch.randint(-(2**31), 2**31, ((n + 31) // 32, 1), generator=gen, dtype=torch.int32,
-                              device=out.device)
-        target = out.view(torch.int32) if n % 32 == 0 else torch.empty(words.numel() * 32, dtype=torch.int32,
-                                                                      device=out.device)
-        signs = torch.bitwise_left_shift(words, _shifts(out.device), out=target.view(-1, 32))
+        # bit i of word w is the sign of element 32·w + i; 0x3F800000 is 1.0f
+        words = _hash_(s, key, start // 32, n // 32)
+        signs = out.view(torch.int32).view(-1, 32)
+        torch.bitwise_left_shift(words.view(-1, 1).to(torch.int32), s.shifts, out=signs)
         signs.bitwise_and_(-(2**31)).bitwise_or_(0x3F800000)
-        if n % 32:
-            out.copy_(target[:n].view(torch.float32))
         return out
     check_dist(dist)
     raise AssertionError
 
 
-def _workers() -> int:
-    return max(1, int(os.environ.get("HYFT_NOISE_THREADS", torch.get_num_threads())))
+def run(calls: list[Callable[[], None]], device: torch.device) -> None:
+    """Run independent piece jobs in order (kept as one place to change how pieces are scheduled)."""
+    for call in calls:
+        call()
 
 
-def _chunks(n: int) -> list[tuple[int, slice]]:
-    return [(k, slice(start, min(start + CHUNK, n))) for k, start in enumerate(range(0, n, CHUNK))]
+def pieces(lo: int, hi: int, device: torch.device) -> Iterator[tuple[int, int]]:
+    """Block-aligned pieces ``[a, b)`` covering the element range ``[lo, hi)``."""
+    size = piece_size(device)
+    a = lo - lo % BLOCK
+    while a < hi:
+        b = min(a + size, -(-hi // BLOCK) * BLOCK)
+        yield a, b
+        a = b
 
 
-def _run(calls: list[Callable[[], None]], device: torch.device) -> None:
-    """Run independent chunk jobs: on a thread pool on CPU (generation and arithmetic release the GIL),
-    in order elsewhere. Chunks are independent, so results do not depend on the order or thread count."""
-    global _pool, _pool_size
-    workers = _workers()
-    if device.type != "cpu" or workers == 1 or len(calls) == 1:
-        for call in calls:
-            call()
-        return
-    if _pool is None or _pool_size != workers:
-        _pool, _pool_size = ThreadPoolExecutor(workers, thread_name_prefix="hyft-noise"), workers
-    for future in [_pool.submit(call) for call in calls]:
-        future.result()
+def z_piece(seed: int, a: int, b: int, dist: str, device: torch.device) -> Tensor:
+    """z(seed)[a:b] for a piece from :func:`pieces`, in this thread's scratch (valid until the next call)."""
+    return fill_(_scratch(device).z[: b - a], seed, a, dist)
 
 
 def direction(shape: torch.Size, seed: int, dist: str, device: torch.device) -> Tensor:
@@ -127,79 +183,13 @@ def direction(shape: torch.Size, seed: int, dist: str, device: torch.device) -> 
     check_dist(dist)
     z = torch.empty(shape, dtype=torch.float32, device=device)
     flat = z.view(-1)
-    _run([partial(fill_, flat[s], seed, k, dist) for k, s in _chunks(flat.numel())], device)
+    n = flat.numel()
+
+    def work(a: int, b: int) -> None:
+        if b <= n:  # whole blocks: generated in place
+            fill_(flat[a:b], seed, a, dist)
+        else:
+            flat[a:n] = z_piece(seed, a, b, dist, device)[: n - a]
+
+    run([lambda a=a, b=b: work(a, b) for a, b in pieces(0, n, device)], device)
     return z
-
-
-def _perturb_calls(src: Tensor, out: Tensor, seed: int, scale: float, dist: str, start: int = 0,
-                   stop: int | None = None) -> list[Callable[[], None]]:
-    """Jobs writing ``out = src[start:stop] + scale·z(seed)[start:stop]`` (flat views; float32 arithmetic
-    below fp32). Every chunk that overlaps the range is generated whole, so a range reproduces exactly
-    the elements of the whole-tensor result."""
-    n = src.numel()
-    stop = n if stop is None else stop
-
-    def work(k: int, lo: int, hi: int) -> None:
-        begin = k * CHUNK
-        z = fill_(_buffer(out.device)[: min(CHUNK, n - begin)], seed, k, dist)[lo - begin: hi - begin]
-        dst = out[lo - start: hi - start]
-        if out.dtype in FULL_PRECISION:
-            torch.add(src[lo:hi], z.to(out.dtype), alpha=scale, out=dst)
-        else:
-            dst.copy_(torch.add(src[lo:hi].float(), z, alpha=scale))
-
-    return [partial(work, k, max(start, k * CHUNK), min(stop, (k + 1) * CHUNK))
-            for k in range(start // CHUNK, (stop - 1) // CHUNK + 1)] if stop > start else []
-
-
-def perturbed(params: list[tuple[Tensor, int]], scale: float, dist: str) -> list[Tensor]:
-    """New tensors p + scale·z(seed) in each p's dtype (float32 arithmetic for lower precisions); all
-    chunks of all tensors are generated in one parallel batch."""
-    outs, calls = [], []
-    for p, seed in params:
-        src = p.detach().reshape(-1)
-        out = torch.empty_like(src)
-        outs.append(out.view_as(p))
-        calls += _perturb_calls(src, out, seed, scale, dist)
-    if calls:
-        _run(calls, outs[0].device)
-    return outs
-
-
-def perturbed_rows(p: Tensor, seed: int, scale: float, dist: str, start: int, stop: int) -> Tensor:
-    """Rows ``start:stop`` of p + scale·z(seed) for a 2-d p, bitwise equal to those rows of
-    :func:`perturbed`, without making the whole tensor (a tied embedding's lookup and LM head)."""
-    cols = p.shape[1]
-    out = torch.empty((stop - start, cols), dtype=p.dtype, device=p.device)
-    calls = _perturb_calls(p.detach().reshape(-1), out.view(-1), seed, scale, dist, start * cols, stop * cols)
-    if calls:
-        _run(calls, p.device)
-    return out
-
-
-@torch.no_grad()
-def axpy_(params: list[tuple[Tensor, int]], alpha: float, dist: str, shrink: float = 1.0) -> None:
-    """In place, for every (p, seed): p ← shrink·p + alpha·z(seed), with float32 arithmetic for
-    low-precision p. All chunks of all tensors go to the pool at once, which balances the threads."""
-
-    def work(flat: Tensor, seed: int, k: int, s: slice) -> None:
-        z = fill_(_buffer(flat.device)[: s.stop - s.start], seed, k, dist)
-        if flat.dtype in FULL_PRECISION:
-            chunk = flat[s]
-            if shrink != 1.0:
-                chunk.mul_(shrink)
-            chunk.add_(z.to(flat.dtype), alpha=alpha)
-        else:
-            new = flat[s].float()
-            if shrink != 1.0:
-                new.mul_(shrink)
-            flat[s].copy_(new.add_(z, alpha=alpha))
-
-    calls = []
-    for p, seed in params:
-        if not p.is_contiguous():
-            raise ValueError("ZO parameters must be contiguous")
-        flat = p.view(-1)
-        calls += [partial(work, flat, seed, k, s) for k, s in _chunks(flat.numel())]
-    if calls:
-        _run(calls, params[0][0].device)

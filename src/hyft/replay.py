@@ -1,20 +1,27 @@
-"""Rebuild a fine-tuned base model from the original weights and a run's ZO log (seeds + coefficients)."""
+"""Rebuild a fine-tuned base model from the original weights and a run's ZO log (seeds + coefficients),
+starting from the run's nearest base snapshot when one is given, on any device."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from hyft.config import ZO_ON_BASE
 from hyft.errors import HyftError
 from hyft.models import load_model
+from hyft.snapshots import BaseSnapshots, rebuild
 from hyft.zo import ZOEngine, ZOLog, canonical_name, select_params
 
 
-def replay(model_name: str, log_path: str | Path, out: str | Path | None = None,
-           upto: int | None = None, dtype: str | None = None, device: str = "cpu") -> nn.Module:
-    """Apply the first ``upto`` (default: all) logged updates to ``model_name`` and save it to ``out``."""
+def replay(model_name: str, log_path: str | Path, out: str | Path | None = None, upto: int | None = None,
+           dtype: str | None = None, device: str = "cpu", snapshots: str | Path | None = None,
+           log=print) -> nn.Module:
+    """Apply the first ``upto`` (default: all) logged updates to ``model_name`` and save it to ``out``.
+
+    ``snapshots``: a run's ``snapshots/`` directory; the nearest one at or below ``upto`` is the start.
+    """
     log_path = Path(log_path)
     if not log_path.is_file():
         raise HyftError(f"ZO log not found: {log_path}")
@@ -25,17 +32,29 @@ def replay(model_name: str, log_path: str | Path, out: str | Path | None = None,
     if header["method"] not in ZO_ON_BASE:
         raise HyftError(f"{log_path}: a {header['method']} log updates PEFT weights, not the base model; "
                         "use the run's adapter/ instead")
-    model, tokenizer = load_model(model_name, dtype or header["dtype"], device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HyftError("device cuda requested but CUDA is not available; use --device cpu")
+    dtype = dtype or header["dtype"]
+    if dtype != header["dtype"]:
+        raise HyftError(f"{log_path} was trained in {header['dtype']}; replaying it in {dtype} would not give the "
+                        "trained weights (rounding differs); cast the replayed model afterwards instead")
+    model, tokenizer = load_model(model_name, dtype, device)
     params = select_params(model, header["zo_params"])
     names = [canonical_name(n) for n, _ in params]
     numel = sum(p.numel() for _, p in params)
     if numel != header["numel"] or names[:1] != header["first"] or names[-1:] != header["last"]:
         raise HyftError(f"{log_path} was written for a different model ({header['model']!r}, "
                         f"{header['numel']:,} ZO weights); {model_name!r} has {numel:,}")
-    engine = ZOEngine(model, params, header["dist"])
-    for u in updates[:upto]:
-        engine.update(u)
+    engine = ZOEngine(model, params, header["dist"], eps=header["eps"], two_sided=header["estimator"] == "two-sided",
+                      compensate=header["zo_compensate"])
+    from hyft.trainer import check_device  # the trainer owns the run's conventions
+
+    check_device(header, torch.device(device), log)
+    upto = len(updates) if upto is None else min(upto, len(updates))
+    store = BaseSnapshots(Path(snapshots) if snapshots is not None else log_path.parent / "snapshots")
+    rebuild(engine, store, updates, upto, original=None)  # the model was just loaded: original weights
     if out is not None:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
     return model
+

@@ -1,10 +1,12 @@
 """The training loop: budget, sampler → method.step, metrics, dev evaluation, best-dev state, checkpoints,
 final test.
 
-Knows methods only through ``step`` / ``state_dict``. The base model is never copied: its state at any
-step is the original weights plus a prefix of the ZO log, so the best-dev state and every checkpoint hold
-only the directly trained weights (PEFT module, or all weights for fo-full) and an index into that log.
-A run killed at any point and resumed with ``--resume`` ends bitwise where the uninterrupted run would.
+Knows methods only through ``step`` / ``state_dict``. The base model is never copied in memory: its state
+at any step is the nearest base snapshot (written every ``snapshot_every`` ZO updates) plus at most that
+many updates of the ZO log, so the best-dev state and every checkpoint hold only the directly trained
+weights (PEFT module, or all weights for fo-full; one copy each, the best-dev one in its own file) and an
+index into that log. A run killed at any point and resumed with ``--resume`` ends bitwise where the
+uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -28,10 +33,11 @@ from hyft.errors import HyftError
 from hyft.evaluate import evaluate
 from hyft.memory import peak_memory_mb
 from hyft.methods import METHODS, Method, Objective
-from hyft.models import load_model
+from hyft.models import load_model, model_dir, resolve_dtype
 from hyft.params import ParamGroups, prepare
 from hyft.rundir import RunDir
 from hyft.sampler import EpochSampler
+from hyft.snapshots import BaseSnapshots, Lookup, original_lookup, rebuild
 from hyft.tasks import get_task, sample_splits
 from hyft.zo import ZOEngine, ZOLog, ZOUpdate, canonical_name
 
@@ -54,11 +60,11 @@ def resolve_device(device: str) -> torch.device:
 
 @dataclass
 class Snapshot:
-    """The best-dev state: the directly trained weights and how many ZO updates had been applied."""
+    """The best-dev state: the file of the directly trained weights and how many ZO updates had been applied."""
 
     step: int
     dev_accuracy: float
-    weights: list[torch.Tensor]
+    weights: str  # file name in the run directory (safetensors)
     zo_updates: int
 
 
@@ -98,6 +104,7 @@ class Trainer:
             self.run_dir = RunDir.create(out, overwrite)
             config.to_yaml(self.run_dir.config)
         self._stop: int | None = None
+        self.snapshots = BaseSnapshots(self.run_dir.path / "snapshots")
 
     def log(self, message: str) -> None:
         print(message, file=sys.stderr)
@@ -133,7 +140,7 @@ class Trainer:
             self.log(f"resumed {self.run_dir.path} at step {state.step} of {total}")
         else:
             if method.engine is not None:
-                zo_log.start(zo_header(c, method.engine))
+                zo_log.start(zo_header(c, method.engine, device))
             self._save_checkpoint(state, method, sampler, direct)
 
         def dev_eval(step: int) -> float:
@@ -155,6 +162,9 @@ class Trainer:
                 if stats.zo_update is not None:
                     zo_log.append(stats.zo_update)
                     state.zo_updates += 1
+                    if c.zo_on_base and state.zo_updates % c.snapshot_every == 0:
+                        assert method.engine is not None
+                        self.snapshots.write(method.engine, state.zo_updates)
                 state.bad = state.bad + 1 if stats.skipped else 0
                 state.skipped += int(stats.skipped)
                 self._log_metrics(state, {
@@ -171,8 +181,8 @@ class Trainer:
                 if (c.eval_every and state.step % c.eval_every == 0) or state.step == total:
                     state.dev_accuracy = dev_eval(state.step)
                     if state.best is None or state.dev_accuracy > state.best.dev_accuracy:
-                        weights = [p.detach().to("cpu", copy=True) for _, p in direct]
-                        state.best = Snapshot(state.step, state.dev_accuracy, weights, state.zo_updates)
+                        state.best = Snapshot(state.step, state.dev_accuracy, self._write_best(state.step, direct),
+                                              state.zo_updates)
                 checkpoint_due = (c.checkpoint_every and state.step % c.checkpoint_every == 0) or state.step == total
                 if checkpoint_due and state.bad == 0:  # never checkpoint in a streak of skipped steps
                     self._save_checkpoint(state, method, sampler, direct)
@@ -226,21 +236,39 @@ class Trainer:
         return results
 
     def restore(self, best: Snapshot, direct, method: Method, model: nn.Module) -> None:
-        """Put the model in its best-dev state: copy the direct weights, rebuild the base from the log."""
-        with torch.no_grad():
-            for (_, p), w in zip(direct, best.weights, strict=True):
-                p.copy_(w)
+        """Put the model in its best-dev state: load the direct weights, rebuild the base from the nearest
+        snapshot and the log."""
+        load_direct(self.run_dir.path / best.weights, direct)
         if not self.config.zo_on_base or method.engine is None:
             return
         _, updates = ZOLog.read(self.run_dir.zo_log)
         if best.zo_updates == len(updates):
             return
-        self.log(f"rebuilding the base model at step {best.step} from the ZO log ({best.zo_updates} updates)")
-        self._rebuild_base(method.engine, updates[: best.zo_updates], model)
+        self._rebuild_base(method.engine, updates, best.zo_updates, model, f"the best-dev step {best.step}")
 
-    def _rebuild_base(self, engine: ZOEngine, updates: list[ZOUpdate], model: nn.Module) -> None:
-        original, _ = load_model(self.config.model, self.config.dtype, next(model.parameters()).device)
-        replay_into(engine, original, updates)
+    def _rebuild_base(self, engine: ZOEngine, updates: list[ZOUpdate], index: int, model: nn.Module,
+                      what: str, fresh: bool = False) -> None:
+        """``fresh``: the model holds the original weights (just loaded), so index 0 needs no reading."""
+        original = None if fresh else lambda: original_weights(self.config, model)
+        replayed = rebuild(engine, self.snapshots, updates, index, original)
+        self.log(f"rebuilt the base model at {what}: snapshot {index - replayed} + {replayed} logged updates")
+
+    def _write_best(self, step: int, direct) -> str:
+        """The best-dev direct weights in their own file (not in memory, not in every checkpoint)."""
+        name = f"best-{step:08d}.safetensors"
+        tmp = self.run_dir.path / f".{name}.tmp"
+        save_file({n: p.detach().to("cpu").contiguous() for n, p in direct}, str(tmp))
+        os.replace(tmp, self.run_dir.path / name)
+        return name
+
+    def _prune(self, state: TrainState) -> None:
+        """After a checkpoint: drop best-dev files and base snapshots that neither it nor the run needs."""
+        keep = state.best.weights if state.best else None
+        for f in self.run_dir.path.glob("best-*.safetensors"):
+            if f.name != keep:
+                f.unlink(missing_ok=True)
+        if self.config.zo_on_base:
+            self.snapshots.prune([state.zo_updates] + ([state.best.zo_updates] if state.best else []))
 
     # --- metrics and checkpoints -----------------------------------------------------------------
     def _log_metrics(self, state: TrainState, row: dict[str, Any]) -> None:
@@ -250,6 +278,7 @@ class Trainer:
     def _save_checkpoint(self, state: TrainState, method: Method, sampler: EpochSampler, direct) -> None:
         """Write ``checkpoint.pt`` atomically: an interrupted write never replaces the previous one."""
         payload = {
+            "config": self.config.to_dict(),
             "state": state,
             "method": method.state_dict(),
             "sampler": sampler.state_dict(),
@@ -260,6 +289,7 @@ class Trainer:
         tmp = self.run_dir.checkpoint.with_name(".checkpoint.pt.tmp")
         torch.save(payload, tmp)
         os.replace(tmp, self.run_dir.checkpoint)
+        self._prune(state)
 
     def _read_checkpoint(self) -> dict[str, Any] | None:
         path = self.run_dir.checkpoint
@@ -275,6 +305,13 @@ class Trainer:
 
     def _resume_from(self, ckpt: dict[str, Any], method: Method, sampler: EpochSampler, direct,
                      model: nn.Module) -> TrainState:
+        stored = ckpt.get("config")
+        diff = {k: (v, getattr(self.config, k, None)) for k, v in (stored or {}).items()
+                if getattr(self.config, k, None) != v}
+        if stored is None or diff:
+            changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()) or "no config in checkpoint"
+            raise HyftError(f"cannot resume {self.run_dir.path}: its config differs from the checkpoint's ({changes}); "
+                            "start a new run with --out instead")
         state: TrainState = ckpt["state"]
         method.load_state_dict(ckpt["method"])
         sampler.load_state_dict(ckpt["sampler"])
@@ -285,12 +322,13 @@ class Trainer:
         self.run_dir.truncate_jsonl(self.run_dir.metrics, state.metrics_lines)
         if method.engine is not None:
             self.run_dir.truncate_jsonl(self.run_dir.zo_log, 1 + state.zo_updates)
+            try:
+                header, updates = ZOLog.read(self.run_dir.zo_log)
+            except ValueError as err:
+                raise HyftError(f"cannot resume {self.run_dir.path}: {err}") from err
+            check_device(header, next(model.parameters()).device, self.log)
             if self.config.zo_on_base and state.zo_updates:
-                try:
-                    _, updates = ZOLog.read(self.run_dir.zo_log)
-                except ValueError as err:
-                    raise HyftError(f"cannot resume {self.run_dir.path}: {err}") from err
-                self._rebuild_base(method.engine, updates, model)
+                self._rebuild_base(method.engine, updates, state.zo_updates, model, f"step {state.step}", fresh=True)
         torch.set_rng_state(ckpt["torch_rng"])
         if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
@@ -320,24 +358,42 @@ def direct_params(config: RunConfig, groups: ParamGroups) -> list[tuple[str, nn.
     return groups.fo + (groups.zo if config.method == "zo-peft" else [])
 
 
-def zo_header(config: RunConfig, engine: ZOEngine) -> dict[str, Any]:
+def load_direct(path: Path, direct) -> None:
+    """Copy the weights saved by ``_write_best`` into the direct parameters."""
+    with torch.no_grad(), safe_open(str(path), "pt", device="cpu") as f:
+        for name, p in direct:
+            p.copy_(f.get_tensor(name))
+
+
+def original_weights(config: RunConfig, model: nn.Module) -> Lookup:
+    """The original model's tensors by canonical name: read from its safetensors files one tensor at a time,
+    or (a hub model without local files) from a loaded copy."""
+    lookup = original_lookup(model_dir(config.model), model, resolve_dtype(config.dtype))
+    if lookup is not None:
+        return lookup
+    original, _ = load_model(config.model, config.dtype)
+    tensors = {canonical_name(n): p.detach() for n, p in original.named_parameters()}
+    return tensors.get
+
+
+def check_device(header: dict[str, Any], device: torch.device, log: Callable[[str], None]) -> None:
+    """Directions are bitwise identical on every device kind except the last ulp of the Gaussian transform:
+    say so when a log is continued or replayed on another kind."""
+    written = header.get("device", "cpu")
+    if written != device.type and header.get("dist") == "gaussian":
+        log(f"note: this ZO log was written on {written} and is replayed on {device.type}: Gaussian directions "
+            "agree to ~1e-6 relative there, so the rebuilt base matches to that tolerance, not bitwise")
+
+
+def zo_header(config: RunConfig, engine: ZOEngine, device: torch.device) -> dict[str, Any]:
     names = [canonical_name(n) for n, _ in engine.params]
     return {
         "model": config.model, "method": config.method, "dtype": config.dtype, "dist": engine.dist,
-        "scheme": noise.SCHEME,
+        "scheme": noise.SCHEME, "device": device.type, "eps": config.eps, "estimator": config.estimator,
+        "zo_compensate": config.zo_compensate,
         "zo_params": config.zo_params, "num_tensors": len(names), "numel": engine.numel,
         "first": names[:1], "last": names[-1:],
     }
-
-
-@torch.no_grad()
-def replay_into(engine: ZOEngine, original: nn.Module, updates: list[ZOUpdate]) -> None:
-    """Reset the engine's parameters to ``original``'s weights, then apply ``updates`` in order."""
-    source = {canonical_name(n): p for n, p in original.named_parameters()}
-    for name, p in engine.params:
-        p.copy_(source[canonical_name(name)])
-    for u in updates:
-        engine.update(u)
 
 
 def train(config: RunConfig, out: str | Path, overwrite: bool = False, progress: bool = True,

@@ -4,22 +4,23 @@ weights, in-place SPSA updates, and the (seed, coefficient) log that replays the
 How a perturbed forward works: a forward pre-hook on every module that owns ZO parameters swaps in a
 temporary ``θ + scale·z`` for that module's own weights, and its forward hook swaps the stored Parameter
 back. Temporaries are made a few modules ahead (up to ``LOOKAHEAD`` elements) and dropped once their
-module has run. A weight tied between an embedding and an LM head (SmolLM2, GPT-2, OPT) is never made
-whole: the lookup builds only the perturbed rows it needs and the head computes its logits one block of
-rows at a time, both from the same seed, so the two uses see the same ``θ + scale·z`` and the only
-temporary is one block (other tied weights are made whole and kept for the pass). The stored weights
-are never written during the estimate, so a step with learning rate 0 leaves θ bitwise unchanged in
-every dtype, unlike MeZO's in-place +ε, −2ε, +ε sequence, which drifts in low precision.
+module has run. Embeddings and linear layers whose weight is tied (SmolLM2, GPT-2, OPT) or larger than
+``LOOKAHEAD`` (untied vocabularies of Llama/Qwen/Mistral, wide MLPs) are never made whole: a lookup
+builds only the perturbed rows it needs and a linear layer computes its output one block of rows at a
+time, all from the same seed, so every use sees the same ``θ + scale·z`` and no temporary is larger
+than one block. The stored weights are never written during the estimate, so a step with learning rate
+0 leaves θ bitwise unchanged in every dtype, unlike MeZO's in-place +ε, −2ε, +ε sequence, which drifts
+in low precision.
 
-Directions: ``z`` for a parameter is drawn (by :mod:`hyft.noise`, in seeded chunks) from a seed mixing
-the step seed and a hash of the parameter's canonical name, so it is regenerated identically for the
-perturbation, the update and a later replay, whatever wrapping (peft) the model has.
+Directions: ``z`` for a parameter is a pure function (:mod:`hyft.noise`) of a seed mixing the step seed
+and a hash of the parameter's canonical name, and of the position, so it is regenerated identically for
+the perturbation, the update and a later replay, whatever wrapping (peft) the model has and whatever
+device replays it.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import zlib
 from collections.abc import Callable, Iterator
@@ -31,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hyft import noise
+from hyft import noise, zmath
+from hyft.errors import HyftError
 
 
 def canonical_name(name: str) -> str:
@@ -59,12 +61,25 @@ LOOKAHEAD = 1 << 22  # elements of perturbed temporaries made in one batch (16 M
 
 
 class ZOEngine:
-    """Perturbs and updates a fixed list of named parameters of ``model`` from seeds only."""
+    """Perturbs and updates a fixed list of named parameters of ``model`` from seeds only.
 
-    def __init__(self, model: nn.Module, params: list[tuple[str, nn.Parameter]], dist: str = "gaussian"):
+    ``eps`` and ``two_sided`` describe the SPSA points; in bf16/fp16 the update follows the direction those
+    points actually applied (see :mod:`hyft.zmath`), and ``compensate`` keeps a residual per tensor so
+    that updates below a weight's ulp accumulate instead of rounding away.
+    """
+
+    def __init__(self, model: nn.Module, params: list[tuple[str, nn.Parameter]], dist: str = "gaussian",
+                 eps: float | None = None, two_sided: bool = True, compensate: bool = True):
         noise.check_dist(dist)
+        refuse_outside_readers(model, params)
         self.dist = dist
         self.params = params
+        self.applied = zmath.Applied(eps, two_sided) if eps is not None else None
+        self.residuals: list[Tensor | None] = [
+            torch.zeros_like(p, memory_format=torch.contiguous_format)
+            if compensate and p.dtype not in noise.FULL_PRECISION else None
+            for _, p in params
+        ]
         index = {id(p): i for i, (_, p) in enumerate(params)}
         # module -> [(attribute name, parameter index)] for the ZO parameters it owns directly
         self.owners: dict[nn.Module, list[tuple[str, int]]] = {}
@@ -77,30 +92,49 @@ class ZOEngine:
         missing = [params[i][0] for i, n in enumerate(uses) if n == 0]
         if missing:
             raise ValueError(f"ZO parameters not owned by any module: {missing[:3]}")
-        self.shared = {i for i, n in enumerate(uses) if n > 1}
-        # tied embedding/LM-head weights are streamed by row blocks instead of swapped in whole
+        # embeddings and linear layers are streamed by row blocks when their weight is tied (two users)
+        # or larger than the lookahead budget: no temporary is ever bigger than one block of rows
+        shared = {i for i, n in enumerate(uses) if n > 1}
         self.streamed: dict[nn.Module, int] = {}
-        for i in sorted(self.shared):
+        for module, attrs in self.owners.items():
+            i = _streamable(module, attrs)
+            if i is not None and (i in shared or params[i][1].numel() > LOOKAHEAD):
+                self.streamed[module] = i
+        for i in sorted(shared):
             users = [m for m, attrs in self.owners.items() if any(j == i for _, j in attrs)]
-            if all(_streamable(m, self.owners[m], i) for m in users):
-                self.streamed.update(dict.fromkeys(users, i))
-                self.shared.discard(i)
-        for m in self.streamed:
-            del self.owners[m]
-        self.order = list(self.owners)
+            if all(m in self.streamed for m in users):
+                shared.discard(i)
+            else:  # a tied weight with a user that cannot be streamed: made whole, kept for the pass
+                for m in users:
+                    self.streamed.pop(m, None)
+        self.shared = shared
+        self.order = [m for m in self.owners if m not in self.streamed]
         self.position = {m: j for j, m in enumerate(self.order)}
 
     @property
     def numel(self) -> int:
         return sum(p.numel() for _, p in self.params)
 
+    def target(self, i: int, step_seed: int) -> zmath.Target:
+        name, p = self.params[i]
+        return zmath.Target(p.detach(), self.residuals[i], direction_seed(step_seed, name))
+
     def direction(self, i: int, step_seed: int) -> Tensor:
         name, p = self.params[i]
         return noise.direction(p.shape, direction_seed(step_seed, name), self.dist, p.device)
 
     def _perturbed_values(self, indices: list[int], step_seed: int, scale: float) -> list[Tensor]:
-        seeded = [(self.params[i][1], direction_seed(step_seed, self.params[i][0])) for i in indices]
-        return noise.perturbed(seeded, scale, self.dist)
+        return zmath.perturbed([self.target(i, step_seed) for i in indices], scale, self.dist)
+
+    def _perturbed_rows(self, i: int, step_seed: int, scale: float, r0: int, r1: int) -> Tensor:
+        """Rows r0:r1 of parameter i (2-d) at θ + scale·z, made without the rest of the matrix."""
+        cols = self.params[i][1].shape[1]
+        block = zmath.perturbed_range(self.target(i, step_seed), scale, self.dist, r0 * cols, r1 * cols)
+        return block.view(r1 - r0, cols)
+
+    def _perturbed_lookup(self, i: int, step_seed: int, scale: float, rows: list[int]) -> Tensor:
+        """The given rows of parameter i (an embedding) at θ + scale·z: only those rows are drawn."""
+        return zmath.perturbed_rows(self.target(i, step_seed), scale, self.dist, rows)
 
     @contextmanager
     def perturbed(self, step_seed: int, scale: float) -> Iterator[None]:
@@ -108,7 +142,7 @@ class ZOEngine:
 
         When a module runs, its temporaries are made together with those of the next modules (in
         registration order, which is the forward order of the usual decoder stacks) up to
-        ``LOOKAHEAD`` elements, so that the noise threads get enough chunks to share; a temporary is
+        ``LOOKAHEAD`` elements, so that the noise threads get enough pieces to share; a temporary is
         dropped once its module has run (tied weights that are not streamed at the end of the block).
         """
         ready: dict[int, Tensor] = {}
@@ -136,7 +170,7 @@ class ZOEngine:
                 module._parameters[attr] = self.params[i][1]
 
         handles = []
-        for module in self.owners:
+        for module in self.order:
             handles.append(module.register_forward_pre_hook(swap_in))
             handles.append(module.register_forward_hook(swap_out))
         saved = {m: m.__dict__.get("forward") for m in self.streamed}
@@ -158,37 +192,35 @@ class ZOEngine:
 
     def _streamed_forward(self, module: nn.Module, i: int, step_seed: int, scale: float
                           ) -> Callable[[Tensor], Tensor]:
-        """The forward of an embedding or LM head with weight θ + scale·z, made one row block at a time."""
-        name, p = self.params[i]
-        seed = direction_seed(step_seed, name)
+        """The forward of an embedding (only the looked-up rows are made) or a linear layer (its output
+        computed one block of rows at a time) with weight θ + scale·z."""
+        p = self.params[i][1]
         rows, cols = p.shape
-        per = _rows_per_block(cols)
-        blocks = [(r, min(r + per, rows)) for r in range(0, rows, per)]
-
-        def block(r0: int, r1: int) -> Tensor:
-            return noise.perturbed_rows(p, seed, scale, self.dist, r0, r1)
 
         if isinstance(module, nn.Embedding):
             def lookup(ids: Tensor) -> Tensor:
                 needed, inverse = torch.unique(ids, return_inverse=True)
-                out = p.new_empty((needed.numel(), cols))
-                for r0, r1 in blocks:  # blocks holding none of the ids are never drawn
-                    hit = (needed >= r0) & (needed < r1)
-                    if hit.any():
-                        out[hit] = block(r0, r1)[needed[hit] - r0]
-                return out[inverse]
+                return self._perturbed_lookup(i, step_seed, scale, needed.tolist())[inverse]
             return lookup
 
-        def head(h: Tensor) -> Tensor:
+        per = _rows_per_block(cols)
+        bias_index = next((j for attr, j in self.owners[module] if attr == "bias"), None)
+
+        def head(h: Tensor, *_args: object, **_kwargs: object) -> Tensor:
+            bias = module.bias
+            if bias_index is not None:
+                (bias,) = self._perturbed_values([bias_index], step_seed, scale)
             out = h.new_empty((*h.shape[:-1], rows))
-            for r0, r1 in blocks:
-                out[..., r0:r1] = F.linear(h, block(r0, r1))
+            for r0 in range(0, rows, per):
+                r1 = min(r0 + per, rows)
+                out[..., r0:r1] = F.linear(h, self._perturbed_rows(i, step_seed, scale, r0, r1),
+                                           None if bias is None else bias[r0:r1])
             return out
         return head
 
     @torch.no_grad()
     def update(self, u: ZOUpdate) -> None:
-        """θ ← θ − lr·(coef·z + weight_decay·θ), with fp32 arithmetic for low-precision weights.
+        """θ ← θ − lr·(coef·v + weight_decay·θ); v = z in full precision, the applied direction in bf16/fp16.
 
         A zero step (lr = 0, or coef = 0 without decay) writes nothing: θ stays bitwise identical.
         """
@@ -196,27 +228,63 @@ class ZOEngine:
         decay = u.lr * u.weight_decay
         if step == 0.0 and decay == 0.0:
             return
-        noise.axpy_([(p.data, direction_seed(u.seed, name)) for name, p in self.params], -step, self.dist,
-                    shrink=1.0 - decay)
+        targets = [self.target(i, u.seed) for i in range(len(self.params))]
+        zmath.update_(targets, step, decay, self.dist, self.applied)
+
+    # --- state that a snapshot of the base must hold -------------------------------------------------
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The ZO tensors by canonical name, with their residuals (``NAME#residual``) where kept."""
+        out = {}
+        for (name, p), r in zip(self.params, self.residuals, strict=True):
+            out[canonical_name(name)] = p.detach()
+            if r is not None:
+                out[canonical_name(name) + RESIDUAL] = r
+        return out
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: Callable[[str], Tensor | None]) -> None:
+        """Set every ZO tensor (and residual: zero when absent) from ``tensors(name)``."""
+        for (name, p), r in zip(self.params, self.residuals, strict=True):
+            key = canonical_name(name)
+            value = tensors(key)
+            if value is None:
+                raise KeyError(f"no tensor {key!r} to restore the ZO parameters from")
+            p.copy_(value)
+            if r is not None:
+                saved = tensors(key + RESIDUAL)
+                r.zero_() if saved is None else r.copy_(saved)
+
+
+RESIDUAL = "#residual"
+
+
+def refuse_outside_readers(model: nn.Module, params: list[tuple[str, nn.Parameter]]) -> None:
+    """DoRA layers read their base weight outside the base layer's forward (for the weight norm), where
+    the perturbation hooks cannot reach: refuse them rather than perturb them wrongly."""
+    ids = {id(p) for _, p in params}
+    for name, module in model.named_modules():
+        dora = getattr(module, "use_dora", None)
+        if not (isinstance(dora, dict) and any(dora.values()) and hasattr(module, "get_base_layer")):
+            continue
+        if any(id(p) in ids for p in module.get_base_layer().parameters(recurse=False)):
+            raise HyftError(f"DoRA ({name}) reads the base weight outside its forward, so ZO on the base "
+                                 "cannot perturb it; set use_dora: false or use fo-peft")
 
 
 def _rows_per_block(cols: int) -> int:
-    """Rows of a streamed matrix made at once: about ``LOOKAHEAD`` elements, in whole noise chunks (so no
-    chunk is drawn twice) when a chunk-aligned block fits in that budget."""
-    aligned = math.lcm(cols, noise.CHUNK) // cols
-    if aligned * cols > LOOKAHEAD:
-        return max(1, LOOKAHEAD // cols)
-    return aligned * (LOOKAHEAD // (aligned * cols))
+    """Rows of a streamed matrix made at once: about ``LOOKAHEAD`` elements (at least one row)."""
+    return max(1, LOOKAHEAD // cols)
 
 
-def _streamable(module: nn.Module, attrs: list[tuple[str, int]], i: int) -> bool:
-    """A plain embedding or bias-free linear layer whose only ZO weight is the tied matrix i: its forward
-    is a row lookup or a matmul, so it can run block by block (subclasses may do more, e.g. scale)."""
-    if attrs != [("weight", i)]:
-        return False
+def _streamable(module: nn.Module, attrs: list[tuple[str, int]]) -> int | None:
+    """The index of the weight of a plain embedding or linear layer, whose forward is a row lookup or a
+    matmul and can run block by block (subclasses may do more, e.g. scale); None otherwise."""
+    weight = next((i for attr, i in attrs if attr == "weight"), None)
+    if weight is None or any(attr not in ("weight", "bias") for attr, _ in attrs):
+        return None
     if type(module) is nn.Embedding:
-        return module.max_norm is None
-    return type(module) is nn.Linear and module.bias is None
+        return weight if module.max_norm is None and len(attrs) == 1 else None
+    return weight if type(module) is nn.Linear else None
 
 
 def select_params(

@@ -55,7 +55,9 @@ class Method(ABC):
 
     def __init__(self, model: nn.Module, groups: ParamGroups, objective: Objective, config: RunConfig, total: int):
         self.model, self.groups, self.objective, self.config, self.total = model, groups, objective, config, total
-        self.engine = ZOEngine(model, groups.zo, config.zo_dist) if groups.zo else None
+        self.engine = build_engine(model, groups, config)
+        # a loss from the train-mode (first-order) pass equals the eval-mode loss only without dropout
+        self.train_loss_is_eval_loss = not dropout_active(model)
         self.optimizer = self._fo_optimizer() if groups.fo else None
         self.seeds = torch.Generator().manual_seed(config.seed * 1_000_003 + 17)  # ZO direction seeds only
 
@@ -91,7 +93,10 @@ class Method(ABC):
     def spsa(self, batch: Batch, seed: int, loss0: float | None = None) -> tuple[float, float]:
         """SPSA coefficient g for direction z(seed): two-sided (L+ − L−)/2ε, or one-sided (L+ − L0)/ε.
 
-        Also returns the loss at θ: ``loss0`` (computed if not given) one-sided, (L+ + L−)/2 two-sided.
+        Every loss of the difference is computed in eval mode (dropout off). ``loss0``, a loss at θ from
+        a train-mode pass, is reused for L0 only when the model has no dropout (then it is the same
+        number); otherwise L0 is computed here. Also returns the loss at θ: L0 one-sided, (L+ + L−)/2
+        two-sided (or ``loss0`` when given).
         """
         assert self.engine is not None
         eps = self.config.eps
@@ -99,7 +104,7 @@ class Method(ABC):
         with self.engine.perturbed(seed, +eps):
             plus = self.objective(batch).item()
         if self.config.estimator == "one-sided":
-            if loss0 is None:
+            if loss0 is None or not self.train_loss_is_eval_loss:
                 loss0 = self.objective(batch).item()
             return (plus - loss0) / eps, loss0
         with self.engine.perturbed(seed, -eps):
@@ -138,6 +143,27 @@ class Method(ABC):
         self.seeds.set_state(state["seeds"])
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+
+
+def build_engine(model: nn.Module, groups: ParamGroups, config: RunConfig) -> ZOEngine | None:
+    """The ZO engine of a run's θ group (None without one), with the SPSA points the updates follow."""
+    if not groups.zo:
+        return None
+    return ZOEngine(model, groups.zo, config.zo_dist, eps=config.eps, two_sided=config.estimator == "two-sided",
+                    compensate=config.zo_compensate)
+
+
+DROPOUT_FIELDS = ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout", "resid_pdrop",
+                  "embd_pdrop", "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def dropout_active(model: nn.Module) -> bool:
+    """Does train mode make the forward random? Dropout modules (peft's lora_dropout, GPT-2) and the
+    functional dropouts that transformers models read from their config (OPT, Llama's attention)."""
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    configs = [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "to_dict")]
+    return any(isinstance(getattr(c, f, None), float) and getattr(c, f) > 0 for c in configs for f in DROPOUT_FIELDS)
 
 
 def finite(*values: float | None) -> bool:

@@ -1,0 +1,145 @@
+"""Arithmetic with directions, streamed piece by piece: θ + s·z into temporaries, and the SPSA update of θ.
+
+Each piece of z is generated (by :mod:`hyft.noise`) into a cache-resident buffer and consumed there, so
+a use of z is one pass over the weights. All pieces of all tensors of a call go to the noise pool at once.
+
+Low precision (bf16/fp16) is handled so that what reaches the weights is what the estimate measured:
+- θ's true value is ``θ + r``: ``r`` is an optional residual of θ's dtype holding what the last update's
+  rounding dropped (Kahan compensation). Updates far below θ's ulp then accumulate instead of vanishing.
+- The perturbed weights are ``round(θ + r + s·z)``; the update moves θ along the direction the forwards
+  actually saw: ``v = (round(θ + r + εz) − round(θ + r − εz)) / 2ε`` (two-sided) or
+  ``(round(θ + r + εz) − θ) / ε`` (one-sided), which equals z where ε·z is resolved and is 0 where the
+  perturbation rounded away (e.g. norm weights near 1 at ε = 1e-3 in bf16).
+All of it is a deterministic function of (θ, r, seed), so a replay from the same start is bitwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from hyft import noise
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The SPSA points of a low-precision estimate, to rebuild the direction they applied."""
+
+    eps: float
+    two_sided: bool
+
+
+@dataclass
+class Target:
+    """One ZO tensor as the arithmetic sees it: the stored weight, its residual (or None), its seed."""
+
+    p: Tensor
+    r: Tensor | None
+    seed: int
+
+    @property
+    def low_precision(self) -> bool:
+        return self.p.dtype not in noise.FULL_PRECISION
+
+
+def _true_value(p: Tensor, r: Tensor | None) -> Tensor:
+    """θ (+ r) in fp32 for a piece of a low-precision tensor."""
+    return p.float() if r is None else p.float().add_(r.float())
+
+
+def _perturb_calls(t: Target, out: Tensor, scale: float, dist: str, lo: int, hi: int) -> list[Callable[[], None]]:
+    """Jobs writing ``out = round(θ[lo:hi] + r[lo:hi] + scale·z[lo:hi])`` (flat views)."""
+    src = t.p.detach().reshape(-1)
+    res = None if t.r is None else t.r.reshape(-1)
+    device = src.device
+
+    def work(a: int, b: int) -> None:
+        i, j = max(a, lo), min(b, hi)
+        z = noise.z_piece(t.seed, a, b, dist, device)[i - a: j - a]
+        dst = out[i - lo: j - lo]
+        if not t.low_precision:
+            torch.add(src[i:j], z.to(dst.dtype), alpha=scale, out=dst)
+        else:
+            dst.copy_(_true_value(src[i:j], None if res is None else res[i:j]).add_(z, alpha=scale))
+
+    return [partial(work, a, b) for a, b in noise.pieces(lo, hi, device)]
+
+
+def perturbed(targets: list[Target], scale: float, dist: str) -> list[Tensor]:
+    """New tensors θ + r + scale·z(seed) in each θ's dtype; all pieces in one parallel batch."""
+    outs, calls = [], []
+    for t in targets:
+        out = torch.empty(t.p.numel(), dtype=t.p.dtype, device=t.p.device)
+        outs.append(out.view_as(t.p))
+        calls += _perturb_calls(t, out, scale, dist, 0, t.p.numel())
+    if calls:
+        noise.run(calls, outs[0].device)
+    return outs
+
+
+def perturbed_range(t: Target, scale: float, dist: str, lo: int, hi: int) -> Tensor:
+    """Flat elements ``lo:hi`` of θ + r + scale·z(seed), bitwise equal to that range of :func:`perturbed`,
+    without making the whole tensor (rows of an embedding or an LM head)."""
+    out = torch.empty(hi - lo, dtype=t.p.dtype, device=t.p.device)
+    calls = _perturb_calls(t, out, scale, dist, lo, hi)
+    if calls:
+        noise.run(calls, t.p.device)
+    return out
+
+
+def perturbed_rows(t: Target, scale: float, dist: str, rows: list[int]) -> Tensor:
+    """The given rows of a 2-d θ + r + scale·z(seed), all in one parallel batch (an embedding lookup)."""
+    cols = t.p.shape[1]
+    out = torch.empty((len(rows), cols), dtype=t.p.dtype, device=t.p.device)
+    calls = [call for k, row in enumerate(rows)
+             for call in _perturb_calls(t, out[k], scale, dist, row * cols, (row + 1) * cols)]
+    if calls:
+        noise.run(calls, t.p.device)
+    return out
+
+
+def _round(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.to(dtype).float()
+
+
+@torch.no_grad()
+def update_(targets: list[Target], step: float, decay: float, dist: str, applied: Applied | None = None) -> None:
+    """In place for every target: θ + r ← (1 − decay)·(θ + r) − step·v, with v = z in full precision and
+    the applied direction (see the module docstring) in low precision when ``applied`` is given."""
+
+    def work(t: Target, flat: Tensor, res: Tensor | None, a: int, b: int) -> None:
+        n = flat.numel()
+        z = noise.z_piece(t.seed, a, b, dist, flat.device)[: min(b, n) - a]
+        piece = flat[a:min(b, n)]
+        if not t.low_precision:
+            if decay:
+                piece.mul_(1.0 - decay)
+            piece.add_(z.to(piece.dtype), alpha=-step)
+            return
+        r = None if res is None else res[a:min(b, n)]
+        true = _true_value(piece, r)
+        v = z
+        if applied is not None:
+            up = _round(true + applied.eps * z, piece.dtype)
+            down = _round(true - applied.eps * z, piece.dtype) if applied.two_sided else piece.float()
+            v = up.sub_(down).mul_(1.0 / (applied.eps * (2.0 if applied.two_sided else 1.0)))
+        if decay:
+            true.mul_(1.0 - decay)
+        true.add_(v, alpha=-step)
+        piece.copy_(true)
+        if r is not None:
+            r.copy_(true.sub_(piece.float()))
+
+    calls = []
+    for t in targets:
+        if not t.p.is_contiguous():
+            raise ValueError("ZO parameters must be contiguous")
+        flat = t.p.view(-1)
+        res = None if t.r is None else t.r.view(-1)
+        calls += [partial(work, t, flat, res, a, b) for a, b in noise.pieces(0, flat.numel(), flat.device)]
+    if calls:
+        noise.run(calls, targets[0].p.device)
