@@ -41,19 +41,20 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
 
 
-def tiny_model(arch: str, vocab_size: int, seed: int = 0) -> torch.nn.Module:
-    """A 2-layer random model of a real architecture; Llama ties its embeddings like SmolLM2."""
+def tiny_model(arch: str, vocab_size: int, seed: int = 0, tied: bool = True, dropout: float = 0.0) -> torch.nn.Module:
+    """A 2-layer random model of a real architecture; Llama ties its embeddings like SmolLM2 unless
+    ``tied=False`` (Llama-2/3, Qwen, Mistral); ``dropout`` for OPT (MeZO's model family)."""
     torch.manual_seed(seed)
     if arch == "llama":
         config = LlamaConfig(
             vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tied,
         )
         model = LlamaForCausalLM(config)
     elif arch == "opt":
         config = OPTConfig(
             vocab_size=vocab_size, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-            word_embed_proj_dim=32, max_position_embeddings=256, dropout=0.0, attention_dropout=0.0,
+            word_embed_proj_dim=32, max_position_embeddings=256, dropout=dropout, attention_dropout=dropout,
         )
         model = OPTForCausalLM(config)
     elif arch == "gpt2":

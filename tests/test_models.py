@@ -30,7 +30,7 @@ def test_missing_local_directory_is_a_clear_error(tmp_path):
 
 def test_unknown_hub_model_offline_names_the_model(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(HyftError, match=r"cannot load model 'no-such-org/no-such-model'.*local directory"):
+    with pytest.raises(HyftError, match=r"model 'no-such-org/no-such-model' is not packaged.*local directory"):
         load_model("no-such-org/no-such-model")
 
 
@@ -62,3 +62,15 @@ def test_smollm2_cache_matches_fresh_conversion(tmp_path, monkeypatch):
 
 def test_packaged_names():
     assert "smollm2-135m" in PACKAGED_GGUF
+
+
+@pytest.mark.parametrize("name,message", [
+    ("smollm2-999m", "did you mean smollm2-135m"),
+    ("someorg/not-a-model", "not in the Hugging Face cache"),
+])
+def test_unknown_model_fails_fast_in_one_line(name, message):
+    """No hub retries: with no network (tests run with HF_HUB_OFFLINE) an unknown name fails at once."""
+    start = time.perf_counter()
+    with pytest.raises(HyftError, match=message) as err:
+        load_model(name)
+    assert time.perf_counter() - start < 5 and "\n" not in str(err.value)

@@ -274,3 +274,54 @@ def test_lookahead_batching_does_not_change_the_perturbed_forward(tokenizer, exa
     assert torch.equal(scores[0], scores[1])
     with torch.no_grad():
         assert not torch.equal(scores[0], candidate_scores(model, batch))
+
+
+@pytest.mark.parametrize("arch,tied,dropout", [("llama", False, 0.0), ("opt", True, 0.1), ("gpt2", True, 0.0)])
+def test_streamed_layers_bound_every_temporary(arch, tied, dropout, tokenizer, examples, monkeypatch):
+    """With a small lookahead budget every plain embedding and large linear layer (untied Llama head, OPT
+    with biases and dropout) is streamed: no temporary of theirs exceeds the budget (other modules' weights
+    are made whole), and the perturbed forward equals the forward of a copy with all weights at θ + εz."""
+    from hyft import zo
+
+    model = tiny_model(arch, len(tokenizer), tied=tied, dropout=dropout)
+    budget = 2 * model.get_input_embeddings().weight.shape[1] * 8  # a few rows; smaller than any vocab matrix
+    monkeypatch.setattr(zo, "LOOKAHEAD", budget)
+    params = select_params(model)
+    engine = ZOEngine(model, params)
+    assert model.get_input_embeddings() in engine.streamed and model.get_output_embeddings() in engine.streamed
+    sizes = []
+    for name in ("perturbed", "perturbed_range"):  # whole temporaries and row blocks (lookups are batch-sized)
+        real = getattr(zmath, name)
+
+        def spy(*args, real=real):
+            out = real(*args)
+            sizes.extend(o.numel() for o in (out if isinstance(out, list) else [out]))
+            return out
+
+        monkeypatch.setattr(zmath, name, spy)
+    batch = encode(tokenizer, examples)
+    with torch.no_grad(), engine.perturbed(7, 1e-2):
+        scores = candidate_scores(model, batch)
+    monkeypatch.undo()
+    plain = {id(m.weight) for m in model.modules() if type(m) in (torch.nn.Linear, torch.nn.Embedding)}
+    others = [p.numel() for _, p in params if id(p) not in plain]  # norms, biases, OPT's position subclass
+    assert max(sizes) <= max(budget, *others)
+    assert max(sizes) < model.get_input_embeddings().weight.numel()
+    reference = tiny_model(arch, len(tokenizer), tied=tied, dropout=dropout)
+    with torch.no_grad():
+        for (name, q), (_, r) in zip(params, select_params(reference), strict=True):
+            r.copy_(zmath.perturbed([zmath.Target(q, None, zo.direction_seed(7, name))], 1e-2, "gaussian")[0])
+        assert torch.allclose(scores, candidate_scores(reference, batch), rtol=0, atol=1e-5)
+
+
+def test_dora_is_refused_for_zo_on_the_base(tokenizer):
+    """DoRA reads its base weight outside the base layer's forward: the engine refuses it in one line."""
+    from peft import LoraConfig, get_peft_model
+
+    from hyft.errors import HyftError
+
+    model = get_peft_model(tiny_model("llama", len(tokenizer)), LoraConfig(r=4, use_dora=True, task_type="CAUSAL_LM"))
+    with pytest.raises(HyftError, match="DoRA"):
+        ZOEngine(model, select_params(model, trainable=False))
+    plain = get_peft_model(tiny_model("llama", len(tokenizer)), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    ZOEngine(plain, select_params(plain, trainable=False))  # plain LoRA is fine

@@ -8,10 +8,13 @@ later loads read that directory in about a second.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -106,6 +109,26 @@ def model_dir(name_or_path: str) -> str:
     return name_or_path
 
 
+def check_downloadable(name: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, in one line, for a name that is neither packaged, local nor cached when the Hub
+    cannot be reached (instead of minutes of retries), with a suggestion for near-misses of packaged names."""
+    close = difflib.get_close_matches(name.lower(), list(PACKAGED_GGUF), n=1, cutoff=0.75)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    if close and "/" not in name:
+        raise HyftError(f"unknown model {name!r}: not a packaged model, a local directory or a cached Hub model{hint}")
+    where = "HF_HUB_OFFLINE is set"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+        endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+        try:
+            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+            return
+        except OSError:
+            where = f"{endpoint.hostname} is unreachable"
+    raise HyftError(f"model {name!r} is not packaged, not a local directory and not in the Hugging Face cache, and "
+                    f"{where}{hint}; pass a local directory (--model /path/to/model) or a packaged model: "
+                    f"{', '.join(PACKAGED_GGUF)}")
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: str | torch.dtype = "float32",
@@ -132,6 +155,7 @@ def load_model(
         except OSError:
             if Path(source).is_dir():
                 raise
+            check_downloadable(name_or_path)
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(dtype))
     except OSError as err:

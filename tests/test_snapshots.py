@@ -1,0 +1,88 @@
+"""Resume and restore in bounded time: base snapshots every K updates, so resume, the best-dev restore and
+export replay at most K logged updates; checkpoints hold one copy of the trained weights and the resolved
+config, and resume refuses any change to it."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+
+from hyft.config import RunConfig
+from hyft.errors import HyftError
+from hyft.methods.zo import ZerothOrder
+from hyft.trainer import Interrupted, Trainer
+from hyft.zo import ZOEngine
+
+
+def config(tiny_dir: str, **overrides) -> RunConfig:
+    values = dict(model=tiny_dir, method="zo-full", task="sst2", num_train=24, num_dev=8, num_test=8, steps=12,
+                  batch_size=4, eval_every=4, checkpoint_every=5, snapshot_every=3, lr_zo=1e-3, zero_shot=False)
+    return RunConfig(**{**values, **overrides})
+
+
+def test_resume_replays_at_most_snapshot_every_updates(tiny_dir, tmp_path, monkeypatch):
+    reference = Trainer(config(tiny_dir), tmp_path / "ref", progress=False).run()
+
+    out = tmp_path / "run"
+    trainer = Trainer(config(tiny_dir), out, progress=False)
+    real_step = ZerothOrder.step
+
+    def stopping_step(self, examples, step):
+        stats = real_step(self, examples, step)
+        if step + 1 == 10:
+            trainer._stop = signal.SIGTERM  # as the signal handler does
+        return stats
+
+    monkeypatch.setattr(ZerothOrder, "step", stopping_step)
+    with pytest.raises(Interrupted):
+        trainer.run()
+    monkeypatch.setattr(ZerothOrder, "step", real_step)
+    kept = sorted(int(f.stem.split("-")[1]) for f in (out / "snapshots").glob("base-*"))
+    assert 9 in kept and 6 not in kept  # the checkpoint's floor (and the best-dev step's) are kept
+
+    replayed = []
+    real_update = ZOEngine.update
+    monkeypatch.setattr(ZOEngine, "update", lambda self, u: replayed.append(u.step) or real_update(self, u))
+    at_step = {}
+    monkeypatch.setattr(ZerothOrder, "step",
+                        lambda self, ex, step: at_step.setdefault(step, len(replayed)) * 0 or real_step(self, ex, step))
+    results = Trainer(config(tiny_dir), out, progress=False, resume=True).run()
+    assert at_step[10] <= 3  # the rebuild at resume: snapshot 9 + 1 logged update
+    assert results["test_accuracy"] == reference["test_accuracy"]
+    assert (out / "zo_log.jsonl").read_text() == (tmp_path / "ref" / "zo_log.jsonl").read_text()
+    restore = len(replayed) - at_step[11] - 1  # after the last step's own update: the best-dev restore
+    assert restore <= 3 and results["zo_log_best_index"] < 12
+
+
+def test_edited_config_is_refused_on_resume(tiny_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    trainer = Trainer(config(tiny_dir), out, progress=False)
+    real_step = ZerothOrder.step
+
+    def stopping_step(self, examples, step):
+        trainer._stop = signal.SIGTERM
+        return real_step(self, examples, step)
+
+    monkeypatch.setattr(ZerothOrder, "step", stopping_step)
+    with pytest.raises(Interrupted):
+        trainer.run()
+    text = (out / "config.yaml").read_text().replace("lr_zo: 0.001", "lr_zo: 0.01")
+    (out / "config.yaml").write_text(text)
+    edited = RunConfig.from_yaml(out / "config.yaml")
+    with pytest.raises(HyftError, match=r"differs from the checkpoint's \(lr_zo: 0.001 -> 0.01\)"):
+        Trainer(edited, out, progress=False, resume=True).run()
+
+
+def test_fo_full_checkpoint_holds_one_copy_of_the_weights(tiny_dir, tmp_path):
+    out = tmp_path / "fo"
+    Trainer(config(tiny_dir, method="fo-full", lr_fo=1e-3, steps=4), out, progress=False).run()
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    tensors = sum(v.numel() for v in ckpt["direct"].values())
+    model_numel = json.loads((out / "results.json").read_text())["trainable_fo"]
+    assert tensors == model_numel
+    assert isinstance(ckpt["state"].best.weights, str)  # the best-dev copy lives in its own file
+    assert (out / ckpt["state"].best.weights).is_file()
+    assert len(list(out.glob("best-*.safetensors"))) == 1
