@@ -159,7 +159,8 @@ def test_perturbed_rows_equal_the_rows_of_the_whole_tensor(dtype, dist, monkeypa
     for start, stop in [(0, 297), (5, 6), (29, 61), (60, 297)]:
         assert torch.equal(zmath.perturbed_range(t, 1e-2, dist, start * 33, stop * 33).view(-1, 33),
                            whole[start:stop])
-    assert torch.equal(zmath.perturbed_rows(t, 1e-2, dist, [3, 200, 7]), whole[[3, 200, 7]])
+    rows = torch.tensor([3, 200, 7, 296])
+    assert torch.equal(zmath.perturbed_rows(t, 1e-2, dist, rows), whole[rows])
 
 
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
@@ -266,7 +267,7 @@ def test_lookahead_batching_does_not_change_the_perturbed_forward(tokenizer, exa
     engine = ZOEngine(model, select_params(model))
     batch = encode(tokenizer, examples)
     scores = []
-    monkeypatch.setattr(zo, "_rows_per_block", lambda cols: 64)  # the same LM-head blocks in both
+    monkeypatch.setattr(zo, "_rows_per_block", lambda cols, budget: 64)  # the same LM-head blocks in both
     for lookahead in (1, 1 << 22):
         monkeypatch.setattr(zo, "LOOKAHEAD", lookahead)
         with torch.no_grad(), engine.perturbed(11, 1e-2):

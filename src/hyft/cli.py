@@ -121,7 +121,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if unknown:
         raise HyftError(f"unknown benchmark row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
     results = run_bench(args.model, args.batch_size, args.seq_len, args.rows, args.repeats, args.warmup,
-                        args.dtype, args.device, memory=not args.no_memory, out=args.out)
+                        args.dtype, args.device, memory=not args.no_memory, out=args.out, sweeps=args.sweeps,
+                        launches=args.launches)
     from hyft.bench.report import markdown
 
     print(markdown(results))
@@ -204,7 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--rows", nargs="+", default=None, help="subset of rows (default: all)")
+    p.add_argument("--rows", nargs="*", default=None, help="subset of rows (default: all; none: only the extras)")
+    p.add_argument("--sweeps", action="store_true", help="also time one RNG sweep of the model's weights")
+    p.add_argument("--launches", action="store_true",
+                   help="also count the engine's kernel launches per step for a 7B Llama on an accelerator")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds (medians are reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -41,6 +41,7 @@ _MASK64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15
 _M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _HALF = BLOCK // 2
+_BLOCK_BITS = BLOCK.bit_length() - 1
 _TRANSCENDENTAL = 1 << 16  # log/cos/sin run on slices of 2 ATen grains: split (if at all) in aligned halves
 _local = threading.local()
 
@@ -95,6 +96,11 @@ class _Scratch:
         self.shifts = torch.arange(31, -1, -1, dtype=torch.int32, device=device)
 
 
+def _transcendental_slice(device: torch.device, n: int) -> int:
+    """CPU: slices of 2 ATen grains (aligned splits, no scalar tails); elsewhere one launch for all n."""
+    return _TRANSCENDENTAL if device.type == "cpu" else max(n, 1)
+
+
 def piece_size(device: torch.device) -> int:
     return CPU_PIECE if device.type == "cpu" else DEVICE_PIECE
 
@@ -136,8 +142,9 @@ def fill_(out: Tensor, seed: int, start: int, dist: str) -> Tensor:
         # angle from the low 24 bits
         x.bitwise_and_((1 << 24) - 1)
         b.copy_(x).mul_(2 * math.pi * 2.0**-24)
-        for lo in range(0, m, _TRANSCENDENTAL):  # see the module docstring: no scalar tails
-            hi = min(lo + _TRANSCENDENTAL, m)
+        step = _transcendental_slice(out.device, m)
+        for lo in range(0, m, step):  # see the module docstring: no scalar tails on CPU
+            hi = min(lo + step, m)
             a[lo:hi].log_()
             torch.cos(b[lo:hi], out=c[lo:hi])
             b[lo:hi].sin_()
@@ -155,6 +162,45 @@ def fill_(out: Tensor, seed: int, start: int, dist: str) -> Tensor:
         return out
     check_dist(dist)
     raise AssertionError
+
+
+def at(index: Tensor, seed: int, dist: str) -> Tensor:
+    """z(seed) at arbitrary element positions ``index`` (int64, any shape), bitwise equal to those elements
+    of :func:`fill_` on the same device: a constant number of ops whatever the positions (rows of an
+    embedding looked up by a batch)."""
+    flat = index.reshape(-1)
+    n = flat.numel()
+    width = -(-n // 64) * 64  # whole vectors: no element of the float ops falls into a scalar tail
+    pos = torch.zeros(width, dtype=torch.int64, device=index.device)
+    pos[:n] = flat
+    key = direction_key(seed)
+    t = torch.empty_like(pos)
+    if dist == "rademacher":
+        x = torch.bitwise_right_shift(pos, 5).mul_(_i64(_GAMMA)).add_(_i64(key))
+        _mix_(x, t)
+        bit = pos.bitwise_and(31)
+        x = torch.bitwise_right_shift(x, bit, out=t).bitwise_and_(1)  # bit i of the low word; arithmetic shift
+        z = x.to(torch.float32).mul_(-2.0).add_(1.0)  # is fine for i < 32 (bits above 31 are never read)
+        return z[:n].view(index.shape)
+    check_dist(dist)
+    block = torch.bitwise_right_shift(pos, _BLOCK_BITS)
+    offset = pos.bitwise_and(BLOCK - 1)
+    sine = offset >= _HALF
+    pair = block.mul_(_HALF).add_(offset.bitwise_and_(_HALF - 1))
+    x = _mix_(pair.mul_(_i64(_GAMMA)).add_(_i64(key)), t)
+    torch.bitwise_right_shift(x, 40, out=t)
+    a = t.bitwise_and_((1 << 24) - 1).add_(1).to(torch.float32).mul_(2.0**-24)
+    b = x.bitwise_and_((1 << 24) - 1).to(torch.float32).mul_(2 * math.pi * 2.0**-24)
+    c = torch.empty_like(b)
+    step = _transcendental_slice(index.device, width)
+    for lo in range(0, width, step):
+        hi = min(lo + step, width)
+        a[lo:hi].log_()
+        torch.cos(b[lo:hi], out=c[lo:hi])
+        b[lo:hi].sin_()
+    a.mul_(-2.0).sqrt_()
+    z = a.mul_(torch.where(sine, b, c))
+    return z[:n].view(index.shape)
 
 
 def run(calls: list[Callable[[], None]], device: torch.device) -> None:

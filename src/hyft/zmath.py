@@ -91,15 +91,17 @@ def perturbed_range(t: Target, scale: float, dist: str, lo: int, hi: int) -> Ten
     return out
 
 
-def perturbed_rows(t: Target, scale: float, dist: str, rows: list[int]) -> Tensor:
-    """The given rows of a 2-d θ + r + scale·z(seed), all in one parallel batch (an embedding lookup)."""
+def perturbed_rows(t: Target, scale: float, dist: str, rows: Tensor) -> Tensor:
+    """The given rows (int64 tensor) of a 2-d θ + r + scale·z(seed), made in one batch of ops (an embedding
+    lookup): bitwise equal to those rows of :func:`perturbed`."""
     cols = t.p.shape[1]
-    out = torch.empty((len(rows), cols), dtype=t.p.dtype, device=t.p.device)
-    calls = [call for k, row in enumerate(rows)
-             for call in _perturb_calls(t, out[k], scale, dist, row * cols, (row + 1) * cols)]
-    if calls:
-        noise.run(calls, t.p.device)
-    return out
+    index = rows.view(-1, 1) * cols + torch.arange(cols, device=rows.device)
+    z = noise.at(index, t.seed, dist)
+    src = t.p.detach()[rows]
+    if not t.low_precision:
+        return torch.add(src, z.to(src.dtype), alpha=scale)
+    true = _true_value(src, None if t.r is None else t.r[rows])
+    return true.add_(z, alpha=scale).to(src.dtype)
 
 
 def _round(x: Tensor, dtype: torch.dtype) -> Tensor:

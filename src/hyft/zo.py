@@ -57,7 +57,13 @@ class ZOUpdate:
     weight_decay: float = 0.0
 
 
-LOOKAHEAD = 1 << 22  # elements of perturbed temporaries made in one batch (16 MiB in float32)
+LOOKAHEAD = 1 << 22  # CPU: elements of perturbed temporaries made in one batch (16 MiB in float32)
+DEVICE_LOOKAHEAD = 1 << 26  # accelerators: fewer, larger batches (kernel launches, not cache, are the cost)
+
+
+def lookahead(device: torch.device) -> int:
+    """The temporaries budget on ``device``: the largest weight made whole, and the size of a row block."""
+    return LOOKAHEAD if device.type == "cpu" else DEVICE_LOOKAHEAD
 
 
 class ZOEngine:
@@ -98,7 +104,7 @@ class ZOEngine:
         self.streamed: dict[nn.Module, int] = {}
         for module, attrs in self.owners.items():
             i = _streamable(module, attrs)
-            if i is not None and (i in shared or params[i][1].numel() > LOOKAHEAD):
+            if i is not None and (i in shared or params[i][1].numel() > lookahead(params[i][1].device)):
                 self.streamed[module] = i
         for i in sorted(shared):
             users = [m for m, attrs in self.owners.items() if any(j == i for _, j in attrs)]
@@ -132,9 +138,24 @@ class ZOEngine:
         block = zmath.perturbed_range(self.target(i, step_seed), scale, self.dist, r0 * cols, r1 * cols)
         return block.view(r1 - r0, cols)
 
-    def _perturbed_lookup(self, i: int, step_seed: int, scale: float, rows: list[int]) -> Tensor:
+    def _perturbed_lookup(self, i: int, step_seed: int, scale: float, rows: Tensor) -> Tensor:
         """The given rows of parameter i (an embedding) at θ + scale·z: only those rows are drawn."""
         return zmath.perturbed_rows(self.target(i, step_seed), scale, self.dist, rows)
+
+    def _batch(self, module: nn.Module, ready: dict[int, Tensor], used: set[int], budget: int) -> list[int]:
+        """The parameters whose temporaries are made when ``module`` runs: its own, then those of the next
+        modules until ``budget`` elements."""
+        batch: list[int] = []
+        size = 0
+        for later in self.order[self.position[module]:]:
+            missing = [i for _, i in self.owners[later]
+                       if i not in ready and i not in batch and (later is module or i not in used)]
+            more = sum(self.params[i][1].numel() for i in missing)
+            if batch and size + more > budget:
+                break
+            batch += missing
+            size += more
+        return batch
 
     @contextmanager
     def perturbed(self, step_seed: int, scale: float) -> Iterator[None]:
@@ -142,23 +163,16 @@ class ZOEngine:
 
         When a module runs, its temporaries are made together with those of the next modules (in
         registration order, which is the forward order of the usual decoder stacks) up to
-        ``LOOKAHEAD`` elements, so that the noise threads get enough pieces to share; a temporary is
-        dropped once its module has run (tied weights that are not streamed at the end of the block).
+        ``lookahead(device)`` elements, so that each batch of noise ops is large; a temporary is dropped
+        once its module has run (tied weights that are not streamed at the end of the block).
         """
         ready: dict[int, Tensor] = {}
+        budget = lookahead(self.params[0][1].device)
         used: set[int] = set()  # already run: not made again ahead (registration order ≠ forward order)
 
         def swap_in(module: nn.Module, _args: object) -> None:
             if any(i not in ready for _, i in self.owners[module]):
-                batch, size = [], 0
-                for later in self.order[self.position[module]:]:
-                    missing = [i for _, i in self.owners[later]
-                               if i not in ready and i not in batch and (later is module or i not in used)]
-                    more = sum(self.params[i][1].numel() for i in missing)
-                    if batch and size + more > LOOKAHEAD:
-                        break
-                    batch += missing
-                    size += more
+                batch = self._batch(module, ready, used, budget)
                 ready.update(zip(batch, self._perturbed_values(batch, step_seed, scale), strict=True))
             for attr, i in self.owners[module]:
                 # a plain tensor, read by the module's forward; tied weights stay ready for their other user
@@ -200,10 +214,10 @@ class ZOEngine:
         if isinstance(module, nn.Embedding):
             def lookup(ids: Tensor) -> Tensor:
                 needed, inverse = torch.unique(ids, return_inverse=True)
-                return self._perturbed_lookup(i, step_seed, scale, needed.tolist())[inverse]
+                return self._perturbed_lookup(i, step_seed, scale, needed)[inverse]
             return lookup
 
-        per = _rows_per_block(cols)
+        per = _rows_per_block(cols, lookahead(p.device))
         bias_index = next((j for attr, j in self.owners[module] if attr == "bias"), None)
 
         def head(h: Tensor, *_args: object, **_kwargs: object) -> Tensor:
@@ -271,9 +285,9 @@ def refuse_outside_readers(model: nn.Module, params: list[tuple[str, nn.Paramete
                                  "cannot perturb it; set use_dora: false or use fo-peft")
 
 
-def _rows_per_block(cols: int) -> int:
-    """Rows of a streamed matrix made at once: about ``LOOKAHEAD`` elements (at least one row)."""
-    return max(1, LOOKAHEAD // cols)
+def _rows_per_block(cols: int, budget: int) -> int:
+    """Rows of a streamed matrix made at once: about ``budget`` elements (at least one row)."""
+    return max(1, budget // cols)
 
 
 def _streamable(module: nn.Module, attrs: list[tuple[str, int]]) -> int | None:

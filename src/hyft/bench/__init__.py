@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from hyft import noise
 from hyft.bench.memory import measure
 from hyft.bench.report import markdown, plot_split
 from hyft.bench.rows import ROWS, build_row
@@ -49,11 +50,27 @@ def _cpu_name() -> str:
 
 def run_bench(model: str = "smollm2-135m", batch_size: int = 16, seq_len: int = 64, rows: list[str] | None = None,
               repeats: int = 5, warmup: int = 1, dtype: str = "float32", device: str = "auto",
-              memory: bool = True, out: str | Path | None = None, log=print) -> dict[str, Any]:
-    """Time every row, measure memory, write ``bench.json``, ``bench.md`` and ``split.png`` to ``out``."""
+              memory: bool = True, out: str | Path | None = None, log=print, sweeps: bool = False,
+              launches: bool = False) -> dict[str, Any]:
+    """Time every row, measure memory, write ``bench.json``, ``bench.md`` and ``split.png`` to ``out``.
+
+    ``sweeps``: also time one RNG sweep of the model's weight count against its limits; ``launches``: also
+    count the engine's kernel launches per step for a 7B Llama on an accelerator (on meta tensors).
+    """
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    names = rows or list(ROWS)
+    names = rows if rows is not None else list(ROWS)
+    extra: dict[str, Any] = {}
+    if sweeps:
+        from hyft.bench.sweeps import time_sweeps
+        from hyft.models import load_model
+
+        numel = sum(p.numel() for p in load_model(model, dtype, dev)[0].parameters())
+        extra["sweeps"] = {"numel": numel, "seconds": time_sweeps(numel, dev, log=log)}
+    if launches:
+        from hyft.bench.launches import llama_7b_launches
+
+        extra["launches"] = llama_7b_launches()
     peaks = {}
     if memory:  # first, while this process is small: the subprocesses are forked from it
         for name in names:
@@ -71,7 +88,7 @@ def run_bench(model: str = "smollm2-135m", batch_size: int = 16, seq_len: int = 
                 samples[row.name].append(sample)
         log(f"round {round_ + 1}/{warmup + repeats}: " +
             ", ".join(f"{r.name} {samples[r.name][-1]['total']:.2f}s" for r in built if samples[r.name]))
-    results: dict[str, Any] = {"rows": {}}
+    results: dict[str, Any] = {"rows": {}, **extra}
     for row in built:
         s = samples[row.name]
         med = {k: statistics.median(x[k] for x in s) for k in ("total", *CATEGORIES)}
@@ -79,11 +96,12 @@ def run_bench(model: str = "smollm2-135m", batch_size: int = 16, seq_len: int = 
         results["rows"][row.name] = {
             "label": row.label, "seconds": med, "all_totals": [x["total"] for x in s],
             "rng_sweeps": drawn / row.zo_numel if row.zo_numel else 0.0, "zo_numel": row.zo_numel,
+            "peak_temporary": row.temporary(),
         }
         if row.name in peaks:
             results["rows"][row.name]["memory"] = peaks[row.name]
     results["setup"] = {"model": model, "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype,
-                        "repeats": repeats, "warmup": warmup, "noise_threads": os.environ.get("HYFT_NOISE_THREADS"),
+                        "repeats": repeats, "warmup": warmup, "noise_scheme": noise.SCHEME,
                         "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv)}
     results["machine"] = machine(dev)
     if out is not None:
@@ -91,6 +109,7 @@ def run_bench(model: str = "smollm2-135m", batch_size: int = 16, seq_len: int = 
         out.mkdir(parents=True, exist_ok=True)
         (out / "bench.json").write_text(json.dumps(results, indent=2))
         (out / "bench.md").write_text(markdown(results))
-        plot_split(results, out / "split.png")
+        if results["rows"]:
+            plot_split(results, out / "split.png")
         log(f"wrote {out}/bench.json, bench.md, split.png")
     return results

@@ -38,6 +38,31 @@ def targets(results: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
     return [(what, ratio, limit, ratio <= limit) for what, ratio, limit in out]
 
 
+def _sweeps(results: dict[str, Any]) -> list[str]:
+    sw = results.get("sweeps")
+    if not sw:
+        return []
+    sec = sw["seconds"]
+    floor = sec["read + write of the weights (bandwidth floor)"]
+    lines = ["", f"One RNG sweep of {sw['numel']:,} numbers (made piece by piece, as the engine does):", "",
+             "| generator | s | × bandwidth floor |", "|---|---|---|"]
+    lines += [f"| {name} | {t:.3f} | {t / floor:.1f} |" for name, t in sec.items()]
+    return lines
+
+
+def _launches(results: dict[str, Any]) -> list[str]:
+    la = results.get("launches")
+    if not la:
+        return []
+    return ["", f"Kernel launches of the engine on an accelerator, counted on meta tensors ({la['model']}, "
+            f"{la['tensors']} tensors, {la['numel']:,} weights, {la['dtype']}, {la['tokens']} looked-up tokens):",
+            "", "| what | launches |", "|---|---|",
+            f"| update sweep ({la['pieces_per_sweep']} pieces) | {la['update_sweep']:,} |",
+            f"| perturbed forward ({la['streamed_modules']} streamed modules) | {la['perturbed_forward']:,} |",
+            f"| two-sided step (2 forwards + update) | {la['two_sided_step']:,} |",
+            f"| previous scheme: chunks per sweep (each ≥ 2 launches) | {la['previous_scheme_chunks_per_sweep']:,} |"]
+
+
 def markdown(results: dict[str, Any]) -> str:
     s, m = results["setup"], results["machine"]
     rows = results["rows"]
@@ -49,20 +74,23 @@ def markdown(results: dict[str, Any]) -> str:
         f"({where}; {m['cores']} cores, {m['torch_threads']} torch threads), torch {m['torch']}. "
         f"Medians of {s['repeats']} interleaved repeats after {s['warmup']} warm-up.",
         "",
-        "| row | step s | × fwd | forward | backward | perturb | update | other | RNG sweeps | peak MB | × inference |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| row | step s | × fwd | forward | backward | perturb | update | other | RNG sweeps | peak MB | × inference "
+        "| largest temporary |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows.values():
         sec, mem = r["seconds"], _memory(r)
         cells = [r["label"], f"{sec['total']:.3f}", f"{sec['total'] / fwd:.2f}" if fwd else "–",
                  *(f"{sec[c]:.3f}" for c in CATEGORIES), f"{r['rng_sweeps']:.2f}",
-                 f"{mem:,.0f}" if mem else "–", f"{mem / inf_mem:.2f}" if mem and inf_mem else "–"]
+                 f"{mem:,.0f}" if mem else "–", f"{mem / inf_mem:.2f}" if mem and inf_mem else "–",
+                 f"{r.get('peak_temporary', 0):,}" if r.get("peak_temporary") else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     checked = targets(results)
     if checked:
         lines += ["", "| target | measured | limit | |", "|---|---|---|---|"]
         lines += [f"| {what} | {ratio:.2f} | ≤ {limit:.2f} | {'met' if ok else 'missed'} |"
                   for what, ratio, limit, ok in checked]
+    lines += _sweeps(results) + _launches(results)
     lines += ["", f"Command: `{s['command']}`", ""]
     return "\n".join(lines)
 

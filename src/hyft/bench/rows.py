@@ -46,6 +46,7 @@ class Row:
     timer: SplitTimer = field(default_factory=SplitTimer)
     zo_numel: int = 0  # ZO parameters: one RNG sweep draws this many numbers
     generated: Callable[[], int] = lambda: 0  # a counter of random numbers drawn (read before and after a step)
+    temporary: Callable[[], int] = lambda: 0  # the largest perturbed temporary so far (elements)
 
 
 def fixed_batch(vocab: int, batch_size: int, seq_len: int, device: torch.device, seed: int = 0) -> Batch:
@@ -77,15 +78,20 @@ class _FixedObjective:
 
 
 class _Drawn:
-    """Counts the random numbers the noise engine draws (all threads)."""
+    """Counts the random numbers the noise engine draws (pieces and gathered positions)."""
 
     def __init__(self) -> None:
-        self.count, self.lock, self.inner = 0, threading.Lock(), noise.fill_
+        self.count, self.lock, self.fill, self.at = 0, threading.Lock(), noise.fill_, noise.at
 
-    def __call__(self, out: Tensor, seed: int, k: int, dist: str) -> Tensor:
+    def fill_(self, out: Tensor, seed: int, start: int, dist: str) -> Tensor:
         with self.lock:
             self.count += out.numel()
-        return self.inner(out, seed, k, dist)
+        return self.fill(out, seed, start, dist)
+
+    def at_(self, index: Tensor, seed: int, dist: str) -> Tensor:
+        with self.lock:
+            self.count += index.numel()
+        return self.at(index, seed, dist)
 
 
 _DRAWN: _Drawn | None = None
@@ -95,8 +101,22 @@ def _drawn() -> _Drawn:
     global _DRAWN
     if _DRAWN is None:
         _DRAWN = _Drawn()
-        noise.fill_ = _DRAWN  # the engine looks fill_ up at call time
+        noise.fill_, noise.at = _DRAWN.fill_, _DRAWN.at_  # the engine looks them up at call time
     return _DRAWN
+
+
+class _Temporaries:
+    """The largest perturbed temporary (elements) made since the last reset: whole tensors and row blocks."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+
+    def wrap(self, fn: Callable) -> Callable:
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            self.peak = max([self.peak, *(o.numel() for o in (out if isinstance(out, list) else [out]))])
+            return out
+        return wrapped
 
 
 def build_row(name: str, model_name: str, batch_size: int, seq_len: int, dtype: str, device: str,
@@ -126,9 +146,13 @@ def build_row(name: str, model_name: str, batch_size: int, seq_len: int, dtype: 
     objective = _FixedObjective(Objective(model, tokenizer, config), batch, timer)
     method = METHODS[config.method](model, groups, objective, config, total=10_000)  # type: ignore[arg-type]
     method.loss_with_grad = timer.timed(method.loss_with_grad, "backward")  # exclusive of the forward inside
+    temporaries = _Temporaries()
     if method.engine is not None:
-        method.engine._perturbed_values = timer.timed(method.engine._perturbed_values, "perturb")
-        method.engine.update = timer.timed(method.engine.update, "update")
+        engine = method.engine
+        engine._perturbed_values = timer.timed(temporaries.wrap(engine._perturbed_values), "perturb")
+        engine._perturbed_rows = timer.timed(temporaries.wrap(engine._perturbed_rows), "perturb")
+        engine._perturbed_lookup = timer.timed(engine._perturbed_lookup, "perturb")  # batch-sized, not a weight
+        engine.update = timer.timed(engine.update, "update")
     if method.optimizer is not None:
         method.optimizer.step = timer.timed(method.optimizer.step, "update")
     counter = _drawn()
@@ -137,7 +161,8 @@ def build_row(name: str, model_name: str, batch_size: int, seq_len: int, dtype: 
     def step() -> None:
         method.step([], next(steps))
 
-    return Row(name, label, step, timer, method.engine.numel if method.engine else 0, lambda: counter.count)
+    return Row(name, label, step, timer, method.engine.numel if method.engine else 0, lambda: counter.count,
+               lambda: temporaries.peak)
 
 
 def _mezo_row(name: str, label: str, model: nn.Module, tokenizer, config: RunConfig, batch: Batch,

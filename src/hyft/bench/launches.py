@@ -1,0 +1,95 @@
+"""Kernel launches of the ZO engine on an accelerator, counted on the CPU machine: the engine runs on a
+``meta`` copy of the model (shapes only, no memory, the accelerator's piece and lookahead sizes) under a
+dispatch mode that counts every ATen op that would launch a kernel (views and allocations excluded)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hyft import noise
+from hyft.zo import ZOEngine, ZOUpdate, _rows_per_block, lookahead, select_params
+
+NO_KERNEL = ("view", "_unsafe_view", "slice", "select", "as_strided", "expand", "t", "transpose", "unsqueeze",
+             "squeeze", "permute", "alias", "detach", "empty", "empty_like", "empty_strided", "lift_fresh")
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts ATen ops that launch a kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.launches = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in NO_KERNEL:
+            self.launches += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count(fn: Callable[[], Any]) -> int:
+    with LaunchCounter() as counter:
+        fn()
+    return counter.launches
+
+
+def perturbed_forward_launches(engine: ZOEngine, tokens: int, seed: int = 1, scale: float = 1e-3) -> int:
+    """The noise work of one perturbed forward, as :meth:`ZOEngine.perturbed` does it module by module:
+    lookahead batches of temporaries, row blocks of streamed linear layers, one lookup of ``tokens`` rows."""
+    total = 0
+    ready: dict[int, torch.Tensor] = {}
+    used: set[int] = set()
+    device = engine.params[0][1].device
+    for module in engine.order:
+        if any(i not in ready for _, i in engine.owners[module]):
+            batch = engine._batch(module, ready, used, lookahead(device))
+            with LaunchCounter() as counter:
+                values = engine._perturbed_values(batch, seed, scale)
+            total += counter.launches
+            ready.update(zip(batch, values, strict=True))
+        for _, i in engine.owners[module]:
+            ready.get(i) if i in engine.shared else ready.pop(i, None)
+            used.add(i)
+    for module, i in engine.streamed.items():
+        rows, cols = engine.params[i][1].shape
+        if isinstance(module, nn.Embedding):
+            ids = torch.arange(min(tokens, rows), device=device)
+            total += count(lambda i=i, ids=ids: engine._perturbed_lookup(i, seed, scale, ids))
+            continue
+        per = _rows_per_block(cols, lookahead(device))
+        for r0 in range(0, rows, per):
+            r1 = min(r0 + per, rows)
+            total += count(lambda i=i, r0=r0, r1=r1: engine._perturbed_rows(i, seed, scale, r0, r1))
+    return total
+
+
+def zo_launches(model: nn.Module, tokens: int = 1024) -> dict[str, Any]:
+    """Launches per ZO update sweep, per perturbed forward and per two-sided step for ``model`` (on meta)."""
+    params = select_params(model)
+    engine = ZOEngine(model, params, eps=1e-3, two_sided=True)
+    update = count(lambda: engine.update(ZOUpdate(step=0, seed=1, coef=1.0, lr=1e-6)))
+    forward = perturbed_forward_launches(engine, tokens)
+    device = params[0][1].device
+    pieces = sum(len(list(noise.pieces(0, p.numel(), device))) for _, p in params)
+    previous_chunks = sum(-(-p.numel() // (1 << 18)) for _, p in params)
+    return {
+        "tensors": len(params), "numel": sum(p.numel() for _, p in params), "dtype": str(params[0][1].dtype),
+        "pieces_per_sweep": pieces, "update_sweep": update, "perturbed_forward": forward,
+        "two_sided_step": 2 * forward + update, "streamed_modules": len(engine.streamed), "tokens": tokens,
+        "previous_scheme_chunks_per_sweep": previous_chunks,
+    }
+
+
+def llama_7b_launches(dtype: torch.dtype = torch.bfloat16, tokens: int = 1024) -> dict[str, Any]:
+    """The count for a Llama-2-7B-shaped model (untied 32k vocabulary), built on meta: no download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(dtype)
+    return {"model": "llama-2-7b shape (meta)", **zo_launches(model, tokens)}

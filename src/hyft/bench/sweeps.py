@@ -1,0 +1,75 @@
+"""One RNG sweep (z for every ZO weight, made piece by piece as the engine does) timed against two limits:
+the previous scheme (a Mersenne Twister / Philox generator seeded per 256 Ki chunk, kept here only as a
+reference) and memory bandwidth (one read and one write of the weights, what an update pass costs anyway)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from hyft import noise
+
+OLD_CHUNK = 1 << 18
+
+
+def _counter(numel: int, dist: str, device: torch.device) -> Callable[[], None]:
+    def sweep() -> None:
+        for a, b in noise.pieces(0, numel, device):
+            noise.z_piece(7, a, b, dist, device)
+    return sweep
+
+
+def _previous(numel: int, dist: str, device: torch.device) -> Callable[[], None]:
+    """The chunked-v2 scheme: one generator seeded per 256 Ki chunk (normal_, or randint for 32 signs a word)."""
+    gen = torch.Generator(device=device)
+    buf = torch.empty(OLD_CHUNK, device=device)
+    shifts = torch.arange(31, -1, -1, dtype=torch.int32, device=device)
+
+    def sweep() -> None:
+        for k, start in enumerate(range(0, numel, OLD_CHUNK)):
+            out = buf[: min(OLD_CHUNK, numel - start)]
+            gen.manual_seed(k * 0x9E3779B9 + 7)
+            if dist == "gaussian":
+                out.normal_(generator=gen)
+            else:
+                words = torch.randint(-(2**31), 2**31, (out.numel() // 32, 1), generator=gen, dtype=torch.int32,
+                                      device=device)
+                signs = torch.bitwise_left_shift(words, shifts, out=out.view(torch.int32).view(-1, 32))
+                signs.bitwise_and_(-(2**31)).bitwise_or_(0x3F800000)
+    return sweep
+
+
+def _bandwidth(numel: int, device: torch.device) -> Callable[[], None]:
+    weights = torch.zeros(numel, device=device)
+
+    def sweep() -> None:
+        weights.add_(1.0)
+    return sweep
+
+
+def time_sweeps(numel: int, device: torch.device, repeats: int = 3, log=print) -> dict[str, float]:
+    """Median seconds of one sweep of ``numel`` numbers for each generator, and the bandwidth floor."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cases = {
+        "counter gaussian": _counter(numel, "gaussian", device),
+        "counter rademacher": _counter(numel, "rademacher", device),
+        "previous gaussian (per-chunk generator)": _previous(numel, "gaussian", device),
+        "previous rademacher (per-chunk generator)": _previous(numel - numel % 32, "rademacher", device),
+        "read + write of the weights (bandwidth floor)": _bandwidth(numel, device),
+    }
+    out = {}
+    for name, sweep in cases.items():
+        sweep()  # warm-up: scratch buffers, first touch
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            sweep()
+            sync()
+            times.append(time.perf_counter() - start)
+        out[name] = statistics.median(times)
+        log(f"sweep {name}: {out[name]:.3f} s")
+    return out
