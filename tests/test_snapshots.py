@@ -86,3 +86,29 @@ def test_fo_full_checkpoint_holds_one_copy_of_the_weights(tiny_dir, tmp_path):
     assert isinstance(ckpt["state"].best.weights, str)  # the best-dev copy lives in its own file
     assert (out / ckpt["state"].best.weights).is_file()
     assert len(list(out.glob("best-*.safetensors"))) == 1
+
+
+def test_logs_of_another_scheme_are_refused_and_other_devices_noted(tiny_dir, tmp_path, capsys):
+    """A log written with an earlier direction scheme is refused in one line (never replayed wrongly); one
+    written on another device kind replays with a note on the tolerance."""
+    from hyft.cli import main
+
+    out = tmp_path / "run"
+    Trainer(config(tiny_dir, steps=4), out, progress=False).run()
+    log = out / "zo_log.jsonl"
+    lines = log.read_text().splitlines()
+    header = json.loads(lines[0])
+
+    header["header"]["device"] = "cuda"
+    log.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    notes = []
+    from hyft.replay import replay
+
+    replay(tiny_dir, log, upto=2, log=notes.append)
+    assert any("written on cuda" in n for n in notes)
+
+    header["header"]["scheme"] = "chunked-v2"
+    log.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    assert main(["replay", "--model", tiny_dir, "--log", str(log), "--out", str(tmp_path / "base")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "chunked-v2" in err and "counter-v3" in err and "\n" not in err

@@ -326,3 +326,16 @@ def test_dora_is_refused_for_zo_on_the_base(tokenizer):
         ZOEngine(model, select_params(model, trainable=False))
     plain = get_peft_model(tiny_model("llama", len(tokenizer)), LoraConfig(r=4, task_type="CAUSAL_LM"))
     ZOEngine(plain, select_params(plain, trainable=False))  # plain LoRA is fine
+
+
+def test_parameters_read_outside_their_module_are_refused(tokenizer, examples):
+    """peft's LoRA on an embedding keeps A/B in a ParameterDict whose forward never runs: a ZO group holding
+    them would be updated without having been perturbed, so the first perturbed pass refuses it."""
+    from hyft.errors import HyftError
+
+    config = RunConfig(method="zo-peft", lora_targets=["embed_tokens", "q_proj"])
+    model, groups = prepare(tiny_model("llama", len(tokenizer)), config)
+    engine = ZOEngine(model, groups.zo)
+    batch = encode(tokenizer, examples)
+    with pytest.raises(HyftError, match="lora_embedding"), torch.no_grad(), engine.perturbed(1, 1e-2):
+        candidate_scores(model, batch)

@@ -118,9 +118,12 @@ def check_downloadable(name: str, timeout: float = 3.0) -> None:
         raise HyftError(f"unknown model {name!r}: not a packaged model, a local directory or a cached Hub model{hint}")
     where = "HF_HUB_OFFLINE is set"
     if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+        if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+            return  # a proxy decides reachability: let the hub client try
         endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+        port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
         try:
-            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+            socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
             return
         except OSError:
             where = f"{endpoint.hostname} is unreachable"

@@ -66,9 +66,10 @@ class BaseSnapshots:
         return lambda name: handle.get_tensor(name) if name in names else None
 
 
-def original_lookup(source: str, model: nn.Module, dtype: torch.dtype) -> Lookup | None:
+def original_lookup(source: str, model: nn.Module, dtype: torch.dtype, names: list[str]) -> Lookup | None:
     """Tensors of the original model by canonical name, read from the safetensors files of the model
-    directory ``source`` (tied weights found under any of their names); None if it has none."""
+    directory ``source`` (tied weights found under any of their names); None if it has none or if any of
+    ``names`` is stored under another key (checkpoints whose keys transformers renames on load)."""
     directory = Path(source)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -80,6 +81,8 @@ def original_lookup(source: str, model: nn.Module, dtype: torch.dtype) -> Lookup
         return None
     handles: dict[Path, object] = {}
     aliases = tied_aliases(model)
+    if not all(any(alias in files for alias in aliases.get(name, [name])) for name in names):
+        return None
 
     def lookup(name: str) -> Tensor | None:
         for alias in aliases.get(name, [name]):

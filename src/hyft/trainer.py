@@ -249,7 +249,8 @@ class Trainer:
     def _rebuild_base(self, engine: ZOEngine, updates: list[ZOUpdate], index: int, model: nn.Module,
                       what: str, fresh: bool = False) -> None:
         """``fresh``: the model holds the original weights (just loaded), so index 0 needs no reading."""
-        original = None if fresh else lambda: original_weights(self.config, model)
+        names = [canonical_name(n) for n, _ in engine.params]
+        original = None if fresh else lambda: original_weights(self.config, model, names)
         replayed = rebuild(engine, self.snapshots, updates, index, original)
         self.log(f"rebuilt the base model at {what}: snapshot {index - replayed} + {replayed} logged updates")
 
@@ -283,6 +284,9 @@ class Trainer:
             "method": method.state_dict(),
             "sampler": sampler.state_dict(),
             "direct": {name: p.detach().to("cpu", copy=True) for name, p in direct},
+            # residuals of low-precision ZO weights that no base snapshot holds (zo-peft)
+            "residuals": None if method.engine is None or self.config.zo_on_base else
+            [None if r is None else r.to("cpu", copy=True) for r in method.engine.residuals],
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
@@ -318,6 +322,10 @@ class Trainer:
         with torch.no_grad():
             for name, p in direct:
                 p.copy_(ckpt["direct"][name])
+            for r, saved in zip(method.engine.residuals if ckpt.get("residuals") else [], ckpt.get("residuals") or [],
+                                strict=True):
+                if r is not None:
+                    r.copy_(saved)
         # rows and updates written after this checkpoint belong to steps that will be run again
         self.run_dir.truncate_jsonl(self.run_dir.metrics, state.metrics_lines)
         if method.engine is not None:
@@ -360,15 +368,17 @@ def direct_params(config: RunConfig, groups: ParamGroups) -> list[tuple[str, nn.
 
 def load_direct(path: Path, direct) -> None:
     """Copy the weights saved by ``_write_best`` into the direct parameters."""
+    if not path.is_file():
+        raise HyftError(f"the best-dev weights {path} are missing; the run directory is incomplete")
     with torch.no_grad(), safe_open(str(path), "pt", device="cpu") as f:
         for name, p in direct:
             p.copy_(f.get_tensor(name))
 
 
-def original_weights(config: RunConfig, model: nn.Module) -> Lookup:
+def original_weights(config: RunConfig, model: nn.Module, names: list[str]) -> Lookup:
     """The original model's tensors by canonical name: read from its safetensors files one tensor at a time,
-    or (a hub model without local files) from a loaded copy."""
-    lookup = original_lookup(model_dir(config.model), model, resolve_dtype(config.dtype))
+    or (a hub model without local files, or keys renamed on load) from a loaded copy."""
+    lookup = original_lookup(model_dir(config.model), model, resolve_dtype(config.dtype), names)
     if lookup is not None:
         return lookup
     original, _ = load_model(config.model, config.dtype)

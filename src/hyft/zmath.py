@@ -95,7 +95,7 @@ def perturbed_rows(t: Target, scale: float, dist: str, rows: Tensor) -> Tensor:
     """The given rows (int64 tensor) of a 2-d θ + r + scale·z(seed), made in one batch of ops (an embedding
     lookup): bitwise equal to those rows of :func:`perturbed`."""
     cols = t.p.shape[1]
-    index = rows.view(-1, 1) * cols + torch.arange(cols, device=rows.device)
+    index = rows.long().view(-1, 1) * cols + torch.arange(cols, device=rows.device)
     z = noise.at(index, t.seed, dist)
     src = t.p.detach()[rows]
     if not t.low_precision:
@@ -126,8 +126,9 @@ def update_(targets: list[Target], step: float, decay: float, dist: str, applied
         true = _true_value(piece, r)
         v = z
         if applied is not None:
-            up = _round(true + applied.eps * z, piece.dtype)
-            down = _round(true - applied.eps * z, piece.dtype) if applied.two_sided else piece.float()
+            # exactly the arithmetic of the perturbed forwards (one rounding of θ + r ± εz, then the dtype)
+            up = _round(torch.add(true, z, alpha=applied.eps), piece.dtype)
+            down = _round(torch.add(true, z, alpha=-applied.eps), piece.dtype) if applied.two_sided else piece.float()
             v = up.sub_(down).mul_(1.0 / (applied.eps * (2.0 if applied.two_sided else 1.0)))
         if decay:
             true.mul_(1.0 - decay)
@@ -138,8 +139,6 @@ def update_(targets: list[Target], step: float, decay: float, dist: str, applied
 
     calls = []
     for t in targets:
-        if not t.p.is_contiguous():
-            raise ValueError("ZO parameters must be contiguous")
         flat = t.p.view(-1)
         res = None if t.r is None else t.r.view(-1)
         calls += [partial(work, t, flat, res, a, b) for a, b in noise.pieces(0, flat.numel(), flat.device)]

@@ -97,7 +97,11 @@ class ZOEngine:
                     uses[index[id(p)]] += 1
         missing = [params[i][0] for i, n in enumerate(uses) if n == 0]
         if missing:
-            raise ValueError(f"ZO parameters not owned by any module: {missing[:3]}")
+            raise HyftError(f"ZO parameters not owned by any module of the model: {', '.join(missing[:3])}")
+        strided = [name for name, p in params if not p.is_contiguous()]
+        if strided:
+            raise HyftError(f"ZO parameters must be contiguous: {', '.join(strided[:3])}")
+        self._checked = False  # whether a perturbed pass has shown that every parameter is reached
         # embeddings and linear layers are streamed by row blocks when their weight is tied (two users)
         # or larger than the lookahead budget: no temporary is ever bigger than one block of rows
         shared = {i for i, n in enumerate(uses) if n > 1}
@@ -190,8 +194,12 @@ class ZOEngine:
         saved = {m: m.__dict__.get("forward") for m in self.streamed}
         for module, i in self.streamed.items():
             module.forward = self._streamed_forward(module, i, step_seed, scale)
+        streamed_ran: set[nn.Module] = set()
+        self._ran = streamed_ran
         try:
             yield
+            if not self._checked:
+                self._check_reached(used, streamed_ran)
         finally:
             for h in handles:
                 h.remove()
@@ -204,6 +212,17 @@ class ZOEngine:
                 else:
                     module.forward = forward
 
+    def _check_reached(self, used: set[int], streamed_ran: set[nn.Module]) -> None:
+        """After the first perturbed pass: every ZO parameter must have been swapped in by its module's
+        forward; one read elsewhere (peft's lora_embedding_A/B, DoRA) would be updated without having been
+        perturbed, so refuse it in one line."""
+        reached = used | {i for m, i in self.streamed.items() if m in streamed_ran}
+        missing = [self.params[i][0] for i in range(len(self.params)) if i not in reached]
+        if missing:
+            raise HyftError(f"ZO parameters read outside their module's forward cannot be perturbed: "
+                            f"{', '.join(missing[:3])}; leave them out of the ZO group (--zo-params, LoRA targets)")
+        self._checked = True
+
     def _streamed_forward(self, module: nn.Module, i: int, step_seed: int, scale: float
                           ) -> Callable[[Tensor], Tensor]:
         """The forward of an embedding (only the looked-up rows are made) or a linear layer (its output
@@ -213,14 +232,18 @@ class ZOEngine:
 
         if isinstance(module, nn.Embedding):
             def lookup(ids: Tensor) -> Tensor:
+                self._ran.add(module)
                 needed, inverse = torch.unique(ids, return_inverse=True)
-                return self._perturbed_lookup(i, step_seed, scale, needed)[inverse]
+                per = _rows_per_block(cols, lookahead(p.device))  # bounded temporaries for large vocabularies
+                return torch.cat([self._perturbed_lookup(i, step_seed, scale, needed[k:k + per])
+                                  for k in range(0, needed.numel(), per)])[inverse]
             return lookup
 
         per = _rows_per_block(cols, lookahead(p.device))
         bias_index = next((j for attr, j in self.owners[module] if attr == "bias"), None)
 
         def head(h: Tensor, *_args: object, **_kwargs: object) -> Tensor:
+            self._ran.add(module)
             bias = module.bias
             if bias_index is not None:
                 (bias,) = self._perturbed_values([bias_index], step_seed, scale)
@@ -262,7 +285,7 @@ class ZOEngine:
             key = canonical_name(name)
             value = tensors(key)
             if value is None:
-                raise KeyError(f"no tensor {key!r} to restore the ZO parameters from")
+                raise HyftError(f"no tensor {key!r} to restore the ZO parameters from")
             p.copy_(value)
             if r is not None:
                 saved = tensors(key + RESIDUAL)

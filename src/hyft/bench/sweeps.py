@@ -5,8 +5,10 @@ reference) and memory bandwidth (one read and one write of the weights, what an 
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -23,22 +25,29 @@ def _counter(numel: int, dist: str, device: torch.device) -> Callable[[], None]:
 
 
 def _previous(numel: int, dist: str, device: torch.device) -> Callable[[], None]:
-    """The chunked-v2 scheme: one generator seeded per 256 Ki chunk (normal_, or randint for 32 signs a word)."""
-    gen = torch.Generator(device=device)
-    buf = torch.empty(OLD_CHUNK, device=device)
+    """The chunked-v2 scheme: one generator seeded per 256 Ki chunk (normal_, or randint for 32 signs a word),
+    chunks spread over a pool of torch's thread count, as that engine ran them."""
+    local = threading.local()
     shifts = torch.arange(31, -1, -1, dtype=torch.int32, device=device)
 
+    def chunk(k: int, start: int) -> None:
+        if not hasattr(local, "gen"):
+            local.gen, local.buf = torch.Generator(device=device), torch.empty(OLD_CHUNK, device=device)
+        out = local.buf[: min(OLD_CHUNK, numel - start)]
+        local.gen.manual_seed(k * 0x9E3779B9 + 7)
+        if dist == "gaussian":
+            out.normal_(generator=local.gen)
+        else:
+            words = torch.randint(-(2**31), 2**31, (out.numel() // 32, 1), generator=local.gen, dtype=torch.int32,
+                                  device=device)
+            signs = torch.bitwise_left_shift(words, shifts, out=out.view(torch.int32).view(-1, 32))
+            signs.bitwise_and_(-(2**31)).bitwise_or_(0x3F800000)
+
+    pool = ThreadPoolExecutor(torch.get_num_threads() if device.type == "cpu" else 1)
+
     def sweep() -> None:
-        for k, start in enumerate(range(0, numel, OLD_CHUNK)):
-            out = buf[: min(OLD_CHUNK, numel - start)]
-            gen.manual_seed(k * 0x9E3779B9 + 7)
-            if dist == "gaussian":
-                out.normal_(generator=gen)
-            else:
-                words = torch.randint(-(2**31), 2**31, (out.numel() // 32, 1), generator=gen, dtype=torch.int32,
-                                      device=device)
-                signs = torch.bitwise_left_shift(words, shifts, out=out.view(torch.int32).view(-1, 32))
-                signs.bitwise_and_(-(2**31)).bitwise_or_(0x3F800000)
+        for f in [pool.submit(chunk, k, start) for k, start in enumerate(range(0, numel, OLD_CHUNK))]:
+            f.result()
     return sweep
 
 
