@@ -216,7 +216,7 @@ class ZOEngine:
         """After the first perturbed pass: every ZO parameter must have been swapped in by its module's
         forward; one read elsewhere (peft's lora_embedding_A/B, DoRA) would be updated without having been
         perturbed, so refuse it in one line."""
-        reached = used | {i for m, i in self.streamed.items() if m in streamed_ran}
+        reached = used | {j for m in streamed_ran for _, j in self.owners[m]}  # a streamed weight and its bias
         missing = [self.params[i][0] for i in range(len(self.params)) if i not in reached]
         if missing:
             raise HyftError(f"ZO parameters read outside their module's forward cannot be perturbed: "
