@@ -22,6 +22,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", default="1b", choices=list(SHAPES))
     parser.add_argument("--out", default="runs/llama-1b-random")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="stored dtype (bfloat16: the same weights, cast, so a bf16 run loads no fp32 copy)")
     args = parser.parse_args()
     source = Path(model_dir("smollm2-135m"))
     out = Path(args.out)
@@ -31,7 +33,7 @@ def main() -> None:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=49152, tie_word_embeddings=False, max_position_embeddings=2048,
                          **SHAPES[args.size])
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
     model.save_pretrained(out)
     for f in source.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens")):
