@@ -94,10 +94,8 @@ class Trainer:
         self.resume = resume
         if resume:
             self.run_dir = RunDir.existing(out)
-            stored = RunConfig.from_yaml(self.run_dir.config)
-            diff = {k: (v, getattr(config, k)) for k, v in stored.to_dict().items() if getattr(config, k) != v}
-            if diff:
-                changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            changes = config_changes(RunConfig.from_yaml(self.run_dir.config).to_dict(), config)
+            if changes:
                 raise HyftError(f"cannot resume {out} with a different config ({changes}); "
                                 "start a new run with --out instead")
         else:
@@ -310,10 +308,8 @@ class Trainer:
     def _resume_from(self, ckpt: dict[str, Any], method: Method, sampler: EpochSampler, direct,
                      model: nn.Module) -> TrainState:
         stored = ckpt.get("config")
-        diff = {k: (v, getattr(self.config, k, None)) for k, v in (stored or {}).items()
-                if getattr(self.config, k, None) != v}
-        if stored is None or diff:
-            changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()) or "no config in checkpoint"
+        changes = "no config in checkpoint" if stored is None else config_changes(stored, self.config)
+        if changes:
             raise HyftError(f"cannot resume {self.run_dir.path}: its config differs from the checkpoint's ({changes}); "
                             "start a new run with --out instead")
         state: TrainState = ckpt["state"]
@@ -322,10 +318,10 @@ class Trainer:
         with torch.no_grad():
             for name, p in direct:
                 p.copy_(ckpt["direct"][name])
-            for r, saved in zip(method.engine.residuals if ckpt.get("residuals") else [], ckpt.get("residuals") or [],
-                                strict=True):
-                if r is not None:
-                    r.copy_(saved)
+            if ckpt.get("residuals"):  # zo-peft in low precision
+                for r, saved in zip(method.engine.residuals, ckpt["residuals"], strict=True):
+                    if r is not None:
+                        r.copy_(saved)
         # rows and updates written after this checkpoint belong to steps that will be run again
         self.run_dir.truncate_jsonl(self.run_dir.metrics, state.metrics_lines)
         if method.engine is not None:
@@ -364,6 +360,12 @@ class Trainer:
 def direct_params(config: RunConfig, groups: ParamGroups) -> list[tuple[str, nn.Parameter]]:
     """Weights that the ZO log cannot rebuild, so snapshots and checkpoints must store them."""
     return groups.fo + (groups.zo if config.method == "zo-peft" else [])
+
+
+def config_changes(stored: dict[str, Any], config: RunConfig) -> str:
+    """``key: old -> new`` for every value of ``config`` that differs from ``stored`` ('' when none)."""
+    return ", ".join(f"{k}: {v!r} -> {getattr(config, k, None)!r}" for k, v in stored.items()
+                     if getattr(config, k, None) != v)
 
 
 def load_direct(path: Path, direct) -> None:

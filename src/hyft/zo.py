@@ -193,13 +193,11 @@ class ZOEngine:
             handles.append(module.register_forward_hook(swap_out))
         saved = {m: m.__dict__.get("forward") for m in self.streamed}
         for module, i in self.streamed.items():
-            module.forward = self._streamed_forward(module, i, step_seed, scale)
-        streamed_ran: set[nn.Module] = set()
-        self._ran = streamed_ran
+            module.forward = self._streamed_forward(module, i, step_seed, scale, used)
         try:
             yield
             if not self._checked:
-                self._check_reached(used, streamed_ran)
+                self._check_reached(used)
         finally:
             for h in handles:
                 h.remove()
@@ -212,27 +210,28 @@ class ZOEngine:
                 else:
                     module.forward = forward
 
-    def _check_reached(self, used: set[int], streamed_ran: set[nn.Module]) -> None:
+    def _check_reached(self, used: set[int]) -> None:
         """After the first perturbed pass: every ZO parameter must have been swapped in by its module's
         forward; one read elsewhere (peft's lora_embedding_A/B, DoRA) would be updated without having been
         perturbed, so refuse it in one line."""
-        reached = used | {j for m in streamed_ran for _, j in self.owners[m]}  # a streamed weight and its bias
-        missing = [self.params[i][0] for i in range(len(self.params)) if i not in reached]
+        missing = [self.params[i][0] for i in range(len(self.params)) if i not in used]
         if missing:
             raise HyftError(f"ZO parameters read outside their module's forward cannot be perturbed: "
                             f"{', '.join(missing[:3])}; leave them out of the ZO group (--zo-params, LoRA targets)")
         self._checked = True
 
-    def _streamed_forward(self, module: nn.Module, i: int, step_seed: int, scale: float
+    def _streamed_forward(self, module: nn.Module, i: int, step_seed: int, scale: float, used: set[int]
                           ) -> Callable[[Tensor], Tensor]:
         """The forward of an embedding (only the looked-up rows are made) or a linear layer (its output
-        computed one block of rows at a time) with weight θ + scale·z."""
+        computed one block of rows at a time) with weight θ + scale·z; running it marks the module's
+        parameters (weight and bias) as ``used``."""
         p = self.params[i][1]
         rows, cols = p.shape
+        own = [j for _, j in self.owners[module]]
 
         if isinstance(module, nn.Embedding):
             def lookup(ids: Tensor) -> Tensor:
-                self._ran.add(module)
+                used.update(own)
                 needed, inverse = torch.unique(ids, return_inverse=True)
                 per = _rows_per_block(cols, lookahead(p.device))  # bounded temporaries for large vocabularies
                 return torch.cat([self._perturbed_lookup(i, step_seed, scale, needed[k:k + per])
@@ -243,7 +242,7 @@ class ZOEngine:
         bias_index = next((j for attr, j in self.owners[module] if attr == "bias"), None)
 
         def head(h: Tensor, *_args: object, **_kwargs: object) -> Tensor:
-            self._ran.add(module)
+            used.update(own)
             bias = module.bias
             if bias_index is not None:
                 (bias,) = self._perturbed_values([bias_index], step_seed, scale)
