@@ -122,3 +122,18 @@ def test_single_token_fast_path_matches_one_row_per_candidate(model, tokenizer):
         for k, (c, x) in enumerate(ex.pairs()):
             assert got[i, k].item() == pytest.approx(hand_logprob(model, tokenizer, c, x)[0], abs=1e-4)
     assert torch.allclose(got, got_right, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["copa", "cb"])
+def test_built_in_task_scores_match_hand_computation(model, tokenizer, name):
+    """COPA (two multi-token continuations) and CB (three answers after a newline) through the scorer."""
+    from hyft.tasks import get_task
+
+    # the three shortest, so that no context is cut at the tiny models' 256 positions
+    exs = sorted(get_task(name).read("validation"), key=lambda e: len(e.pairs()[0][0]))[:3]
+    with torch.no_grad():
+        scores = candidate_scores(model, encode(tokenizer, exs), "mean")
+    for i, ex in enumerate(exs):
+        for k, (context, continuation) in enumerate(ex.pairs()):
+            total, n = hand_logprob(model, tokenizer, context, continuation)
+            assert scores[i, k].item() == pytest.approx(total / n, abs=1e-4)

@@ -10,7 +10,7 @@ import pytest
 from hyft.errors import HyftError
 from hyft.tasks import TASKS, get_task, sample_splits
 from hyft.tasks.glue import SST2
-from hyft.tasks.superglue import WSC
+from hyft.tasks.superglue import CB, COPA, WSC
 from hyft.tasks.winogrande import WinoGrande
 
 
@@ -45,17 +45,41 @@ def test_winogrande_fills_the_blank_and_scores_the_shared_continuation():
     assert ex.gold == 0
 
 
-@pytest.mark.parametrize("name,train,dev,test", [("sst2", 1000, 500, 872), ("wsc", 54, 500, 104),
-                                                  ("winogrande", 1000, 500, 1000)])
+@pytest.mark.parametrize("name,train,dev,test", [("sst2", 1000, 500, 872), ("wsc", 416, 138, 104),
+                                                  ("winogrande", 1000, 500, 1000), ("cb", 188, 62, 56),
+                                                  ("copa", 300, 100, 100)])
 def test_sampling_sizes_and_disjointness(name, train, dev, test):
     splits = sample_splits(get_task(name), seed=0)
     assert (len(splits.train), len(splits.dev), len(splits.test)) == (train, dev, test)
     # Disjoint by row position in the source file (the files hold a few duplicate rows).
     assert not {id(e) for e in splits.train} & {id(e) for e in splits.dev}
-    if name == "wsc":
-        assert splits.notes and "54 remain" in splits.notes[0]
+    if name in ("wsc", "cb", "copa"):  # small files: dev is capped at a quarter, with a note
+        assert len(splits.notes) == 2 and "dev capped" in splits.notes[0]
     else:
         assert not splits.notes
+
+
+def test_cb_prompt_is_mezos_three_way_question():
+    row = {"premise": "It was a complex language. Not written down but handed down.",
+           "hypothesis": "the language was peeled down", "label": "neutral"}
+    ex = CB().render(row)
+    assert ex.pairs()[0] == ('Suppose It was a complex language. Not written down but handed down. '
+                             'Can we infer that "the language was peeled down"? Yes, No, or Maybe?\n', "Yes")
+    assert ex.candidates == ("Yes", "No", "Maybe") and ex.gold == 2
+    assert CB().render({**row, "label": "contradiction"}).gold == 1
+    with pytest.raises(ValueError):
+        CB().render({**row, "label": "maybe"})
+
+
+def test_copa_scores_each_choice_as_its_own_continuation():
+    row = {"premise": "My body cast a shadow over the grass.", "choice1": "The sun was rising.",
+           "choice2": "The grass was cut.", "question": "cause", "label": 0}
+    ex = COPA().render(row)
+    assert ex.pairs() == [("My body cast a shadow over the grass because", " the sun was rising."),
+                          ("My body cast a shadow over the grass because", " the grass was cut.")]
+    assert ex.gold == 0
+    effect = COPA().render({**row, "question": "effect", "label": 1})
+    assert effect.pairs()[0][0].endswith("grass so") and effect.gold == 1
 
 
 def test_sampling_is_seeded():
@@ -74,12 +98,12 @@ def test_sampled_splits_are_disjoint_by_index():
 
 
 def test_unknown_task_lists_known_ones():
-    with pytest.raises(HyftError, match="known tasks: sst2, wsc, winogrande"):
+    with pytest.raises(HyftError, match="known tasks: sst2, cb, copa, wsc, winogrande"):
         get_task("mnli")
 
 
-def test_registry_has_the_three_tasks():
-    assert set(TASKS) == {"sst2", "wsc", "winogrande"}
+def test_registry_has_the_built_in_tasks():
+    assert set(TASKS) == {"sst2", "cb", "copa", "wsc", "winogrande"}
 
 
 def _task_on(cls, tmp_path: Path, train_text: str):

@@ -6,10 +6,10 @@ from hyft.errors import HyftError
 from hyft.tasks.base import DATA_DIR, Example, Splits, Task, sample_splits
 from hyft.tasks.custom import load_custom_task
 from hyft.tasks.glue import SST2
-from hyft.tasks.superglue import WSC
+from hyft.tasks.superglue import CB, COPA, WSC
 from hyft.tasks.winogrande import WinoGrande
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (SST2, WSC, WinoGrande)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (SST2, CB, COPA, WSC, WinoGrande)}
 
 
 def get_task(name: str) -> Task:

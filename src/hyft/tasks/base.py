@@ -140,7 +140,8 @@ def sample_splits(
     reader: Callable[[str], list[Example]] | None = None,
 ) -> Splits:
     """MeZO's protocol: shuffle the training file with ``seed``; dev is drawn first, train from the rest
-    (disjoint); test is up to ``num_test`` examples of the validation file (all of them if fewer).
+    (disjoint), dev at most a quarter of the file; test is up to ``num_test`` examples of the validation
+    file (all of them if fewer).
     A training file too small for both gets a smaller train split and a note, never an error.
     """
     read = reader or task.read
@@ -149,6 +150,10 @@ def sample_splits(
     order = list(range(len(source)))
     rng.shuffle(order)
     notes = []
+    if num_dev > len(source) // 4:  # small training files (CB, COPA, WSC) keep most rows for training
+        notes.append(f"{task.name}: dev capped at {len(source) // 4} of the training file's {len(source)} rows "
+                     f"(asked for {num_dev})")
+        num_dev = len(source) // 4
     dev_idx = order[:num_dev]
     train_idx = order[num_dev : num_dev + num_train]
     if len(train_idx) < num_train:
