@@ -48,7 +48,7 @@ def _padded(n: int) -> int:
 
 def test_rng_sweeps_per_step(results, tiny_dir):
     """hyft: 3 sweeps two-sided, 2 one-sided, plus the embedding rows the lookup draws (exactly the batch's
-    tokens); the MeZO algorithm: 4."""
+    tokens); the fused step 3 (in place, no lookups); a 1 % mask 3 % of a sweep; the MeZO algorithm: 4."""
     rows = results[0]["rows"]
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     params = select_params(model)
@@ -59,9 +59,12 @@ def test_rng_sweeps_per_step(results, tiny_dir):
     lookup = len(ids) * cols  # exactly the looked-up rows
     assert rows["mezo"]["rng_sweeps"] == 4
     assert rows["zo-full"]["zo_numel"] == numel
-    for name in ("zo-full", "zo-full-rademacher", "hybrid-two-sided"):
+    for name in ("zo-full", "zo-full-rademacher", "hybrid-two-sided-separate"):
         assert rows[name]["rng_sweeps"] == pytest.approx((3 * sweep + 2 * lookup) / numel), name
+    assert rows["hybrid-two-sided"]["rng_sweeps"] == pytest.approx(3 * sweep / numel)  # in place: no lookups
     assert rows["hybrid-one-sided"]["rng_sweeps"] == pytest.approx((2 * sweep + lookup) / numel)
+    sparse = rows["zo-full-sparse"]  # 1 % of each tensor, drawn at its positions: + and − and the update
+    assert sparse["rng_sweeps"] == pytest.approx(3 * 0.01, rel=0.05)
     _, groups = prepare(AutoModelForCausalLM.from_pretrained(tiny_dir), RunConfig(method="zo-peft"))
     lora = sum(p.numel() for _, p in groups.zo)
     assert rows["zo-peft"]["rng_sweeps"] == pytest.approx(3 * sum(_padded(p.numel()) for _, p in groups.zo) / lora)

@@ -64,7 +64,7 @@ def test_one_sided_coefficient_uses_eval_mode_losses_at_both_points(tokenizer, e
     method.model.eval()
     with torch.no_grad():
         loss0 = method.objective.objective(batch).item()
-        with method.engine.perturbed(stats.zo_update.seed, 1e-2):
+        with method.engine.perturbed(stats.zo_updates[0].seed, 1e-2):
             plus = method.objective.objective(batch).item()
     assert stats.zo_coef == pytest.approx((plus - loss0) / 1e-2, rel=1e-5, abs=1e-6)
 

@@ -51,15 +51,15 @@ def test_bf16_replay_with_residuals_is_bitwise(tokenizer, examples, tmp_path):
     snapshot (which holds the residuals) plus the rest of the log."""
     _, _, method, _ = zo_run(tokenizer, examples, torch.bfloat16, 1e-4, 0)
     snapshots = BaseSnapshots(tmp_path)
-    updates = [method.step(examples, i).zo_update for i in range(3)]
+    updates = [method.step(examples, i).zo_updates[0] for i in range(3)]
     snapshots.write(method.engine, 3)
-    updates += [method.step(examples, i).zo_update for i in range(3, 6)]
+    updates += [method.step(examples, i).zo_updates[0] for i in range(3, 6)]
     final = {k: v.clone() for k, v in method.engine.state_tensors().items()}
     assert any(k.endswith("#residual") and v.abs().max() > 0 for k, v in final.items())
 
     def fresh_engine() -> ZOEngine:
         model, groups = prepare(tiny_model("llama", len(tokenizer)).to(torch.bfloat16), RunConfig(method="zo-full"))
-        return ZOEngine(model, groups.zo, eps=1e-3, two_sided=True)
+        return ZOEngine(model, groups.zo, method.engine.dist, eps=1e-3, two_sided=True)
 
     for store, replayed in [(BaseSnapshots(tmp_path / "none"), 6), (snapshots, 3)]:
         engine = fresh_engine()

@@ -94,7 +94,7 @@ def test_logs_of_another_scheme_are_refused_and_other_devices_noted(tiny_dir, tm
     from hyft.cli import main
 
     out = tmp_path / "run"
-    Trainer(config(tiny_dir, steps=4), out, progress=False).run()
+    Trainer(config(tiny_dir, steps=4, zo_dist="gaussian"), out, progress=False).run()  # the note is for Gaussian z
     log = out / "zo_log.jsonl"
     lines = log.read_text().splitlines()
     header = json.loads(lines[0])

@@ -10,6 +10,8 @@ from typing import Any
 import yaml
 
 from hyft.errors import HyftError
+from hyft.estimators import ESTIMATORS
+from hyft.masks import MASKS
 
 
 def _type_ok(kind: str, value: Any) -> bool:
@@ -66,7 +68,7 @@ class RunConfig:
     max_bad_steps: int = field(default=5, metadata={"help": "consecutive non-finite steps before the run stops"})
     # first-order group (phi)
     lr_fo: float = field(default=1e-3, metadata={"help": "learning rate of the FO group"})
-    optimizer_fo: str = field(default="sgd", metadata={"help": "sgd or adamw"})
+    optimizer_fo: str = field(default="adamw", metadata={"help": "adamw or sgd"})
     momentum_fo: float = field(default=0.0, metadata={"help": "SGD momentum of the FO group"})
     weight_decay_fo: float = field(default=0.0, metadata={"help": "weight decay of the FO group"})
     schedule_fo: str = field(default="constant", metadata={"help": "constant, linear or cosine"})
@@ -75,8 +77,17 @@ class RunConfig:
     lr_zo: float = field(default=1e-6, metadata={"help": "learning rate of the ZO group"})
     eps: float = field(default=1e-3, metadata={"help": "ZO perturbation size epsilon"})
     estimator: str = field(default="two-sided", metadata={"help": "two-sided or one-sided SPSA"})
-    zo_dist: str = field(default="gaussian", metadata={"help": "direction distribution: gaussian or rademacher"})
+    zo_dist: str = field(default="rademacher", metadata={"help": "direction distribution: rademacher (±1, cheap to draw) or gaussian (MeZO)"})
     zo_params: str | None = field(default=None, metadata={"help": "regex: ZO-train only matching base params"})
+    zo_q: int = field(default=1, metadata={"help": "random directions per step, estimated at the same weights"})
+    zo_combine: str = field(default="mean", metadata={"help": "how the q estimates combine: mean (q-SPSA) or "
+                                                              "normalized (FZOO: divided by their spread)"})
+    zo_mask: str | None = field(default=None, metadata={"help": "sparse ZO: perturb only a fixed mask of each ZO "
+                                                                "tensor chosen by magnitude or sensitivity"})
+    zo_density: float = field(default=0.01, metadata={"help": "sparse ZO: fraction of each tensor in the mask"})
+    mask_batches: int = field(default=4, metadata={"help": "sensitivity mask: batches of squared gradients"})
+    fused: bool = field(default=True, metadata={"help": "hybrid two-sided: the backward pass for the PEFT module "
+                                                        "is the SPSA point θ+εz (one forward fewer per step)"})
     weight_decay_zo: float = field(default=0.0, metadata={"help": "weight decay of the ZO group"})
     zo_compensate: bool = field(
         default=True, metadata={"help": "bf16/fp16: keep each ZO update's rounding error in a residual (one more "
@@ -115,6 +126,12 @@ class RunConfig:
             (self.optimizer_fo in ("sgd", "adamw"), "optimizer_fo must be sgd or adamw"),
             (self.estimator in ("two-sided", "one-sided"), "estimator must be two-sided or one-sided"),
             (self.zo_dist in ("gaussian", "rademacher"), "zo_dist must be gaussian or rademacher"),
+            (self.zo_q >= 1, "zo_q must be >= 1"),
+            (self.zo_combine in ESTIMATORS, f"zo_combine must be one of {', '.join(ESTIMATORS)}"),
+            (self.zo_combine != "normalized" or self.zo_q >= 2, "zo_combine normalized needs zo_q >= 2"),
+            (self.zo_mask in (None, *MASKS), f"zo_mask must be one of {', '.join(MASKS)}"),
+            (0 < self.zo_density <= 1, "zo_density must be in (0, 1]"),
+            (self.mask_batches > 0, "mask_batches must be > 0"),
             (self.shuffle in ("reshuffle", "once", "none"), "shuffle must be reshuffle, once or none"),
             (self.loss in ("classification", "lm"), "loss must be classification or lm"),
             (self.normalize in ("mean", "sum"), "normalize must be mean or sum"),

@@ -8,11 +8,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hyft import masks
 from hyft.config import ZO_ON_BASE
+from hyft.engines import make_engine
 from hyft.errors import HyftError
 from hyft.models import load_model
 from hyft.snapshots import BaseSnapshots, rebuild
-from hyft.zo import ZOEngine, ZOLog, canonical_name, select_params
+from hyft.zo import ZOLog, canonical_name, select_params
 
 
 def replay(model_name: str, log_path: str | Path, out: str | Path | None = None, upto: int | None = None,
@@ -45,8 +47,9 @@ def replay(model_name: str, log_path: str | Path, out: str | Path | None = None,
     if numel != header["numel"] or names[:1] != header["first"] or names[-1:] != header["last"]:
         raise HyftError(f"{log_path} was written for a different model ({header['model']!r}, "
                         f"{header['numel']:,} ZO weights); {model_name!r} has {numel:,}")
-    engine = ZOEngine(model, params, header["dist"], eps=header["eps"], two_sided=header["estimator"] == "two-sided",
-                      compensate=header["zo_compensate"])
+    mask = masks.load(log_path.parent / masks.MASK_FILE, params) if header.get("zo_mask") else None
+    engine = make_engine(model, params, header["dist"], header["eps"], header["estimator"] == "two-sided",
+                         header["zo_compensate"], mask)
     from hyft.trainer import check_device  # the trainer owns the run's conventions
 
     check_device(header, torch.device(device), log)

@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from hyft.zo import ZOEngine, ZOUpdate, canonical_name
+from hyft.engines import Engine
+from hyft.zo import ZOUpdate, canonical_name
 
 Lookup = Callable[[str], Tensor | None]
 _NAME = re.compile(r"base-(\d+)\.safetensors")
@@ -39,7 +40,7 @@ class BaseSnapshots:
     def path(self, index: int) -> Path:
         return self.directory / f"base-{index:08d}.safetensors"
 
-    def write(self, engine: ZOEngine, index: int) -> Path:
+    def write(self, engine: Engine, index: int) -> Path:
         """Save the engine's tensors as the snapshot after ``index`` updates (atomically)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(index)
@@ -106,7 +107,7 @@ def tied_aliases(model: nn.Module) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def rebuild(engine: ZOEngine, snapshots: BaseSnapshots, updates: list[ZOUpdate], index: int,
+def rebuild(engine: Engine, snapshots: BaseSnapshots, updates: list[ZOUpdate], index: int,
             original: Callable[[], Lookup] | None) -> int:
     """Set the engine's tensors to the base after ``updates[:index]``: load the nearest snapshot at or
     below ``index`` (else the original weights; ``original=None``: the engine already holds them) and

@@ -27,8 +27,9 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from hyft import noise
+from hyft import masks, noise
 from hyft.config import RunConfig
+from hyft.engines import Engine
 from hyft.errors import HyftError
 from hyft.evaluate import evaluate
 from hyft.memory import peak_memory_mb
@@ -39,7 +40,7 @@ from hyft.rundir import RunDir
 from hyft.sampler import EpochSampler
 from hyft.snapshots import BaseSnapshots, Lookup, original_lookup, rebuild
 from hyft.tasks import get_task, sample_splits
-from hyft.zo import ZOEngine, ZOLog, ZOUpdate, canonical_name
+from hyft.zo import ZOLog, ZOUpdate, canonical_name
 
 
 class Interrupted(HyftError):
@@ -128,7 +129,9 @@ class Trainer:
         model, groups = prepare(model, c)
         self.log(f"{c.method}: {groups.describe()}")
         total = c.steps if c.epochs is None else math.ceil(c.epochs * len(splits.train) / c.batch_size)
-        method: Method = METHODS[c.method](model, groups, Objective(model, tokenizer, c), c, total)
+        objective = Objective(model, tokenizer, c)
+        mask = self._zo_mask(groups, objective, splits.train) if c.zo_mask and groups.zo else None
+        method: Method = METHODS[c.method](model, groups, objective, c, total, mask)
         sampler = EpochSampler(len(splits.train), c.batch_size, c.shuffle, c.seed)
         zo_log = ZOLog(self.run_dir.zo_log)
         direct = direct_params(c, groups)
@@ -157,12 +160,14 @@ class Trainer:
                 stats = method.step([splits.train[i] for i in sampler.next_batch()], step)
                 seconds = time.perf_counter() - start
                 state.step, state.train_seconds = step + 1, state.train_seconds + seconds
-                if stats.zo_update is not None:
-                    zo_log.append(stats.zo_update)
+                before = state.zo_updates
+                for u in stats.zo_updates:
+                    zo_log.append(u)
                     state.zo_updates += 1
-                    if c.zo_on_base and state.zo_updates % c.snapshot_every == 0:
-                        assert method.engine is not None
-                        self.snapshots.write(method.engine, state.zo_updates)
+                # a snapshot holds the base after whole steps (all directions of a step are applied at once)
+                if c.zo_on_base and state.zo_updates // c.snapshot_every > before // c.snapshot_every:
+                    assert method.engine is not None
+                    self.snapshots.write(method.engine, state.zo_updates)
                 state.bad = state.bad + 1 if stats.skipped else 0
                 state.skipped += int(stats.skipped)
                 self._log_metrics(state, {
@@ -244,13 +249,31 @@ class Trainer:
             return
         self._rebuild_base(method.engine, updates, best.zo_updates, model, f"the best-dev step {best.step}")
 
-    def _rebuild_base(self, engine: ZOEngine, updates: list[ZOUpdate], index: int, model: nn.Module,
+    def _rebuild_base(self, engine: Engine, updates: list[ZOUpdate], index: int, model: nn.Module,
                       what: str, fresh: bool = False) -> None:
         """``fresh``: the model holds the original weights (just loaded), so index 0 needs no reading."""
         names = [canonical_name(n) for n, _ in engine.params]
         original = None if fresh else lambda: original_weights(self.config, model, names)
         replayed = rebuild(engine, self.snapshots, updates, index, original)
         self.log(f"rebuilt the base model at {what}: snapshot {index - replayed} + {replayed} logged updates")
+
+    def _zo_mask(self, groups: ParamGroups, objective: Objective, train: list) -> list[torch.Tensor]:
+        """The sparse-ZO mask: read back on resume, otherwise chosen now (sensitivity: on the first
+        ``mask_batches`` training batches) and written to the run directory before the first step."""
+        c, path = self.config, self.run_dir.path / masks.MASK_FILE
+        if self.resume:
+            return masks.load(path, groups.zo)
+
+        def loss(b: int) -> torch.Tensor:
+            examples = [train[(b * c.batch_size + j) % len(train)] for j in range(c.batch_size)]
+            objective.model.train()
+            return objective(objective.encode(examples))
+
+        mask = masks.build(c.zo_mask, groups.zo, c.zo_density, loss, c.mask_batches)
+        masks.save(path, groups.zo, mask)
+        self.log(f"ZO mask ({c.zo_mask}, density {c.zo_density:g}): {sum(m.numel() for m in mask):,} of "
+                 f"{sum(p.numel() for _, p in groups.zo):,} weights")
+        return mask
 
     def _write_best(self, step: int, direct) -> str:
         """The best-dev direct weights in their own file (not in memory, not in every checkpoint)."""
@@ -397,11 +420,13 @@ def check_device(header: dict[str, Any], device: torch.device, log: Callable[[st
             "agree to ~1e-6 relative there, so the rebuilt base matches to that tolerance, not bitwise")
 
 
-def zo_header(config: RunConfig, engine: ZOEngine, device: torch.device) -> dict[str, Any]:
+def zo_header(config: RunConfig, engine: Engine, device: torch.device) -> dict[str, Any]:
     names = [canonical_name(n) for n, _ in engine.params]
     return {
         "model": config.model, "method": config.method, "dtype": config.dtype, "dist": engine.dist,
         "scheme": noise.SCHEME, "device": device.type, "eps": config.eps, "estimator": config.estimator,
+        "zo_q": config.zo_q, "zo_combine": config.zo_combine, "zo_mask": config.zo_mask,
+        "zo_density": config.zo_density if config.zo_mask else None,
         "zo_compensate": config.zo_compensate,
         "zo_params": config.zo_params, "num_tensors": len(names), "numel": engine.numel,
         "first": names[:1], "last": names[-1:],

@@ -109,19 +109,29 @@ def _round(x: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 @torch.no_grad()
-def update_(targets: list[Target], step: float, decay: float, dist: str, applied: Applied | None = None) -> None:
+def update_(targets: list[Target], step: float, decay: float, dist: str, applied: Applied | None = None,
+            shifts: tuple[float, ...] = ()) -> None:
     """In place for every target: θ + r ← (1 − decay)·(θ + r) − step·v, with v = z in full precision and
-    the applied direction (see the module docstring) in low precision when ``applied`` is given."""
+    the applied direction (see the module docstring) in low precision when ``applied`` is given.
+
+    ``shifts`` (full precision only): θ ← θ + s·z for each s first, op by op as separate in-place shifts
+    would do it, so a step whose perturbations were applied in place replays bitwise in one pass.
+    """
 
     def work(t: Target, flat: Tensor, res: Tensor | None, a: int, b: int) -> None:
         n = flat.numel()
         z = noise.z_piece(t.seed, a, b, dist, flat.device)[: min(b, n) - a]
         piece = flat[a:min(b, n)]
         if not t.low_precision:
+            for s in shifts:
+                piece.add_(z.to(piece.dtype), alpha=s)
             if decay:
                 piece.mul_(1.0 - decay)
-            piece.add_(z.to(piece.dtype), alpha=-step)
+            if step:
+                piece.add_(z.to(piece.dtype), alpha=-step)
             return
+        if shifts:
+            raise ValueError("in-place shifts are exact only in full precision")
         r = None if res is None else res[a:min(b, n)]
         true = _true_value(piece, r)
         v = z

@@ -48,13 +48,21 @@ def direction_seed(step_seed: int, name: str) -> int:
 
 @dataclass
 class ZOUpdate:
-    """One logged update: θ ← θ − lr·(coef·z(seed) + weight_decay·θ)."""
+    """One logged update: θ ← θ − lr·(coef·z(seed) + weight_decay·θ).
+
+    ``shifts``: the in-place perturbations θ ← θ + s·z(seed) of the step that made it (the fused hybrid
+    step: +ε, −2ε, +ε), applied first, so that a replay repeats their rounding exactly.
+    """
 
     step: int
     seed: int
     coef: float
     lr: float
     weight_decay: float = 0.0
+    shifts: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.shifts = tuple(self.shifts)  # JSON gives lists
 
 
 LOOKAHEAD = 1 << 22  # CPU: elements of perturbed temporaries made in one batch (16 MiB in float32)
@@ -66,7 +74,39 @@ def lookahead(device: torch.device) -> int:
     return LOOKAHEAD if device.type == "cpu" else DEVICE_LOOKAHEAD
 
 
-class ZOEngine:
+RESIDUAL = "#residual"
+
+
+class EngineState:
+    """What a snapshot of the base must hold, for any engine with ``params`` and ``residuals``."""
+
+    params: list[tuple[str, nn.Parameter]]
+    residuals: list[Tensor | None]
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The ZO tensors by canonical name, with their residuals (``NAME#residual``) where kept."""
+        out = {}
+        for (name, p), r in zip(self.params, self.residuals, strict=True):
+            out[canonical_name(name)] = p.detach()
+            if r is not None:
+                out[canonical_name(name) + RESIDUAL] = r
+        return out
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: Callable[[str], Tensor | None]) -> None:
+        """Set every ZO tensor (and residual: zero when absent) from ``tensors(name)``."""
+        for (name, p), r in zip(self.params, self.residuals, strict=True):
+            key = canonical_name(name)
+            value = tensors(key)
+            if value is None:
+                raise HyftError(f"no tensor {key!r} to restore the ZO parameters from")
+            p.copy_(value)
+            if r is not None:
+                saved = tensors(key + RESIDUAL)
+                r.zero_() if saved is None else r.copy_(saved)
+
+
+class ZOEngine(EngineState):
     """Perturbs and updates a fixed list of named parameters of ``model`` from seeds only.
 
     ``eps`` and ``two_sided`` describe the SPSA points; in bf16/fp16 the update follows the direction those
@@ -102,6 +142,7 @@ class ZOEngine:
         if strided:
             raise HyftError(f"ZO parameters must be contiguous: {', '.join(strided[:3])}")
         self._checked = False  # whether a perturbed pass has shown that every parameter is reached
+        self._pending: tuple[int, tuple[float, ...]] | None = None  # (seed, shifts) applied by shift_
         # embeddings and linear layers are streamed by row blocks when their weight is tied (two users)
         # or larger than the lookahead budget: no temporary is ever bigger than one block of rows
         shared = {i for i, n in enumerate(uses) if n > 1}
@@ -254,44 +295,42 @@ class ZOEngine:
             return out
         return head
 
+    @property
+    def can_shift(self) -> bool:
+        """In-place perturbations (the fused hybrid step) need full precision to be replayed exactly."""
+        return all(p.dtype in noise.FULL_PRECISION for _, p in self.params)
+
+    @torch.no_grad()
+    def shift_(self, step_seed: int, scale: float) -> None:
+        """θ ← θ + scale·z(step_seed) in place, so that a forward and a backward see the perturbed weights
+        with no temporaries; the update that ends the step repeats the shifts in its log line."""
+        if not self.can_shift:
+            raise HyftError("in-place perturbation needs float32 ZO weights; use the unfused step in bf16/fp16")
+        if self._pending and self._pending[0] != step_seed:
+            raise HyftError("in-place shifts of two different directions are pending")
+        targets = [self.target(i, step_seed) for i in range(len(self.params))]
+        zmath.update_(targets, 0.0, 0.0, self.dist, shifts=(scale,))
+        self._pending = (step_seed, self._pending[1] + (scale,) if self._pending else (scale,))
+
     @torch.no_grad()
     def update(self, u: ZOUpdate) -> None:
         """θ ← θ − lr·(coef·v + weight_decay·θ); v = z in full precision, the applied direction in bf16/fp16.
 
-        A zero step (lr = 0, or coef = 0 without decay) writes nothing: θ stays bitwise identical.
+        ``u.shifts`` not applied yet by :meth:`shift_` (all of them in a replay) are applied first, in the
+        same pass. A zero step (lr = 0, or coef = 0 without decay) with no shifts writes nothing: θ stays
+        bitwise identical.
         """
+        done = self._pending[1] if self._pending and self._pending[0] == u.seed else ()
+        if u.shifts[:len(done)] != done:
+            raise HyftError(f"update of step {u.step} does not finish the in-place shifts {done}")
+        self._pending = None
+        shifts = u.shifts[len(done):]
         step = u.lr * u.coef
         decay = u.lr * u.weight_decay
-        if step == 0.0 and decay == 0.0:
+        if step == 0.0 and decay == 0.0 and not shifts:
             return
         targets = [self.target(i, u.seed) for i in range(len(self.params))]
-        zmath.update_(targets, step, decay, self.dist, self.applied)
-
-    # --- state that a snapshot of the base must hold -------------------------------------------------
-    def state_tensors(self) -> dict[str, Tensor]:
-        """The ZO tensors by canonical name, with their residuals (``NAME#residual``) where kept."""
-        out = {}
-        for (name, p), r in zip(self.params, self.residuals, strict=True):
-            out[canonical_name(name)] = p.detach()
-            if r is not None:
-                out[canonical_name(name) + RESIDUAL] = r
-        return out
-
-    @torch.no_grad()
-    def load_state_tensors(self, tensors: Callable[[str], Tensor | None]) -> None:
-        """Set every ZO tensor (and residual: zero when absent) from ``tensors(name)``."""
-        for (name, p), r in zip(self.params, self.residuals, strict=True):
-            key = canonical_name(name)
-            value = tensors(key)
-            if value is None:
-                raise HyftError(f"no tensor {key!r} to restore the ZO parameters from")
-            p.copy_(value)
-            if r is not None:
-                saved = tensors(key + RESIDUAL)
-                r.zero_() if saved is None else r.copy_(saved)
-
-
-RESIDUAL = "#residual"
+        zmath.update_(targets, step, decay, self.dist, self.applied, shifts)
 
 
 def refuse_outside_readers(model: nn.Module, params: list[tuple[str, nn.Parameter]]) -> None:

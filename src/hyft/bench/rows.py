@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hyft import noise
+from hyft import masks, noise
 from hyft.bench.mezo import MeZOReference
 from hyft.bench.timing import SplitTimer
 from hyft.config import RunConfig
@@ -19,22 +19,23 @@ from hyft.methods import METHODS, Objective
 from hyft.models import load_model
 from hyft.params import prepare
 from hyft.scoring import Batch
+from hyft.zo import ZOEngine
 
 # row -> (label, RunConfig overrides); "forward" and "mezo" are not hyft methods
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "forward": ("no-grad forward (inference)", {}),
-    "fo-peft": ("fo-peft (LoRA, SGD)", {"method": "fo-peft", "lr_fo": 1e-3}),
-    "fo-full": ("fo-full (AdamW)", {"method": "fo-full", "optimizer_fo": "adamw", "lr_fo": 1e-6}),
-    "zo-full": ("zo-full (hyft engine)", {"method": "zo-full"}),
+    "fo-peft": ("fo-peft (LoRA, AdamW)", {"method": "fo-peft"}),
+    "fo-full": ("fo-full (AdamW)", {"method": "fo-full", "lr_fo": 1e-6}),
+    "zo-full": ("zo-full (hyft engine, Gaussian z)", {"method": "zo-full", "zo_dist": "gaussian"}),
     "zo-full-rademacher": ("zo-full, Rademacher z", {"method": "zo-full", "zo_dist": "rademacher"}),
-    "mezo": ("MeZO algorithm (reference)", {"method": "zo-full"}),
+    "zo-full-sparse": ("zo-full, 1 % magnitude mask", {"method": "zo-full", "zo_mask": "magnitude"}),
+    "mezo": ("MeZO algorithm (reference)", {"method": "zo-full", "zo_dist": "gaussian"}),
     "zo-peft": ("zo-peft (LoRA)", {"method": "zo-peft", "lr_zo": 1e-4, "eps": 1e-2}),
     "hybrid-one-sided": ("hybrid, one-sided", {"method": "hybrid", "estimator": "one-sided"}),
-    "hybrid-two-sided": ("hybrid, two-sided", {"method": "hybrid", "estimator": "two-sided"}),
-    "hybrid-one-sided-rademacher": ("hybrid, one-sided, Rademacher z",
-                                    {"method": "hybrid", "estimator": "one-sided", "zo_dist": "rademacher"}),
-    "hybrid-two-sided-rademacher": ("hybrid, two-sided, Rademacher z",
-                                    {"method": "hybrid", "estimator": "two-sided", "zo_dist": "rademacher"}),
+    "hybrid-two-sided": ("hybrid, two-sided, fused (default)", {"method": "hybrid"}),
+    "hybrid-two-sided-separate": ("hybrid, two-sided, separate FO pass", {"method": "hybrid", "fused": False}),
+    "hybrid-two-sided-gaussian": ("hybrid, two-sided, fused, Gaussian z", {"method": "hybrid", "zo_dist": "gaussian"}),
+    "hybrid-sparse": ("hybrid, two-sided, fused, 1 % magnitude mask", {"method": "hybrid", "zo_mask": "magnitude"}),
 }
 
 
@@ -144,14 +145,20 @@ def build_row(name: str, model_name: str, batch_size: int, seq_len: int, dtype: 
         return _mezo_row(name, label, model, tokenizer, config, batch, timer)
     model, groups = prepare(model, config)
     objective = _FixedObjective(Objective(model, tokenizer, config), batch, timer)
-    method = METHODS[config.method](model, groups, objective, config, total=10_000)  # type: ignore[arg-type]
+    mask = masks.build(config.zo_mask, groups.zo, config.zo_density) if config.zo_mask else None
+    method = METHODS[config.method](model, groups, objective, config, total=10_000, mask=mask)  # type: ignore[arg-type]
     method.loss_with_grad = timer.timed(method.loss_with_grad, "backward")  # exclusive of the forward inside
     temporaries = _Temporaries()
     if method.engine is not None:
         engine = method.engine
-        engine._perturbed_values = timer.timed(temporaries.wrap(engine._perturbed_values), "perturb")
-        engine._perturbed_rows = timer.timed(temporaries.wrap(engine._perturbed_rows), "perturb")
-        engine._perturbed_lookup = timer.timed(engine._perturbed_lookup, "perturb")  # batch-sized, not a weight
+        if isinstance(engine, ZOEngine):
+            engine._perturbed_values = timer.timed(temporaries.wrap(engine._perturbed_values), "perturb")
+            engine._perturbed_rows = timer.timed(temporaries.wrap(engine._perturbed_rows), "perturb")
+            engine._perturbed_lookup = timer.timed(engine._perturbed_lookup, "perturb")  # batch-sized rows
+            engine.shift_ = timer.timed(engine.shift_, "perturb")  # the fused step's in-place shifts
+        else:  # in place at the masked positions (shifts included)
+            engine._set = timer.timed(engine._set, "perturb")
+            engine._restore = timer.timed(engine._restore, "perturb")
         engine.update = timer.timed(engine.update, "update")
     if method.optimizer is not None:
         method.optimizer.step = timer.timed(method.optimizer.step, "update")

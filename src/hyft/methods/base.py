@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -14,11 +14,13 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from hyft.config import RunConfig
+from hyft.engines import Engine, make_engine
+from hyft.estimators import ESTIMATORS
 from hyft.params import ParamGroups
 from hyft.schedule import lr_at
 from hyft.scoring import Batch, candidate_scores, classification_loss, encode, lm_loss
 from hyft.tasks.base import Example
-from hyft.zo import ZOEngine, ZOUpdate
+from hyft.zo import ZOUpdate
 
 
 class Objective:
@@ -43,8 +45,8 @@ class StepStats:
     loss: float
     lr_fo: float | None = None
     lr_zo: float | None = None
-    zo_coef: float | None = None
-    zo_update: ZOUpdate | None = None
+    zo_coef: float | None = None  # the first direction's finite difference g
+    zo_updates: list[ZOUpdate] = field(default_factory=list)  # one per direction, in the order applied
     skipped: bool = False  # a non-finite loss or coefficient: no update was applied
 
 
@@ -53,9 +55,10 @@ class Method(ABC):
 
     name: str
 
-    def __init__(self, model: nn.Module, groups: ParamGroups, objective: Objective, config: RunConfig, total: int):
+    def __init__(self, model: nn.Module, groups: ParamGroups, objective: Objective, config: RunConfig, total: int,
+                 mask: list[Tensor] | None = None):
         self.model, self.groups, self.objective, self.config, self.total = model, groups, objective, config, total
-        self.engine = build_engine(model, groups, config)
+        self.engine = build_engine(model, groups, config, mask)
         # a loss from the train-mode (first-order) pass equals the eval-mode loss only without dropout
         self.train_loss_is_eval_loss = not dropout_active(model)
         self.optimizer = self._fo_optimizer() if groups.fo else None
@@ -89,7 +92,12 @@ class Method(ABC):
         loss.backward()
         return loss
 
-    @torch.no_grad()
+    def loss_eval(self, batch: Batch) -> float:
+        """L(θ, φ; B) with no grad, eval mode (dropout off): a point of a finite difference."""
+        self.model.eval()
+        with torch.no_grad():
+            return self.objective(batch).item()
+
     def spsa(self, batch: Batch, seed: int, loss0: float | None = None) -> tuple[float, float]:
         """SPSA coefficient g for direction z(seed): two-sided (L+ − L−)/2ε, or one-sided (L+ − L0)/ε.
 
@@ -100,16 +108,28 @@ class Method(ABC):
         """
         assert self.engine is not None
         eps = self.config.eps
-        self.model.eval()
         with self.engine.perturbed(seed, +eps):
-            plus = self.objective(batch).item()
+            plus = self.loss_eval(batch)
         if self.config.estimator == "one-sided":
             if loss0 is None or not self.train_loss_is_eval_loss:
-                loss0 = self.objective(batch).item()
+                loss0 = self.loss_eval(batch)
             return (plus - loss0) / eps, loss0
         with self.engine.perturbed(seed, -eps):
-            minus = self.objective(batch).item()
+            minus = self.loss_eval(batch)
         return (plus - minus) / (2 * eps), (plus + minus) / 2 if loss0 is None else loss0
+
+    def estimate(self, batch: Batch, loss0: float | None = None) -> tuple[list[tuple[int, float]], float, float]:
+        """``zo_q`` SPSA estimates at the same weights, combined by the ``zo_combine`` estimator: returns
+        [(seed, coefficient)] to apply, the first direction's g, and the loss at θ."""
+        seeds = [self.next_seed() for _ in range(self.config.zo_q)]  # each z_i is regenerated from its seed
+        gs, losses = [], []
+        for seed in seeds:
+            g, loss = self.spsa(batch, seed, loss0)
+            gs.append(g)
+            losses.append(loss)
+            loss0 = loss if self.config.estimator == "one-sided" else loss0  # L0 once per step
+        coefs = ESTIMATORS[self.config.zo_combine](gs) if finite(*gs) else gs
+        return list(zip(seeds, coefs, strict=True)), gs[0], sum(losses) / len(losses)
 
     def fo_update(self, step: int) -> float:
         """φ ← optimizer step with this step's FO learning rate; returns that rate."""
@@ -121,12 +141,17 @@ class Method(ABC):
         self.optimizer.zero_grad(set_to_none=True)
         return lr
 
-    def zo_update(self, seed: int, coef: float, step: int) -> ZOUpdate:
-        """θ ← θ − η_zo (g·z + λ θ), applied in place from the seed; returns the logged update."""
+    def zo_update(self, seed: int, coef: float, step: int, shifts: tuple[float, ...] = ()) -> ZOUpdate:
+        """θ ← θ − η_zo (c·z + λ θ), applied in place from the seed; returns the logged update.
+        ``shifts``: this direction's in-place perturbations (see :meth:`ZOEngine.shift_`)."""
         assert self.engine is not None
-        update = ZOUpdate(step, seed, coef, lr=self.lr_zo(step), weight_decay=self.config.weight_decay_zo)
+        update = ZOUpdate(step, seed, coef, lr=self.lr_zo(step), weight_decay=self.config.weight_decay_zo,
+                          shifts=shifts)
         self.engine.update(update)
         return update
+
+    def zo_updates(self, directions: list[tuple[int, float]], step: int) -> list[ZOUpdate]:
+        return [self.zo_update(seed, coef, step) for seed, coef in directions]
 
     def discard_grads(self) -> None:
         if self.optimizer is not None:
@@ -145,12 +170,13 @@ class Method(ABC):
             self.optimizer.load_state_dict(state["optimizer"])
 
 
-def build_engine(model: nn.Module, groups: ParamGroups, config: RunConfig) -> ZOEngine | None:
-    """The ZO engine of a run's θ group (None without one), with the SPSA points the updates follow."""
+def build_engine(model: nn.Module, groups: ParamGroups, config: RunConfig, mask: list[Tensor] | None = None
+                 ) -> Engine | None:
+    """The ZO engine of a run's ZO group (None without one), with the SPSA points the updates follow."""
     if not groups.zo:
         return None
-    return ZOEngine(model, groups.zo, config.zo_dist, eps=config.eps, two_sided=config.estimator == "two-sided",
-                    compensate=config.zo_compensate)
+    return make_engine(model, groups.zo, config.zo_dist, config.eps, config.estimator == "two-sided",
+                       config.zo_compensate, mask)
 
 
 DROPOUT_FIELDS = ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout", "resid_pdrop",

@@ -13,9 +13,8 @@ class ZerothOrder(Method):
 
     def step(self, examples: Sequence[Example], step: int) -> StepStats:
         batch = self.objective.encode(examples)
-        seed = self.next_seed()
-        g, loss = self.spsa(batch, seed)  # loss: L(θ) one-sided, (L(θ+εz) + L(θ−εz)) / 2 two-sided
-        if not finite(loss, g):
+        directions, g, loss = self.estimate(batch)  # loss: L(θ) one-sided, mean of L(θ±εz) two-sided
+        if not finite(loss, *(c for _, c in directions)):
             return StepStats(loss=loss, zo_coef=g, skipped=True)
-        update = self.zo_update(seed, g, step)
-        return StepStats(loss=loss, lr_zo=update.lr, zo_coef=g, zo_update=update)
+        updates = self.zo_updates(directions, step)
+        return StepStats(loss=loss, lr_zo=updates[0].lr, zo_coef=g, zo_updates=updates)
