@@ -27,7 +27,7 @@ def test_masked_q_direction_estimate_expects_the_masked_gradient(tokenizer, exam
     model = tiny_model("llama", len(tokenizer))
     config = RunConfig(method="zo-full", zo_params=ONE_TENSOR, zo_q=400, eps=1e-2, zo_dist="rademacher")
     model, groups = prepare(model, config)
-    (name, p), = groups.zo
+    (_, p), = groups.zo
     mask = masks.build("magnitude", groups.zo, density=1 / 16)
     method = METHODS["zo-full"](model, groups, Objective(model, tokenizer, config), config, total=1, mask=mask)
     batch = method.objective.encode(examples)

@@ -77,7 +77,8 @@ class RunConfig:
     lr_zo: float = field(default=1e-6, metadata={"help": "learning rate of the ZO group"})
     eps: float = field(default=1e-3, metadata={"help": "ZO perturbation size epsilon"})
     estimator: str = field(default="two-sided", metadata={"help": "two-sided or one-sided SPSA"})
-    zo_dist: str = field(default="rademacher", metadata={"help": "direction distribution: rademacher (±1, cheap to draw) or gaussian (MeZO)"})
+    zo_dist: str = field(default="rademacher", metadata={"help": "directions: rademacher (±1, cheap to draw) or "
+                                                                   "gaussian (MeZO)"})
     zo_params: str | None = field(default=None, metadata={"help": "regex: ZO-train only matching base params"})
     zo_q: int = field(default=1, metadata={"help": "random directions per step, estimated at the same weights"})
     zo_combine: str = field(default="mean", metadata={"help": "how the q estimates combine: mean (q-SPSA) or "
