@@ -1,35 +1,104 @@
-"""Run a method × task × seed grid resumably, append to one results file, render the table and plots.
+"""Run a study resumably: dev sweeps, then method × task × seed cells tuned on them; render its report.
 
-    python scripts/grid.py run configs/grid.yaml            # runs what is missing, one run at a time
-    python scripts/grid.py render configs/grid.yaml         # markdown table + comparison plots
+    python scripts/grid.py run configs/study.yaml       # runs what is missing, one run at a time
+    python scripts/grid.py render configs/study.yaml    # tables + curves from the results file only
+    python scripts/grid.py list configs/study.yaml      # every run and its command, in run order
 
-The grid file has ``base`` (RunConfig keys shared by all runs), ``out`` (directory) and ``runs``: a list
-of {name, ...RunConfig overrides}; ``seeds: [0, 1, 2]`` repeats every run per seed. A run whose name is
-already in ``<out>/results.jsonl`` is skipped and an interrupted one resumes from its checkpoint, so the
-grid can be stopped and extended (more seeds, a faster machine) and rerun.
+The grid file has ``out`` (run directories), ``results`` (the results file: one JSON line per finished
+run, with its dev curve, so rendering needs nothing else), ``base`` (RunConfig keys of every run),
+``sweeps`` (name → {method, task, ...fixed keys, ``grid``: {key: [values]}}, every combination run on
+seed 0) and ``cells`` (name → {method, tasks, seeds, ``tuned``: a sweep whose best-dev values it takes,
+...fixed keys}). A run whose name is in the results file is skipped; an interrupted one resumes from its
+checkpoint; a cell whose sweep has not finished waits for it (sweeps run first).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shlex
 import statistics
 import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 
-def expand(grid: dict[str, Any]) -> list[dict[str, Any]]:
+def load_results(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.is_file():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["name"]: r for r in records}
+
+
+def value_tag(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+SPECIAL = ("grid", "tasks", "seeds", "tuned", "label")
+
+
+def sweep_runs(grid: dict[str, Any], results: dict[str, dict[str, Any]] | None = None, only: str | None = None
+               ) -> list[dict[str, Any]]:
+    """Every sweep run (or those of sweep ``only``); ``config`` is None while a sweep it is tuned on is
+    unfinished."""
     runs = []
-    for seed in grid.get("seeds", [0]):
-        for run in grid["runs"]:
-            config = {**grid.get("base", {}), **{k: v for k, v in run.items() if k != "name"}, "seed": seed}
-            runs.append({"name": f"{run['name']}-s{seed}", "config": config})
+    for name, sweep in grid.get("sweeps", {}).items():
+        if only is not None and name != only:
+            continue
+        fixed = {k: v for k, v in sweep.items() if k not in SPECIAL}
+        tuned = tuned_values(sweep.get("tuned"), grid, results or {})
+        keys = list(sweep["grid"])
+        for values in itertools.product(*(sweep["grid"][k] for k in keys)):
+            chosen = dict(zip(keys, values, strict=True))
+            tag = "-".join(f"{k}{value_tag(v)}" for k, v in chosen.items())
+            config = None if tuned is None else {**grid.get("base", {}), **fixed, **tuned, **chosen, "seed": 0}
+            runs.append({"name": f"sweep-{name}-{tag}", "sweep": name, "chosen": {**(tuned or {}), **chosen},
+                         "config": config})
+    return runs
+
+
+def tuned_values(names: str | list[str] | None, grid: dict[str, Any], results: dict[str, dict[str, Any]]
+                 ) -> dict[str, Any] | None:
+    """The merged best-dev values of the named sweeps, or None while one of them is unfinished."""
+    merged: dict[str, Any] = {}
+    for name in [names] if isinstance(names, str) else names or []:
+        best = best_of(name, grid, results)
+        if best is None:
+            return None
+        merged.update(best)
+    return merged
+
+
+def best_of(sweep: str, grid: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The chosen values of the sweep's run with the best dev accuracy (ties: the earlier in grid order;
+    a failed run counts as -1), or None while any of its runs is unfinished."""
+    runs = sweep_runs(grid, results, only=sweep)
+    if any(r["name"] not in results for r in runs):
+        return None
+    best = max(runs, key=lambda r: results[r["name"]]["best_dev_accuracy"])  # max keeps the first of ties
+    return best["chosen"]
+
+
+def cell_runs(grid: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every cell run, seed-major (all seed-0 runs first); ``config`` is None while its sweep is pending."""
+    runs = []
+    cells = grid.get("cells", {})
+    seeds = sorted({s for cell in cells.values() for s in cell.get("seeds", [0])})
+    for seed in seeds:
+        for name, cell in cells.items():
+            if seed not in cell.get("seeds", [0]):
+                continue
+            tuned = tuned_values(cell.get("tuned"), grid, results)
+            fixed = {k: v for k, v in cell.items() if k not in SPECIAL}
+            for task in cell["tasks"]:
+                config = None if tuned is None else {**grid.get("base", {}), **fixed, **tuned, "task": task,
+                                                     "seed": seed}
+                runs.append({"name": f"{task}-{name}-s{seed}", "cell": name, "label": cell.get("label", name),
+                             "config": config})
     return runs
 
 
@@ -46,88 +115,149 @@ def command(config: dict[str, Any], out: Path) -> str:
     return f"hyft train {' '.join(flags)} --out {out}"
 
 
-def done_names(results: Path) -> set[str]:
-    if not results.is_file():
-        return set()
-    return {json.loads(line)["name"] for line in results.read_text().splitlines() if line.strip()}
+def curve(run_dir: Path) -> list[list[float]]:
+    """[step, dev accuracy, training seconds so far] at every dev evaluation."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    out, seconds = [], 0.0
+    for r in rows:
+        if "loss" in r:
+            seconds += r["seconds"]
+        if "dev_accuracy" in r:
+            out.append([r["step"], r["dev_accuracy"], round(seconds, 2)])
+    return out
+
+
+def run_one(run: dict[str, Any], out: Path, results_path: Path) -> None:
+    run_dir = out / run["name"]
+    cmd = command(run["config"], run_dir)
+    print(f"[grid] {run['name']}: {cmd}", flush=True)
+    exe = str(Path(sys.executable).parent / "hyft")
+    if (run_dir / "checkpoint.pt").is_file() and not (run_dir / "results.json").is_file():
+        argv = [exe, "train", "--resume", str(run_dir), "--no-progress"]  # interrupted: continue it
+    elif (run_dir / "results.json").is_file():
+        argv = None  # finished but not recorded (stopped between the two): record it
+    else:
+        argv = [exe, *shlex.split(cmd)[1:], "--overwrite", "--no-progress"]
+    same = next((r for r in load_results(results_path).values() if r.get("config") == run["config"]), None)
+    if same is not None and not same.get("failed"):  # the same run already done (a sweep's winner)
+        record = {**same, "name": run["name"], "cell": run.get("cell"), "label": run.get("label"),
+                  "sweep": run.get("sweep"), "chosen": run.get("chosen"), "reused": same["name"]}
+        with results_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        return
+    code = 0 if argv is None else subprocess.run(argv, check=False).returncode
+    if code != 0:  # recorded, so that a diverging setting loses its sweep instead of blocking it
+        print(f"[grid] {run['name']} failed with exit code {code}", flush=True)
+        failed = {"name": run["name"], "failed": True, "exit_code": code, "best_dev_accuracy": -1.0,
+                  "command": cmd, "config": run["config"], "sweep": run.get("sweep"), "chosen": run.get("chosen"),
+                  "cell": run.get("cell"), "label": run.get("label")}
+        with results_path.open("a") as f:
+            f.write(json.dumps(failed) + "\n")
+        return
+    record = json.loads((run_dir / "results.json").read_text())
+    record.update(name=run["name"], command=cmd, config=run["config"], curve=curve(run_dir), cell=run.get("cell"),
+                  label=run.get("label"), sweep=run.get("sweep"), chosen=run.get("chosen"))
+    median = statistics.median(json.loads(line)["seconds"] for line in (run_dir / "metrics.jsonl").read_text()
+                               .splitlines() if '"loss"' in line)
+    record["median_step_seconds"] = round(median, 3)
+    with results_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def run_grid(grid: dict[str, Any], only: str | None) -> None:
-    out = Path(grid["out"])
+    out, results_path = Path(grid["out"]), Path(grid["results"])
     out.mkdir(parents=True, exist_ok=True)
-    results = out / "results.jsonl"
-    for run in expand(grid):
-        if run["name"] in done_names(results) or (only and only not in run["name"]):
-            continue
-        run_dir = out / run["name"]
-        cmd = command(run["config"], run_dir)
-        print(f"[grid] {run['name']}: {cmd}", flush=True)
-        exe = str(Path(sys.executable).parent / "hyft")
-        if (run_dir / "checkpoint.pt").is_file():  # an interrupted run: continue it rather than start over
-            argv = [exe, "train", "--resume", str(run_dir), "--no-progress"]
-        else:
-            argv = [exe, *shlex.split(cmd)[1:], "--overwrite", "--no-progress"]
-        proc = subprocess.run(argv, check=False)
-        if proc.returncode != 0:
-            print(f"[grid] {run['name']} failed with exit code {proc.returncode}; continuing", flush=True)
-            continue
-        record = json.loads((run_dir / "results.json").read_text())
-        record.update(name=run["name"], command=cmd, run_dir=str(run_dir))
-        with results.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        results = load_results(results_path)
+        pending = [r for r in sweep_runs(grid, results) + cell_runs(grid, results)
+                   if r["name"] not in results and r["config"] is not None and (not only or only in r["name"])]
+        if not pending:
+            return
+        run_one(pending[0], out, results_path)
 
 
-def dev_curve(run_dir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [(r["step"], r["dev_accuracy"]) for r in rows if "dev_accuracy" in r]
+# --- the report ------------------------------------------------------------------------------------
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
-def median_step_seconds(run_dir: Path) -> float:
-    """Median wall time of a training step: unlike the total, not inflated by a paused or shared machine."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return statistics.median(r["seconds"] for r in rows if "seconds" in r and "loss" in r)
-
-
-def steps_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
-    return next((step for step, acc in curve if acc >= target), None)
+def reach(curve_: list[list[float]], target: float) -> tuple[float, float] | None:
+    """(steps, seconds) of the first dev evaluation at or above ``target``."""
+    return next(((s, t) for s, acc, t in curve_ if acc >= target - 1e-9), None)
 
 
 def render(grid: dict[str, Any]) -> str:
-    out = Path(grid["out"])
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
-    # fo-peft's final dev accuracy per (task, seed) is the bar that "steps to reach" measures against
-    bar = {(r["task"], r["seed"]): dev_curve(Path(r["run_dir"]))[-1][1] for r in records if r["method"] == "fo-peft"}
-    lines = [
-        "| task | method | seed | steps | test acc | zero-shot | best dev (step) | steps to fo-peft's final dev "
-        "| train s | median s/step | peak RSS MB | lr_fo | lr_zo | eps |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in sorted(records, key=lambda r: (r["task"], r["seed"], r["method"])):
-        target = bar.get((r["task"], r["seed"]))
-        reach = steps_to_reach(dev_curve(Path(r["run_dir"])), target) if target is not None else None
-        zs = r.get("zero_shot_test_accuracy")
-        lines.append(
-            f"| {r['task']} | {r['method']} | {r['seed']} | {r['steps']} | {r['test_accuracy']:.3f} | "
-            f"{'' if zs is None else f'{zs:.3f}'} | {r['best_dev_accuracy']:.3f} ({r['best_step']}) | "
-            f"{'—' if target is None else (reach if reach is not None else f'not reached ({target:.3f})')} | "
-            f"{r['train_seconds']:.0f} | {median_step_seconds(Path(r['run_dir'])):.1f} | {r['peak_rss_mb']:.0f} | "
-            f"{r.get('lr_fo') or ''} | {r.get('lr_zo') or ''} | {r.get('eps') or ''} |"
-        )
-    lines.append("")
-    lines.append("Commands:")
-    lines.append("")
-    for r in sorted(records, key=lambda r: (r["task"], r["seed"], r["method"])):
-        lines.append(f"- `{r['name']}`: `{r['command']}`")
-    table = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(table)
-    from hyft.plot import plot_runs
+    results = load_results(Path(grid["results"]))
+    cells = [r for r in cell_runs(grid, results) if r["name"] in results]
+    failed = [r["name"] for r in cells if results[r["name"]].get("failed")]
+    records = [results[r["name"]] for r in cells if not results[r["name"]].get("failed")]
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    labels = list(dict.fromkeys(r["label"] for r in records))
+    # the bar: fo-peft's final dev accuracy on the same task and seed
+    bar = {(r["task"], r["seed"]): r["curve"][-1][1] for r in records if r["cell"] == grid.get("reference", "fo-peft")}
+    lines = ["| task | method | seeds | test acc (mean ± std) | best dev | steps to fo-peft's final dev | "
+             "seconds to it | s/step (median) | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for task in tasks:
+        for label in labels:
+            rs = [r for r in records if r["task"] == task and r["label"] == label]
+            if not rs:
+                continue
+            acc, acc_sd = mean_std([r["test_accuracy"] for r in rs])
+            dev, _ = mean_std([r["best_dev_accuracy"] for r in rs])
+            hits = [reach(r["curve"], bar[(task, r["seed"])]) for r in rs if (task, r["seed"]) in bar]
+            got = [h for h in hits if h is not None]
+            steps = f"{statistics.fmean(h[0] for h in got):.0f} ({len(got)}/{len(hits)} seeds)" if got else \
+                f"not reached (0/{len(hits)})"
+            secs = f"{statistics.fmean(h[1] for h in got):.0f}" if got else "—"
+            lines.append(f"| {task} | {label} | {len(rs)} | {acc:.3f} ± {acc_sd:.3f} | {dev:.3f} | {steps} | {secs} | "
+                         f"{statistics.fmean(r['median_step_seconds'] for r in rs):.2f} | "
+                         f"{max(r['peak_rss_mb'] for r in rs):,.0f} |")
+    sweeps = [r for r in results.values() if r.get("sweep") and not r.get("reused")]
+    lines += ["", "Dev sweeps (seed 0; the best dev accuracy picks the values the cells use):", "",
+              "| sweep | values | best dev | test |", "|---|---|---|---|"]
+    lines += [f"| {r['sweep']} | {', '.join(f'{k}={value_tag(v)}' for k, v in r['chosen'].items())} | "
+              + (f"{r['best_dev_accuracy']:.3f} | {r['test_accuracy']:.3f} |" if not r.get("failed")
+                 else f"failed (exit {r['exit_code']}) | — |") for r in sweeps]
+    if failed:
+        lines += ["", f"Failed cells ({len(failed)}): {', '.join(failed)}"]
+    missing = [r["name"] for r in sweep_runs(grid, results) + cell_runs(grid, results) if r["name"] not in results]
+    if missing:
+        lines += ["", f"Not run yet ({len(missing)}): {', '.join(missing)}"]
+    text = "\n".join(lines) + "\n"
+    figures = Path(grid.get("figures", Path(grid["results"]).parent))
+    for task in tasks:
+        plot_curves([r for r in records if r["task"] == task], labels, figures / f"study-{task}.png", task)
+    return text
 
-    by_task = defaultdict(list)
-    for r in records:
-        by_task[r["task"]].append(Path(r["run_dir"]))
-    for task, runs in by_task.items():
-        plot_runs(runs, out / f"compare-{task}.png")
-    return table
+
+def plot_curves(records: list[dict[str, Any]], labels: list[str], path: Path, task: str) -> None:
+    """Dev accuracy against step and against training seconds: mean over seeds and a min–max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label in labels:
+        rs = [r for r in records if r["label"] == label]
+        if not rs:
+            continue
+        n = min(len(r["curve"]) for r in rs)
+        for ax, x in ((axes[0], 0), (axes[1], 2)):
+            xs = [statistics.fmean(r["curve"][i][x] for r in rs) for i in range(n)]
+            ys = [[r["curve"][i][1] for r in rs] for i in range(n)]
+            line, = ax.plot(xs, [statistics.fmean(y) for y in ys], marker="o", ms=3, label=f"{label} ({len(rs)})")
+            ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.15)
+    axes[0].set(xlabel="step", ylabel="dev accuracy", title=f"{task}: dev accuracy by step")
+    axes[1].set(xlabel="training seconds (2 CPU cores)", ylabel="dev accuracy", title=f"{task}: by wall-clock")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -143,8 +273,11 @@ def main() -> None:
     elif args.action == "render":
         print(render(grid))
     else:
-        for run in expand(grid):
-            print(run["name"], command(run["config"], Path(grid["out"]) / run["name"]))
+        results = load_results(Path(grid["results"]))
+        for run in sweep_runs(grid, results) + cell_runs(grid, results):
+            done = "done" if run["name"] in results else "    "
+            cmd = command(run["config"], Path(grid["out"]) / run["name"]) if run["config"] else "(waits for sweep)"
+            print(f"{done} {run['name']}: {cmd}")
 
 
 if __name__ == "__main__":

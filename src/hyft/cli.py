@@ -86,6 +86,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from hyft.methods import Objective
+    from hyft.models import load_model
+    from hyft.params import prepare
+    from hyft.probe import probe_run
+    from hyft.tasks import get_task, sample_splits
+    from hyft.trainer import resolve_device
+
+    values = RunConfig.from_yaml(args.config).to_dict() if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if k in CONFIG_KEYS})
+    config = RunConfig.from_dict(values, source="flags")
+    splits = sample_splits(get_task(config.task), config.seed, config.num_train, config.num_dev, config.num_test)
+    model, tokenizer = load_model(config.model, config.dtype, resolve_device(config.device))
+    model, groups = prepare(model, config)
+    result = probe_run(config, model, groups, Objective(model, tokenizer, config), splits.train, args.batches,
+                       args.directions)
+    print(result.describe())
+    suggested = {k: getattr(result, k) for k in ("lr_zo", "lr_fo", "eps") if getattr(result, k) is not None}
+    print("suggested: " + " ".join(f"--{k.replace('_', '-')} {v:.3g}" for k, v in suggested.items()))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from hyft.replay import replay
 
@@ -181,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _config_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("probe", help="measure each group's curvature on a few batches and suggest lr_zo, "
+                                     "lr_fo and eps (what --auto-lr uses)")
+    p.add_argument("--config", default=None, help="YAML config; flags override")
+    p.add_argument("--batches", type=int, default=4, help="training batches to average over")
+    p.add_argument("--directions", type=int, default=4, help="ZO directions per batch")
+    p.add_argument("--json", default=None, help="also write the measurements to this JSON file")
+    _config_flags(p)
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("replay", help="rebuild a fine-tuned base model from the original and a ZO log")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the original model the run started from")

@@ -87,6 +87,8 @@ class RunConfig:
                                                                 "tensor chosen by magnitude or sensitivity"})
     zo_density: float = field(default=0.01, metadata={"help": "sparse ZO: fraction of each tensor in the mask"})
     mask_batches: int = field(default=4, metadata={"help": "sensitivity mask: batches of squared gradients"})
+    auto_lr: bool = field(default=False, metadata={"help": "set lr_fo, lr_zo and eps from `hyft probe` on the "
+                                                           "first training batches before step 1"})
     fused: bool = field(default=True, metadata={"help": "hybrid two-sided: the backward pass for the PEFT module "
                                                         "is the SPSA point θ+εz (one forward fewer per step)"})
     weight_decay_zo: float = field(default=0.0, metadata={"help": "weight decay of the ZO group"})

@@ -11,6 +11,7 @@ uninterrupted run would.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -130,6 +131,8 @@ class Trainer:
         self.log(f"{c.method}: {groups.describe()}")
         total = c.steps if c.epochs is None else math.ceil(c.epochs * len(splits.train) / c.batch_size)
         objective = Objective(model, tokenizer, c)
+        if c.auto_lr and checkpoint is None:
+            self._auto_lr(model, groups, objective, splits.train)
         mask = self._zo_mask(groups, objective, splits.train) if c.zo_mask and groups.zo else None
         method: Method = METHODS[c.method](model, groups, objective, c, total, mask)
         sampler = EpochSampler(len(splits.train), c.batch_size, c.shuffle, c.seed)
@@ -256,6 +259,17 @@ class Trainer:
         original = None if fresh else lambda: original_weights(self.config, model, names)
         replayed = rebuild(engine, self.snapshots, updates, index, original)
         self.log(f"rebuilt the base model at {what}: snapshot {index - replayed} + {replayed} logged updates")
+
+    def _auto_lr(self, model: nn.Module, groups: ParamGroups, objective: Objective, train: list) -> None:
+        """``--auto-lr``: probe the starting weights, take its suggestions, and write them to the run's config
+        (so that resume, replay and the results name the rates that were used) and to ``probe.json``."""
+        from hyft.probe import apply, probe_run
+
+        result = probe_run(self.config, model, groups, objective, train)
+        self.log(result.describe())
+        self.log(f"--auto-lr: {', '.join(apply(self.config, result)) or 'nothing measurable; defaults kept'}")
+        self.config.validate().to_yaml(self.run_dir.config)
+        (self.run_dir.path / "probe.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
 
     def _zo_mask(self, groups: ParamGroups, objective: Objective, train: list) -> list[torch.Tensor]:
         """The sparse-ZO mask: read back on resume, otherwise chosen now (sensitivity: on the first

@@ -1,0 +1,172 @@
+"""Learning rates from a local quadratic model of the loss, per parameter group (``hyft probe``).
+
+On a few batches, at the starting weights:
+- **ZO group θ.** For directions z_i: g_i = (L(θ+εz_i) − L(θ−εz_i))/2ε and the curvature along z_i,
+  c_i = (L(θ+εz_i) + L(θ−εz_i) − 2L(θ))/ε². The ZO step θ − η g z lowers the loss in expectation by
+  η E[g²] − ½η² E[g² c], so the best η is E[g²]/E[g² c] (≈ 1/tr H_θθ: the dimension-dependent ZO rate
+  of MeZO's analysis and the hybrid paper's L_θ constant, measured rather than assumed).
+- **FO group φ.** For the optimizer's first-step direction u (SGD: the gradient; AdamW: its sign), the
+  step φ − η u is best at η = gᵀu / uᵀH_φφu, with H_φφu from a central difference of two gradients.
+- **ε.** Large enough that L(θ+εz) − L(θ−εz) stands well above float rounding of the loss, small enough
+  that the curvature term stays below 10 % of the slope term: MeZO's 1e-3 clipped into that window.
+Both estimates are ratios of means over every direction and batch (robust to single negative curvatures).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from hyft.methods.base import Method
+from hyft.scoring import Batch
+
+FLOAT32_RESOLUTION = 2.0**-23
+
+
+@dataclass
+class Probe:
+    """What the probe measured and what it suggests (None where a group is absent or shows no curvature)."""
+
+    batches: int
+    directions: int
+    loss: float
+    zo_slope_sq: float | None = None  # E[g²] ≈ |∇θ L|²
+    zo_curvature: float | None = None  # E[g² c] / E[g²]: the curvature the ZO step sees (≈ tr H_θθ)
+    fo_slope: float | None = None  # E[gᵀu]
+    fo_curvature: float | None = None  # E[uᵀHu] / E[|u|²]
+    lr_zo: float | None = None
+    lr_fo: float | None = None
+    eps: float | None = None
+    eps_window: tuple[float, float] | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        def fmt(x: float | None) -> str:
+            return "—" if x is None else f"{x:.3g}"
+        lines = [f"probe: {self.batches} batches, loss {self.loss:.4f}"]
+        if self.zo_curvature is not None:
+            lines.append(f"  θ (ZO): E[g²] {fmt(self.zo_slope_sq)}, curvature seen by the ZO step "
+                         f"{fmt(self.zo_curvature)} over {self.directions} directions → lr_zo {fmt(self.lr_zo)}")
+        if self.eps is not None and self.eps_window is not None:
+            lines.append(f"  ε window [{fmt(self.eps_window[0])}, {fmt(self.eps_window[1])}] → eps {fmt(self.eps)}")
+        if self.fo_curvature is not None:
+            lines.append(f"  φ (FO): slope {fmt(self.fo_slope)}, curvature along the first step "
+                         f"{fmt(self.fo_curvature)} → lr_fo {fmt(self.lr_fo)}")
+        return "\n".join(lines)
+
+
+def _flat(tensors: Sequence[Tensor | None], like: Sequence[Tensor]) -> Tensor:
+    return torch.cat([(torch.zeros_like(p) if t is None else t).flatten().float()
+                      for t, p in zip(tensors, like, strict=True)])
+
+
+def fo_direction(grad: Tensor, optimizer: str) -> Tensor:
+    """The optimizer's first step direction: AdamW's first update is lr·g/|g| elementwise."""
+    return torch.sign(grad) if optimizer == "adamw" else grad
+
+
+def probe(method: Method, batches: Sequence[Batch], directions: int = 4, eps: float = 1e-3) -> Probe:
+    """Measure both groups of ``method`` at its current weights; the weights are left as they were."""
+    model, objective = method.model, method.objective
+    losses: list[float] = []
+    result = Probe(batches=len(batches), directions=directions * len(batches), loss=float("nan"))
+    fo = [p for _, p in method.groups.fo]
+    zo_num, zo_den, fo_num, fo_den, fo_norm, slopes = [], [], [], [], [], []
+    for batch in batches:
+        model.eval()
+        with torch.no_grad():
+            loss0 = objective(batch).item()
+        losses.append(loss0)
+        if method.engine is not None:
+            for _ in range(directions):
+                seed = method.next_seed()
+                with torch.no_grad(), method.engine.perturbed(seed, +eps):
+                    plus = objective(batch).item()
+                with torch.no_grad(), method.engine.perturbed(seed, -eps):
+                    minus = objective(batch).item()
+                g, c = (plus - minus) / (2 * eps), (plus + minus - 2 * loss0) / eps**2
+                zo_num.append(g * g)
+                zo_den.append(g * g * c)
+                slopes.append(abs(g))
+        if fo:
+            grad = _gradient(method, batch, fo)
+            u = fo_direction(grad, method.config.optimizer_fo)
+            h = 1e-3 * max(1.0, float(_flat([p.detach() for p in fo], fo).abs().max())) / float(u.abs().max())
+            hu = (_shifted_gradient(method, batch, fo, u, h) - _shifted_gradient(method, batch, fo, u, -h)) / (2 * h)
+            fo_num.append(float(grad @ u))
+            fo_den.append(float(u @ hu))
+            fo_norm.append(float(u @ u))
+    result.loss = statistics.fmean(losses)
+    if zo_num:
+        result.zo_slope_sq = statistics.fmean(zo_num)
+        curvature = statistics.fmean(zo_den) / result.zo_slope_sq if result.zo_slope_sq > 0 else 0.0
+        result.zo_curvature = curvature
+        result.lr_zo = 1.0 / curvature if curvature > 0 else None
+        low = 100 * FLOAT32_RESOLUTION * abs(result.loss) / max(statistics.fmean(slopes), 1e-30)
+        high = 0.1 * statistics.fmean(slopes) / curvature if curvature > 0 else math.inf
+        result.eps_window = (low, high)
+        result.eps = min(max(eps, low), high) if low <= high else low
+    if fo_num:
+        result.fo_slope = statistics.fmean(fo_num)
+        den = statistics.fmean(fo_den)
+        result.fo_curvature = den / statistics.fmean(fo_norm)
+        result.lr_fo = result.fo_slope / den if den > 0 else None
+    return result
+
+
+def _gradient(method: Method, batch: Batch, params: list[Tensor]) -> Tensor:
+    method.model.eval()  # the probe measures the deterministic loss
+    loss = method.objective(batch)
+    return _flat(torch.autograd.grad(loss, params, allow_unused=True), params)
+
+
+def _shifted_gradient(method: Method, batch: Batch, params: list[Tensor], u: Tensor, h: float) -> Tensor:
+    """∇φ L at φ + h·u (φ restored after)."""
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        offset = 0
+        for p in params:
+            p.add_(u[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=h)
+            offset += p.numel()
+    try:
+        return _gradient(method, batch, params)
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+
+
+def batches_of(examples: Sequence, batch_size: int, count: int, encode: Callable[[Sequence], Batch]) -> list[Batch]:
+    """The first ``count`` batches of ``examples`` (the run's sampled training split, in its order)."""
+    return [encode([examples[(b * batch_size + j) % len(examples)] for j in range(batch_size)]) for b in range(count)]
+
+
+PROBE_BATCHES = 4
+
+
+def probe_run(config, model, groups, objective, train: Sequence, batches: int = PROBE_BATCHES,
+              directions: int = 4) -> Probe:
+    """Probe a prepared model with a throwaway method of ``config`` (its own seed stream) on the first
+    ``batches`` training batches."""
+    from hyft.methods import METHODS
+
+    method = METHODS[config.method](model, groups, objective, config, total=1)
+    return probe(method, batches_of(train, config.batch_size, batches, objective.encode), directions, config.eps)
+
+
+def apply(config, result: Probe) -> list[str]:
+    """Set the suggested values on ``config`` (groups it has, values the probe could measure)."""
+    changed = []
+    for key in ("lr_zo", "lr_fo", "eps"):
+        value = getattr(result, key)
+        if value is not None and value > 0:
+            setattr(config, key, float(f"{value:.3g}"))
+            changed.append(f"{key}={getattr(config, key):g}")
+    return changed
