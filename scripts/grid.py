@@ -1,7 +1,8 @@
 """Run a study resumably: dev sweeps, then method × task × seed cells tuned on them; render its report.
 
     python scripts/grid.py run configs/study.yaml       # runs what is missing, one run at a time
-    python scripts/grid.py render configs/study.yaml    # tables + curves from the results file only
+    python scripts/grid.py render configs/study.yaml    # tables + curves from the results file only,
+                                                        # written into the README between its markers
     python scripts/grid.py list configs/study.yaml      # every run and its command, in run order
 
 The grid file has ``out`` (run directories), ``results`` (the results file: one JSON line per finished
@@ -260,6 +261,20 @@ def plot_curves(records: list[dict[str, Any]], labels: list[str], path: Path, ta
     plt.close(fig)
 
 
+BEGIN, END = "<!-- study:begin (scripts/grid.py render writes this) -->", "<!-- study:end -->"
+
+
+def inject(readme: Path, text: str) -> None:
+    """Replace the block between the study markers of ``readme`` with ``text``."""
+    doc = readme.read_text()
+    if BEGIN not in doc or END not in doc:
+        print(f"[grid] {readme} has no study markers; not written", flush=True)
+        return
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["run", "render", "list"])
@@ -269,9 +284,15 @@ def main() -> None:
     grid = yaml.safe_load(Path(args.grid).read_text())
     if args.action == "run":
         run_grid(grid, args.only)
-        print(render(grid))
+        text = render(grid)
+        print(text)
+        if grid.get("readme"):
+            inject(Path(grid["readme"]), text)
     elif args.action == "render":
-        print(render(grid))
+        text = render(grid)
+        print(text)
+        if grid.get("readme"):
+            inject(Path(grid["readme"]), text)
     else:
         results = load_results(Path(grid["results"]))
         for run in sweep_runs(grid, results) + cell_runs(grid, results):

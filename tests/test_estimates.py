@@ -33,7 +33,7 @@ def hybrid(tokenizer, estimator: str, lr: float, dropout: float = 0.1):
     config = RunConfig(method="hybrid", estimator=estimator, lr_fo=lr, lr_zo=lr * 1e-2, eps=1e-2,
                        lora_dropout=dropout)
     model, groups = prepare(model, config)
-    method = METHODS["hybrid"](model, groups, Objective(model, tokenizer, config), config, total=4)
+    method = METHODS["hybrid"].rule(model, groups, Objective(model, tokenizer, config), config, total=4)
     method.objective = Recorder(method.objective, groups.fo)
     return method, groups
 

@@ -19,7 +19,7 @@ def fused_hybrid(tokenizer, lr_fo=0.1, lr_zo=1e-2, dtype=torch.float32, **overri
     model = tiny_model("llama", len(tokenizer)).to(dtype)
     config = RunConfig(method="hybrid", lr_fo=lr_fo, lr_zo=lr_zo, eps=1e-2, **overrides)
     model, groups = prepare(model, config)
-    method = METHODS["hybrid"](model, groups, Objective(model, tokenizer, config), config, total=4)
+    method = METHODS["hybrid"].rule(model, groups, Objective(model, tokenizer, config), config, total=4)
     return method, groups
 
 

@@ -20,7 +20,7 @@ def zo_run(tokenizer, examples, dtype, lr, steps, compensate=True):
     config = RunConfig(method="zo-full", lr_zo=lr, eps=1e-3, zo_compensate=compensate)
     model, groups = prepare(model, config)
     start = [p.detach().float().clone() for _, p in groups.zo]
-    method = METHODS["zo-full"](model, groups, Objective(model, tokenizer, config), config, total=steps)
+    method = METHODS["zo-full"].rule(model, groups, Objective(model, tokenizer, config), config, total=steps)
     stats = [method.step(examples, i) for i in range(steps)]
     true = [p.detach().float() + (0 if r is None else r.float()) for (_, p), r in
             zip(groups.zo, method.engine.residuals, strict=True)]

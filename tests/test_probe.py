@@ -23,7 +23,7 @@ def setup(tokenizer, optimizer: str = "sgd"):
     with torch.no_grad():  # a LoRA away from its zero start, so that φ's curvature is not degenerate
         for _, p in groups.fo:
             p.normal_(0, 0.2)
-    method = METHODS["hybrid"](model, groups, Objective(model, tokenizer, config), config, total=1)
+    method = METHODS["hybrid"].rule(model, groups, Objective(model, tokenizer, config), config, total=1)
     return method
 
 

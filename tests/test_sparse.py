@@ -29,7 +29,7 @@ def test_masked_q_direction_estimate_expects_the_masked_gradient(tokenizer, exam
     model, groups = prepare(model, config)
     (_, p), = groups.zo
     mask = masks.build("magnitude", groups.zo, density=1 / 16)
-    method = METHODS["zo-full"](model, groups, Objective(model, tokenizer, config), config, total=1, mask=mask)
+    method = METHODS["zo-full"].rule(model, groups, Objective(model, tokenizer, config), config, total=1, mask=mask)
     batch = method.objective.encode(examples)
     directions, _, _ = method.estimate(batch)
     estimate = sum(c * method.engine.direction(0, seed) for seed, c in directions)

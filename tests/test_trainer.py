@@ -46,7 +46,7 @@ def test_each_method_lowers_the_training_loss(method, tokenizer):
     batch = objective.encode(examples)
     with torch.no_grad():
         before = objective(batch).item()
-    step = METHODS[method](model, groups, objective, config, total=40)
+    step = METHODS[method].rule(model, groups, objective, config, total=40)
     for i in range(40):
         assert not step.step(examples, i).skipped
     with torch.no_grad():

@@ -109,7 +109,7 @@ def test_zo_step_with_zero_learning_rate_is_exact(method, dtype, tokenizer, exam
     config = RunConfig(method=method, lr_zo=0.0, lr_fo=0.0, eps=1e-3, loss="classification", fused=False)
     model, groups = prepare(model, config)
     before = [p.detach().clone() for _, p in groups.zo]
-    m = METHODS[method](model, groups, Objective(model, tokenizer, config), config, total=3)
+    m = METHODS[method].rule(model, groups, Objective(model, tokenizer, config), config, total=3)
     for step in range(3):
         stats = m.step(examples, step)
         assert stats.zo_coef is not None and stats.zo_coef != 0.0

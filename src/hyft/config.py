@@ -5,13 +5,23 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from hyft.errors import HyftError
 from hyft.estimators import ESTIMATORS
 from hyft.masks import MASKS
+
+if TYPE_CHECKING:
+    from hyft.methods import MethodSpec
+
+
+def methods() -> dict[str, MethodSpec]:
+    """The method registry (imported late: methods import this module)."""
+    from hyft.methods import METHODS
+
+    return METHODS
 
 
 def _type_ok(kind: str, value: Any) -> bool:
@@ -32,9 +42,7 @@ def _type_ok(kind: str, value: Any) -> bool:
     return False
 
 
-METHODS = ("hybrid", "fo-full", "fo-peft", "zo-full", "zo-peft")
 SCHEDULES = ("constant", "linear", "cosine")
-ZO_ON_BASE = ("hybrid", "zo-full")  # methods whose ZO log rebuilds the base model
 
 
 @dataclass
@@ -44,7 +52,8 @@ class RunConfig:
     # what to train
     model: str = field(default="smollm2-135m", metadata={"help": "packaged name, Hugging Face id or local dir"})
     task: str = field(default="sst2", metadata={"help": "built-in task name"})
-    method: str = field(default="hybrid", metadata={"help": "update rule: " + ", ".join(METHODS)})
+    method: str = field(default="hybrid", metadata={"help": "update rule: hybrid, fo-peft, fo-full, zo-full, zo-peft "
+                                                                 "(hyft.methods.METHODS)"})
     seed: int = field(default=0, metadata={"help": "root seed: data sampling, order, ZO directions"})
     dtype: str = field(default="float32", metadata={"help": "weights dtype: float32, bfloat16 or float16"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when present)"})
@@ -110,7 +119,7 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Raise HyftError naming the first bad value."""
         checks = [
-            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
+            (self.method in methods(), f"method must be one of {', '.join(methods())}"),
             (self.steps > 0, "steps must be > 0"),
             (self.epochs is None or self.epochs > 0, "epochs must be > 0"),
             (self.batch_size > 0, "batch_size must be > 0"),
@@ -149,12 +158,17 @@ class RunConfig:
         return self
 
     @property
+    def spec(self) -> MethodSpec:
+        """What the method trains (its registry entry)."""
+        return methods()[self.method]
+
+    @property
     def zo_on_base(self) -> bool:
-        return self.method in ZO_ON_BASE
+        return self.spec.zo_on_base
 
     @property
     def uses_peft(self) -> bool:
-        return self.method in ("hybrid", "fo-peft", "zo-peft")
+        return self.spec.uses_peft
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -32,7 +32,7 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False) -> Path:
     if out.exists() and any(out.iterdir()):
         raise HyftError(f"export directory {out} exists and is not empty")
     tokenizer = AutoTokenizer.from_pretrained(model_dir(config.model))
-    if config.method == "fo-full":
+    if config.spec.fo_on_base:
         shutil.copytree(run.path / "model", out, dirs_exist_ok=True)
         return out
     if config.zo_on_base:

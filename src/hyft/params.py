@@ -40,25 +40,16 @@ def lora_config(config: RunConfig) -> LoraConfig:
 
 
 def prepare(model: nn.Module, config: RunConfig) -> tuple[nn.Module, ParamGroups]:
-    """Wrap ``model`` with LoRA when the method uses it, set requires_grad, and return the two groups."""
-    if config.uses_peft:
+    """Wrap ``model`` with LoRA when the method trains one, set requires_grad, and return the two groups
+    as the method's spec names them (``--zo-params`` filters a ZO group on the base)."""
+    spec = config.spec
+    if spec.uses_peft:
         model = get_peft_model(model, lora_config(config))
-        peft_params = select_params(model, trainable=True)
-        base_params = select_params(model, config.zo_params, trainable=False)
+        chosen = {"peft": select_params(model, trainable=True),
+                  "base": select_params(model, config.zo_params if spec.zo == "base" else None, trainable=False)}
     else:
-        peft_params = []
-        base_params = select_params(model, config.zo_params if config.method == "zo-full" else None)
-    method = config.method
-    if method == "hybrid":
-        groups = ParamGroups(zo=base_params, fo=peft_params)
-    elif method == "fo-peft":
-        groups = ParamGroups(zo=[], fo=peft_params)
-    elif method == "zo-peft":
-        groups = ParamGroups(zo=peft_params, fo=[])
-    elif method == "zo-full":
-        groups = ParamGroups(zo=base_params, fo=[])
-    else:  # fo-full
-        groups = ParamGroups(zo=[], fo=base_params)
+        chosen = {"base": select_params(model, config.zo_params if spec.zo == "base" else None)}
+    groups = ParamGroups(zo=chosen[spec.zo] if spec.zo else [], fo=chosen[spec.fo] if spec.fo else [])
     fo_ids = {id(p) for _, p in groups.fo}
     for p in model.parameters():
         p.requires_grad_(id(p) in fo_ids)

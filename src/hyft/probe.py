@@ -155,9 +155,7 @@ def probe_run(config, model, groups, objective, train: Sequence, batches: int = 
               directions: int = 4) -> Probe:
     """Probe a prepared model with a throwaway method of ``config`` (its own seed stream) on the first
     ``batches`` training batches."""
-    from hyft.methods import METHODS
-
-    method = METHODS[config.method](model, groups, objective, config, total=1)
+    method = config.spec.rule(model, groups, objective, config, total=1)
     return probe(method, batches_of(train, config.batch_size, batches, objective.encode), directions, config.eps)
 
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from hyft import masks
-from hyft.config import ZO_ON_BASE
 from hyft.engines import make_engine
 from hyft.errors import HyftError
+from hyft.methods import METHODS
 from hyft.models import load_model
 from hyft.snapshots import BaseSnapshots, rebuild
 from hyft.zo import ZOLog, canonical_name, select_params
@@ -31,7 +31,7 @@ def replay(model_name: str, log_path: str | Path, out: str | Path | None = None,
         header, updates = ZOLog.read(log_path)
     except (ValueError, TypeError, KeyError) as err:
         raise HyftError(f"{log_path}: not a readable hyft ZO log ({err})") from err
-    if header["method"] not in ZO_ON_BASE:
+    if header["method"] not in METHODS or not METHODS[header["method"]].zo_on_base:
         raise HyftError(f"{log_path}: a {header['method']} log updates PEFT weights, not the base model; "
                         "use the run's adapter/ instead")
     if device.startswith("cuda") and not torch.cuda.is_available():

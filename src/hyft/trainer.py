@@ -34,7 +34,7 @@ from hyft.engines import Engine
 from hyft.errors import HyftError
 from hyft.evaluate import evaluate
 from hyft.memory import peak_memory_mb
-from hyft.methods import METHODS, Method, Objective
+from hyft.methods import Method, Objective
 from hyft.models import load_model, model_dir, resolve_dtype
 from hyft.params import ParamGroups, prepare
 from hyft.rundir import RunDir
@@ -134,7 +134,7 @@ class Trainer:
         if c.auto_lr and checkpoint is None:
             self._auto_lr(model, groups, objective, splits.train)
         mask = self._zo_mask(groups, objective, splits.train) if c.zo_mask and groups.zo else None
-        method: Method = METHODS[c.method](model, groups, objective, c, total, mask)
+        method: Method = c.spec.rule(model, groups, objective, c, total, mask)
         sampler = EpochSampler(len(splits.train), c.batch_size, c.shuffle, c.seed)
         zo_log = ZOLog(self.run_dir.zo_log)
         direct = direct_params(c, groups)
@@ -215,7 +215,7 @@ class Trainer:
                         self.progress, "test")
         if c.uses_peft:
             model.save_pretrained(self.run_dir.adapter)
-        elif c.method == "fo-full":  # every weight was trained: keep the best-dev model itself
+        elif c.spec.fo_on_base:  # every weight was trained: keep the best-dev model itself
             model.save_pretrained(self.run_dir.path / "model")
             tokenizer.save_pretrained(self.run_dir.path / "model")
         results = {
@@ -396,7 +396,7 @@ class Trainer:
 
 def direct_params(config: RunConfig, groups: ParamGroups) -> list[tuple[str, nn.Parameter]]:
     """Weights that the ZO log cannot rebuild, so snapshots and checkpoints must store them."""
-    return groups.fo + (groups.zo if config.method == "zo-peft" else [])
+    return groups.fo + (groups.zo if not config.zo_on_base else [])
 
 
 def config_changes(stored: dict[str, Any], config: RunConfig) -> str:

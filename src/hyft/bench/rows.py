@@ -15,7 +15,7 @@ from hyft import masks, noise
 from hyft.bench.mezo import MeZOReference
 from hyft.bench.timing import SplitTimer
 from hyft.config import RunConfig
-from hyft.methods import METHODS, Objective
+from hyft.methods import Objective
 from hyft.models import load_model
 from hyft.params import prepare
 from hyft.scoring import Batch
@@ -146,7 +146,7 @@ def build_row(name: str, model_name: str, batch_size: int, seq_len: int, dtype: 
     model, groups = prepare(model, config)
     objective = _FixedObjective(Objective(model, tokenizer, config), batch, timer)
     mask = masks.build(config.zo_mask, groups.zo, config.zo_density) if config.zo_mask else None
-    method = METHODS[config.method](model, groups, objective, config, total=10_000, mask=mask)  # type: ignore[arg-type]
+    method = config.spec.rule(model, groups, objective, config, total=10_000, mask=mask)  # type: ignore[arg-type]
     method.loss_with_grad = timer.timed(method.loss_with_grad, "backward")  # exclusive of the forward inside
     temporaries = _Temporaries()
     if method.engine is not None:
