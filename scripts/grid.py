@@ -147,6 +147,8 @@ def run_one(run: dict[str, Any], out: Path, results_path: Path) -> None:
             f.write(json.dumps(record) + "\n")
         return
     code = 0 if argv is None else subprocess.run(argv, check=False).returncode
+    if code in (130, 137, 143, -2, -9, -15):  # interrupted (checkpoint kept): stop here, resume next time
+        raise SystemExit(f"[grid] {run['name']} was interrupted (exit {code}); run the grid again to resume it")
     if code != 0:  # recorded, so that a diverging setting loses its sweep instead of blocking it
         print(f"[grid] {run['name']} failed with exit code {code}", flush=True)
         failed = {"name": run["name"], "failed": True, "exit_code": code, "best_dev_accuracy": -1.0,

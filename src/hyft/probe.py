@@ -153,10 +153,19 @@ PROBE_BATCHES = 4
 
 def probe_run(config, model, groups, objective, train: Sequence, batches: int = PROBE_BATCHES,
               directions: int = 4) -> Probe:
-    """Probe a prepared model with a throwaway method of ``config`` (its own seed stream) on the first
-    ``batches`` training batches."""
-    method = config.spec.rule(model, groups, objective, config, total=1)
-    return probe(method, batches_of(train, config.batch_size, batches, objective.encode), directions, config.eps)
+    """Probe a prepared model with a throwaway method of ``config`` (its own seed stream, and its ZO mask
+    when it has one) on the first ``batches`` training batches."""
+    from hyft import masks
+
+    data = batches_of(train, config.batch_size, batches, objective.encode)
+    mask = None
+    if config.zo_mask and groups.zo:
+        def loss(b: int) -> Tensor:
+            model.train()
+            return objective(data[b % len(data)])
+        mask = masks.build(config.zo_mask, groups.zo, config.zo_density, loss, config.mask_batches)
+    method = config.spec.rule(model, groups, objective, config, total=1, mask=mask)
+    return probe(method, data, directions, config.eps)
 
 
 def apply(config, result: Probe) -> list[str]:
