@@ -109,6 +109,11 @@ class RunConfig:
     schedule_zo: str = field(default="constant", metadata={"help": "constant, linear or cosine"})
     warmup_zo: int = field(default=0, metadata={"help": "linear warmup steps of the ZO group"})
     # PEFT module
+    peft: str = field(default="lora", metadata={"help": "peft method, by peft's name in lower case: lora, ia3, "
+                                                        "loha, lokr, prefix_tuning (prefix), prompt_tuning "
+                                                        "(prompt), ..."})
+    peft_config: str | None = field(default=None, metadata={"help": "YAML/JSON file of that peft config's fields "
+                                                                    "(e.g. use_dora: true for DoRA)"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})

@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from hyft.scoring import Normalize, candidate_scores, encode
+from hyft.scoring import Normalize, candidate_scores, encode, padding_for
 from hyft.tasks.base import Example
 
 
@@ -50,7 +50,7 @@ def evaluate(
     with torch.inference_mode(), tqdm(total=len(examples), desc=desc, disable=not progress, leave=False) as bar:
         for lo in range(0, len(order), batch_size):
             idx = order[lo : lo + batch_size]
-            batch = encode(tokenizer, [examples[i] for i in idx], max_length=max_length).to(device)
+            batch = encode(tokenizer, [examples[i] for i in idx], max_length, padding_for(model)).to(device)
             for i, p in zip(idx, candidate_scores(model, batch, normalize).argmax(-1).tolist(), strict=True):
                 predictions[i] = p
             bar.update(len(idx))

@@ -20,8 +20,9 @@ from hyft.rundir import RunDir
 def export(run_dir: str | Path, out: str | Path, merge: bool = False) -> Path:
     """Write the run's best-dev model to ``out``.
 
-    ``merge``: one model directory with the LoRA weights folded into the (ZO-tuned) base. Otherwise
-    ``out/base`` holds the tuned base and ``out`` the adapter, whose config points at ``out/base``.
+    ``merge``: one model directory with the PEFT weights folded into the (ZO-tuned) base (LoRA, IA3, LoHa,
+    LoKr, ...; prompt learning cannot merge). Otherwise ``out/base`` holds the tuned base and ``out`` the
+    adapter, whose config points at ``out/base``: ``PeftModel.from_pretrained`` loads it.
     """
     run = RunDir.existing(run_dir)
     if not run.results.is_file():
@@ -44,7 +45,11 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False) -> Path:
         tokenizer.save_pretrained(out)
         return out
     if merge:
-        merged = PeftModel.from_pretrained(base, run.adapter).merge_and_unload()
+        adapter = PeftModel.from_pretrained(base, run.adapter)
+        if adapter.active_peft_config.is_prompt_learning:
+            raise HyftError(f"{config.peft} adds virtual tokens and cannot be merged into the weights; export "
+                            "without --merge (the tuned base plus the adapter, loadable with PeftModel)")
+        merged = adapter.merge_and_unload()
         merged.save_pretrained(out)
         tokenizer.save_pretrained(out)
         return out

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from peft import LoraConfig, get_peft_model
+import yaml
+from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftConfig, get_peft_model
 from torch import nn
 
 from hyft.config import RunConfig
+from hyft.errors import HyftError
 from hyft.zo import select_params
 
 NamedParams = list[tuple[str, nn.Parameter]]
@@ -26,17 +31,47 @@ class ParamGroups:
                 f"FO group φ: {count(self.fo):,} weights")
 
 
-def lora_config(config: RunConfig) -> LoraConfig:
-    targets = config.lora_targets
-    if targets is not None and len(targets) == 1 and targets[0] == "all-linear":
-        targets = "all-linear"
-    return LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-    )
+PEFT_ALIASES = {"prefix": "prefix_tuning", "prompt": "prompt_tuning"}
+VIRTUAL_TOKENS = 10  # prompt learning's num_virtual_tokens when the config file does not set it
+
+
+def peft_config(config: RunConfig) -> PeftConfig:
+    """The PEFT module of a run, built with peft's own config class for ``--peft`` (LoRA takes the
+    ``lora_*`` flags), then the fields of ``--peft-config``; a field peft rejects is a one-line error."""
+    name = PEFT_ALIASES.get(config.peft, config.peft)
+    known = {t.value.lower(): t for t in PEFT_TYPE_TO_CONFIG_MAPPING}
+    if name not in known:
+        raise HyftError(f"unknown peft method {config.peft!r}; peft has {', '.join(sorted(known))} "
+                        "(aliases: prefix, prompt)")
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING[known[name]]
+    values: dict[str, Any] = {"task_type": "CAUSAL_LM"}
+    if name == "lora":
+        targets = config.lora_targets
+        if targets is not None and len(targets) == 1 and targets[0] == "all-linear":
+            targets = "all-linear"
+        values.update(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets)
+    if "num_virtual_tokens" in {f.name for f in dataclasses.fields(cls)}:
+        values["num_virtual_tokens"] = VIRTUAL_TOKENS
+    values.update(read_fields(config.peft_config) if config.peft_config else {})
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise HyftError(f"bad {name} config: {' '.join(str(err).split())}") from err
+
+
+def read_fields(path: str) -> dict[str, Any]:
+    """A peft config file: a YAML (or JSON) mapping of the config class's fields."""
+    file = Path(path)
+    if not file.is_file():
+        raise HyftError(f"peft config file not found: {file}")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise HyftError(f"{file}: not valid YAML/JSON ({' '.join(str(err).split())})") from err
+    if not isinstance(data, dict):
+        raise HyftError(f"{file}: expected a mapping of peft config fields")
+    return data
 
 
 def prepare(model: nn.Module, config: RunConfig) -> tuple[nn.Module, ParamGroups]:
@@ -44,9 +79,17 @@ def prepare(model: nn.Module, config: RunConfig) -> tuple[nn.Module, ParamGroups
     as the method's spec names them (``--zo-params`` filters a ZO group on the base)."""
     spec = config.spec
     if spec.uses_peft:
-        model = get_peft_model(model, lora_config(config))
+        module = peft_config(config)
+        try:
+            model = get_peft_model(model, module)
+        except (ValueError, TypeError, KeyError) as err:
+            raise HyftError(f"peft cannot attach {module.peft_type.value.lower()} to this model: "
+                            f"{' '.join(str(err).split())}") from err
+        # prompt learning wraps the model without a tuner layer (names "base_model.<name>"): take the base's
+        # own names there, so that directions, logs and snapshots name tensors as the plain model does
+        base = model.get_base_model() if model.active_peft_config.is_prompt_learning else model
         chosen = {"peft": select_params(model, trainable=True),
-                  "base": select_params(model, config.zo_params if spec.zo == "base" else None, trainable=False)}
+                  "base": select_params(base, config.zo_params if spec.zo == "base" else None, trainable=False)}
     else:
         chosen = {"base": select_params(model, config.zo_params if spec.zo == "base" else None)}
     groups = ParamGroups(zo=chosen[spec.zo] if spec.zo else [], fo=chosen[spec.fo] if spec.fo else [])

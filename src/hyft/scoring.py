@@ -131,19 +131,31 @@ def _forward_takes_logits_to_keep(cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
+def prompt_learning(model: nn.Module) -> bool:
+    """A peft prompt-learning model (prompt, prefix, p-tuning): virtual tokens come before the input."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def padding_for(model: nn.Module) -> Literal["left", "right"]:
+    """Left padding (only the last logits computed) except for prompt learning, where peft puts the virtual
+    tokens before the whole row and ignores position ids: right padding keeps every real token at the
+    position it has unpadded."""
+    return "right" if prompt_learning(model) else "left"
+
+
 def _kept_logits(model: nn.Module, batch: Batch) -> Tensor:
     """Logits of the last ``batch.keep`` positions, computing only those where the model allows it."""
     kwargs = {}
+    virtual = prompt_learning(model)
+    if virtual and batch.keep < batch.input_ids.shape[1]:
+        raise ValueError("prompt-learning models need right-padded batches (encode(..., padding_for(model)))")
     if batch.keep < batch.input_ids.shape[1] and _accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = batch.keep
-    logits = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-        **kwargs,
-    ).logits
-    logits = logits[:, -batch.keep :]
+    if not virtual:  # peft computes the positions of prompt-learning inputs itself
+        kwargs["position_ids"] = batch.position_ids
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **kwargs).logits
+    logits = logits[:, -batch.keep :]  # drops the virtual tokens' logits of prompt tuning
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 

@@ -18,7 +18,7 @@ from hyft.engines import Engine, make_engine
 from hyft.estimators import ESTIMATORS
 from hyft.params import ParamGroups
 from hyft.schedule import lr_at
-from hyft.scoring import Batch, candidate_scores, classification_loss, encode, lm_loss
+from hyft.scoring import Batch, candidate_scores, classification_loss, encode, lm_loss, padding_for
 from hyft.tasks.base import Example
 from hyft.zo import ZOUpdate
 
@@ -32,7 +32,8 @@ class Objective:
 
     def encode(self, examples: Sequence[Example]) -> Batch:
         gold_only = self.config.loss == "lm"
-        return encode(self.tokenizer, examples, self.config.max_length, gold_only=gold_only).to(self.device)
+        return encode(self.tokenizer, examples, self.config.max_length, padding_for(self.model),
+                      gold_only=gold_only).to(self.device)
 
     def __call__(self, batch: Batch) -> Tensor:
         if self.config.loss == "lm":
