@@ -49,7 +49,10 @@ def test_fo_rate_is_the_quadratic_models_step_along_the_optimizers_direction(opt
     assert result.fo_curvature == pytest.approx(float(u @ hu) / float(u @ u), rel=0.05)
     assert result.fo_slope == pytest.approx(float(grad @ u), rel=1e-3)
     if u @ hu > 0:
-        assert result.lr_fo == pytest.approx(float(grad @ u) / float(u @ hu), rel=0.05)
+        assert result.lr_fo_quadratic == pytest.approx(float(grad @ u) / float(u @ hu), rel=0.05)
+        losses = dict(map(tuple, result.fo_line_search))  # the suggestion is the line search's best point
+        assert result.lr_fo == min(losses, key=losses.get)
+        assert {round(result.lr_fo_quadratic / lr) for lr in losses} == {1, 3, 10, 30, 100}
     else:  # no positive curvature along the step: no suggestion rather than a negative rate
         assert result.lr_fo is None
 
@@ -71,7 +74,8 @@ def test_zo_curvature_is_the_directional_second_derivative(tokenizer, examples):
         p.requires_grad_(False)
     assert result.zo_curvature == pytest.approx(float(z @ hz), rel=0.05)
     if z @ hz > 0:
-        assert result.lr_zo == pytest.approx(1 / float(z @ hz), rel=0.05)
+        assert result.lr_zo_quadratic == pytest.approx(1 / float(z @ hz), rel=0.05)
+        assert result.lr_zo == min(result.lr_zo_quadratic, 1e-2 / result.zo_slope_sq ** 0.5)
     else:  # a saddle direction: no suggestion rather than a negative rate
         assert result.lr_zo is None
     low, high = result.eps_window

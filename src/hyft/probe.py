@@ -3,10 +3,13 @@
 On a few batches, at the starting weights:
 - **ZO group θ.** For directions z_i: g_i = (L(θ+εz_i) − L(θ−εz_i))/2ε and the curvature along z_i,
   c_i = (L(θ+εz_i) + L(θ−εz_i) − 2L(θ))/ε². The ZO step θ − η g z lowers the loss in expectation by
-  η E[g²] − ½η² E[g² c], so the best η is E[g²]/E[g² c] (≈ 1/tr H_θθ: the dimension-dependent ZO rate
-  of MeZO's analysis and the hybrid paper's L_θ constant, measured rather than assumed).
+  η E[g²] − ½η² E[g² c], so the quadratic model's best η is E[g²]/E[g² c] (≈ 1/tr H_θθ: the
+  dimension-dependent ZO rate of MeZO's analysis and the hybrid paper's L_θ constant, measured rather
+  than assumed). That model was measured within ε of θ, so the suggestion is capped at the step whose
+  length is ε·|z| (η ≤ ε/√E[g²]).
 - **FO group φ.** For the optimizer's first-step direction u (SGD: the gradient; AdamW: its sign), the
-  step φ − η u is best at η = gᵀu / uᵀH_φφu, with H_φφu from a central difference of two gradients.
+  step φ − η u is best at η = gᵀu / uᵀH_φφu, with H_φφu from a central difference of two gradients;
+  the suggestion is the best of that step and 3, 10, 30, 100 times shorter ones on the probe batches.
 - **ε.** Large enough that L(θ+εz) − L(θ−εz) stands well above float rounding of the loss, small enough
   that the curvature term stays below 10 % of the slope term: MeZO's 1e-3 clipped into that window.
 Both estimates are ratios of means over every direction and batch (robust to single negative curvatures).
@@ -39,8 +42,12 @@ class Probe:
     zo_curvature: float | None = None  # E[g² c] / E[g²]: the curvature the ZO step sees (≈ tr H_θθ)
     fo_slope: float | None = None  # E[gᵀu]
     fo_curvature: float | None = None  # E[uᵀHu] / E[|u|²]
-    lr_zo: float | None = None
-    lr_fo: float | None = None
+    lr_zo_quadratic: float | None = None  # E[g²]/E[g²c]: the quadratic model's best ZO step
+    lr_zo_trust: float | None = None  # ε/√E[g²]: a step no longer than the probed radius
+    lr_fo_quadratic: float | None = None  # gᵀu/uᵀHu along the optimizer's first step
+    fo_line_search: list[list[float]] | None = None  # [lr, mean probe loss at φ − lr·u]
+    lr_zo: float | None = None  # suggested: min(quadratic, trust)
+    lr_fo: float | None = None  # suggested: the line search's best
     eps: float | None = None
     eps_window: tuple[float, float] | None = None
 
@@ -53,12 +60,15 @@ class Probe:
         lines = [f"probe: {self.batches} batches, loss {self.loss:.4f}"]
         if self.zo_curvature is not None:
             lines.append(f"  θ (ZO): E[g²] {fmt(self.zo_slope_sq)}, curvature seen by the ZO step "
-                         f"{fmt(self.zo_curvature)} over {self.directions} directions → lr_zo {fmt(self.lr_zo)}")
+                         f"{fmt(self.zo_curvature)} over {self.directions} directions: quadratic step "
+                         f"{fmt(self.lr_zo_quadratic)}, trust radius {fmt(self.lr_zo_trust)} → lr_zo {fmt(self.lr_zo)}")
         if self.eps is not None and self.eps_window is not None:
             lines.append(f"  ε window [{fmt(self.eps_window[0])}, {fmt(self.eps_window[1])}] → eps {fmt(self.eps)}")
         if self.fo_curvature is not None:
             lines.append(f"  φ (FO): slope {fmt(self.fo_slope)}, curvature along the first step "
-                         f"{fmt(self.fo_curvature)} → lr_fo {fmt(self.lr_fo)}")
+                         f"{fmt(self.fo_curvature)}: quadratic step {fmt(self.lr_fo_quadratic)}, line search "
+                         f"{', '.join(f'{fmt(a)}: {b:.4f}' for a, b in self.fo_line_search or [])} → "
+                         f"lr_fo {fmt(self.lr_fo)}")
         return "\n".join(lines)
 
 
@@ -79,6 +89,7 @@ def probe(method: Method, batches: Sequence[Batch], directions: int = 4, eps: fl
     result = Probe(batches=len(batches), directions=directions * len(batches), loss=float("nan"))
     fo = [p for _, p in method.groups.fo]
     zo_num, zo_den, fo_num, fo_den, fo_norm, slopes = [], [], [], [], [], []
+    total_grad: Tensor | None = None
     for batch in batches:
         model.eval()
         with torch.no_grad():
@@ -97,6 +108,7 @@ def probe(method: Method, batches: Sequence[Batch], directions: int = 4, eps: fl
                 slopes.append(abs(g))
         if fo:
             grad = _gradient(method, batch, fo)
+            total_grad = grad if total_grad is None else total_grad + grad
             u = fo_direction(grad, method.config.optimizer_fo)
             h = 1e-3 * max(1.0, float(_flat([p.detach() for p in fo], fo).abs().max())) / float(u.abs().max())
             hu = (_shifted_gradient(method, batch, fo, u, h) - _shifted_gradient(method, batch, fo, u, -h)) / (2 * h)
@@ -108,7 +120,11 @@ def probe(method: Method, batches: Sequence[Batch], directions: int = 4, eps: fl
         result.zo_slope_sq = statistics.fmean(zo_num)
         curvature = statistics.fmean(zo_den) / result.zo_slope_sq if result.zo_slope_sq > 0 else 0.0
         result.zo_curvature = curvature
-        result.lr_zo = 1.0 / curvature if curvature > 0 else None
+        result.lr_zo_quadratic = 1.0 / curvature if curvature > 0 else None
+        # the quadratic model holds where it was measured: a step η·g·z no longer than ε·z
+        result.lr_zo_trust = eps / math.sqrt(result.zo_slope_sq) if result.zo_slope_sq > 0 else None
+        steps = [x for x in (result.lr_zo_quadratic, result.lr_zo_trust) if x is not None]
+        result.lr_zo = min(steps) if result.lr_zo_quadratic is not None else None
         low = 100 * FLOAT32_RESOLUTION * abs(result.loss) / max(statistics.fmean(slopes), 1e-30)
         high = 0.1 * statistics.fmean(slopes) / curvature if curvature > 0 else math.inf
         result.eps_window = (low, high)
@@ -117,8 +133,32 @@ def probe(method: Method, batches: Sequence[Batch], directions: int = 4, eps: fl
         result.fo_slope = statistics.fmean(fo_num)
         den = statistics.fmean(fo_den)
         result.fo_curvature = den / statistics.fmean(fo_norm)
-        result.lr_fo = result.fo_slope / den if den > 0 else None
+        result.lr_fo_quadratic = result.fo_slope / den if den > 0 else None
+        if result.lr_fo_quadratic is not None and total_grad is not None:
+            u = fo_direction(total_grad, method.config.optimizer_fo)
+            trials = [result.lr_fo_quadratic / f for f in LINE_SEARCH]
+            result.fo_line_search = [[lr, _loss_after(method, batches, fo, u, lr)] for lr in trials]
+            result.lr_fo = min(result.fo_line_search, key=lambda t: t[1])[0]
     return result
+
+
+LINE_SEARCH = (1, 3, 10, 30, 100)  # the quadratic step and shorter ones: the model's step is only a guess
+
+
+def _loss_after(method: Method, batches: Sequence[Batch], params: list[Tensor], u: Tensor, lr: float) -> float:
+    """Mean loss over ``batches`` at φ − lr·u (φ restored after)."""
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in params]
+        offset = 0
+        for p in params:
+            p.add_(u[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-lr)
+            offset += p.numel()
+        method.model.eval()
+        try:
+            return statistics.fmean(method.objective(b).item() for b in batches)
+        finally:
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
 
 
 def _gradient(method: Method, batch: Batch, params: list[Tensor]) -> Tensor:
