@@ -74,6 +74,7 @@ class RunConfig:
     eval_batch_size: int = field(default=32, metadata={"help": "examples per evaluation batch"})
     zero_shot: bool = field(default=True, metadata={"help": "also test the model before training"})
     checkpoint_every: int = field(default=25, metadata={"help": "steps between checkpoints (0: only at the end)"})
+    report_to: str = field(default="none", metadata={"help": "also send the metrics to tensorboard or wandb"})
     max_bad_steps: int = field(default=5, metadata={"help": "consecutive non-finite steps before the run stops"})
     # first-order group (phi)
     lr_fo: float = field(default=1e-3, metadata={"help": "learning rate of the FO group"})
@@ -134,6 +135,7 @@ class RunConfig:
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
             (self.snapshot_every > 0, "snapshot_every must be > 0"),
             (self.max_bad_steps > 0, "max_bad_steps must be > 0"),
+            (self.report_to in ("none", "tensorboard", "wandb"), "report_to must be none, tensorboard or wandb"),
             (self.lr_fo >= 0, "lr_fo must be >= 0"),
             (self.lr_zo >= 0, "lr_zo must be >= 0"),
             (self.eps > 0, "eps must be > 0"),

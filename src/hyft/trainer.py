@@ -37,6 +37,7 @@ from hyft.memory import peak_memory_mb
 from hyft.methods import Method, Objective
 from hyft.models import load_model, model_dir, resolve_dtype
 from hyft.params import ParamGroups, prepare
+from hyft.reporting import Reporter, reporter
 from hyft.rundir import RunDir
 from hyft.sampler import EpochSampler
 from hyft.snapshots import BaseSnapshots, Lookup, original_lookup, rebuild
@@ -104,6 +105,7 @@ class Trainer:
             self.run_dir = RunDir.create(out, overwrite)
             config.to_yaml(self.run_dir.config)
         self._stop: int | None = None
+        self.reporter: Reporter = Reporter()
         self.snapshots = BaseSnapshots(self.run_dir.path / "snapshots")
 
     def log(self, message: str) -> None:
@@ -153,6 +155,7 @@ class Trainer:
                                       "eval_seconds": round(result.seconds, 3)})
             return result.accuracy
 
+        self.reporter = reporter(c.report_to, self.run_dir.path, c.to_dict())
         bar = tqdm(total=total, initial=state.step, desc=f"{c.method} {c.task}", disable=not self.progress,
                    dynamic_ncols=True)
         handlers = self._catch_signals()
@@ -202,6 +205,7 @@ class Trainer:
                                       f"`hyft train --resume {self.run_dir.path}`", self._stop)
         finally:
             bar.close()
+            self.reporter.close()
             self._restore_signals(handlers)
         return self._finish(state, total, model, tokenizer, method, groups, direct, splits.test, len(dev), device)
 
@@ -310,6 +314,7 @@ class Trainer:
     def _log_metrics(self, state: TrainState, row: dict[str, Any]) -> None:
         self.run_dir.log_metrics(row)
         state.metrics_lines += 1
+        self.reporter.log(row)
 
     def _save_checkpoint(self, state: TrainState, method: Method, sampler: EpochSampler, direct) -> None:
         """Write ``checkpoint.pt`` atomically: an interrupted write never replaces the previous one."""
