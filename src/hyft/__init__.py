@@ -7,10 +7,22 @@ from hyft.tasks import Example, get_task, sample_splits
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``hyft.HybridTrainer`` / ``hyft.HybridArguments``, imported on first use (transformers' Trainer is heavy)."""
+    if name in ("HybridTrainer", "HybridArguments"):
+        from hyft import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'hyft' has no attribute {name!r}")
+
+
 __all__ = [
     "DEFAULT_MODEL",
     "EvalResult",
     "Example",
+    "HybridArguments",
+    "HybridTrainer",
     "HyftError",
     "evaluate",
     "get_task",
