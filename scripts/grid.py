@@ -198,7 +198,7 @@ def render(grid: dict[str, Any]) -> str:
     tasks = list(dict.fromkeys(r["task"] for r in records))
     labels = list(dict.fromkeys(r["label"] for r in records))
     # the bar: fo-peft's final dev accuracy on the same task and seed
-    bar = {(r["task"], r["seed"]): r["curve"][-1][1] for r in records if r["cell"] == grid.get("reference", "fo-peft")}
+    bar = {(r["task"], r["seed"]): r["curve"][-1][1] for r in records if r["label"] == grid["reference"]}
     lines = ["| task | method | seeds | test acc (mean ± std) | best dev | steps to fo-peft's final dev | "
              "seconds to it | s/step (median) | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
     for task in tasks:
