@@ -75,6 +75,28 @@ def test_hybrid_trainer_resumes_from_a_checkpoint_to_the_same_weights(tiny_dir, 
         assert torch.allclose(p, q, atol=1e-6), n
 
 
+@pytest.mark.parametrize("method", ["zo-full", "zo-peft"])
+def test_zo_methods_run_in_the_trainer_and_replay(method, tiny_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    if method == "zo-peft":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                                                 init_lora_weights=False))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1.0,
+                             logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True,
+                             lr_scheduler_type="constant")
+    t = hyft.HybridTrainer(model=model, args=args, train_dataset=dataset(tokenizer_of(tiny_dir)),
+                           hybrid_args=hyft.HybridArguments(method=method, lr_zo=1e-3, eps=1e-2))
+    t.train()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed and all(("lora_" in n) == (method == "zo-peft") for n in changed)  # only the ZO group moved
+    assert len([r for r in t.state.log_history if "loss" in r]) == 4
+    if method == "zo-full":
+        base = replay(tiny_dir, tmp_path / "zo_log.jsonl", log=lambda *_: None)
+        for name, p in base.named_parameters():
+            assert torch.equal(p, dict(model.named_parameters())[name]), name
+
+
 def test_hybrid_trainer_refuses_what_it_cannot_do(tiny_dir, tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(tiny_dir)
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)

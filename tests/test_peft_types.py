@@ -36,8 +36,7 @@ def config(tiny_dir: str, peft: str, method: str, **overrides) -> RunConfig:
 def test_peft_type_trains_resumes_exports_and_reloads(peft, method, tiny_dir, tmp_path, monkeypatch):
     reference = Trainer(config(tiny_dir, peft, method), tmp_path / "ref", progress=False)
     results = reference.run()
-    if method == "hybrid":  # resume, for every type once (fo-peft's resume is the same code path)
-        _interrupt_and_resume(tiny_dir, peft, method, tmp_path, monkeypatch, results)
+    _interrupt_and_resume(tiny_dir, peft, method, tmp_path, monkeypatch, results)
     _export_and_reload(reference, peft, tmp_path)
 
 

@@ -3,9 +3,11 @@ model, dataset, collator and ``TrainingArguments`` (logging, ``report_to``, savi
 
 The model is a ``peft`` model: its trainable adapter is the first-order group φ, trained by the Trainer's
 own optimizer and scheduler; the frozen base weights θ get the fused two-sided SPSA step from hyft's
-engine (φ's gradient taken at θ+εz, one extra forward at θ−εz). Each ZO update is one line of
-``<output_dir>/zo_log.jsonl``, so ``hyft replay`` rebuilds the tuned base from the original weights, and
-each Trainer checkpoint records how many lines it covers (``zo_state.json``) for resuming.
+engine (φ's gradient taken at θ+εz, one extra forward at θ−εz). ``HybridArguments(method="zo-full")``
+(every weight of any model) and ``"zo-peft"`` (the adapter) run the two-sided SPSA step alone. Each ZO
+update is one line of ``<output_dir>/zo_log.jsonl``, so ``hyft replay`` rebuilds the tuned base from the
+original weights, and each Trainer checkpoint records how many lines it covers (``zo_state.json``) for
+resuming.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ ZO_STATE = "zo_state.json"
 class HybridArguments:
     """The ZO side of the hybrid step (the FO side is ``TrainingArguments``)."""
 
+    method: str = "hybrid"  # hybrid (peft model), zo-full (every weight by ZO), zo-peft (the adapter by ZO)
     lr_zo: float = 1e-6  # follows the Trainer's schedule: lr_zo × (current lr / learning_rate)
     eps: float = 1e-3
     zo_dist: str = "rademacher"
@@ -47,13 +50,20 @@ class HybridTrainer(Trainer):
     def __init__(self, model: nn.Module, args: Any = None, hybrid_args: HybridArguments | None = None,
                  **kwargs: Any):
         super().__init__(model=model, args=args, **kwargs)
-        self.hybrid_args = hybrid_args or HybridArguments()
-        if not hasattr(self.model, "peft_config"):
-            raise HyftError("HybridTrainer trains a peft model: wrap yours with peft.get_peft_model first")
+        self.hybrid_args = hybrid = hybrid_args or HybridArguments()
+        if hybrid.method not in ("hybrid", "zo-full", "zo-peft"):
+            raise HyftError(f"HybridArguments.method must be hybrid, zo-full or zo-peft, got {hybrid.method!r}")
+        if hybrid.method != "zo-full" and not hasattr(self.model, "peft_config"):
+            raise HyftError(f"{hybrid.method} trains a peft model: wrap yours with peft.get_peft_model first")
         if self.args.gradient_accumulation_steps != 1:
             raise HyftError("HybridTrainer makes one ZO update per batch: set gradient_accumulation_steps=1 "
                             "and raise per_device_train_batch_size instead")
-        params = select_params(self.model, self.hybrid_args.zo_params, trainable=False)
+        if hybrid.method == "hybrid":
+            params = select_params(self.model, hybrid.zo_params, trainable=False)
+        else:  # no first-order group: the Trainer's optimizer gets nothing to step
+            params = select_params(self.model, hybrid.zo_params, trainable=True if hybrid.method == "zo-peft" else None)
+            for p in self.model.parameters():
+                p.requires_grad_(False)
         if not params or any(p.dtype not in noise.FULL_PRECISION for _, p in params):
             raise HyftError("HybridTrainer needs float32 base weights to perturb in place")
         self.engine = ZOEngine(self.model, params, self.hybrid_args.zo_dist, eps=self.hybrid_args.eps)
@@ -73,11 +83,14 @@ class HybridTrainer(Trainer):
         eps, seed = self.hybrid_args.eps, int(torch.randint(0, 2**62, (1,), generator=self.seeds).item())
         inputs = self._prepare_inputs(inputs)
         self.engine.shift_(seed, +eps)
-        model.train()
-        with self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-        self.accelerator.backward(loss)
-        plus = self._eval_loss(model, inputs) if dropout_active(model) else loss.item()
+        if self.hybrid_args.method == "hybrid":
+            model.train()
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            self.accelerator.backward(loss)
+            plus = self._eval_loss(model, inputs) if dropout_active(model) else loss.item()
+        else:
+            plus = self._eval_loss(model, inputs)
         self.engine.shift_(seed, -2 * eps)
         minus = self._eval_loss(model, inputs)
         g = (plus - minus) / (2 * eps)
@@ -89,7 +102,17 @@ class HybridTrainer(Trainer):
         self.engine.update(update)  # also undoes the last shift
         self.zo_log.append(update)
         self.zo_updates += 1
+        if self.hybrid_args.method != "hybrid":
+            return torch.tensor((plus + minus) / 2, device=self.args.device)
         return loss.detach()
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """ZO-only methods have no first-order group: a placeholder the Trainer can step and schedule."""
+        if self.hybrid_args.method == "hybrid":
+            return super().create_optimizer(model)
+        if self.optimizer is None:
+            self.optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=self.args.learning_rate)
+        return self.optimizer
 
     def _eval_loss(self, model: nn.Module, inputs: dict[str, Any]) -> float:
         model.eval()
@@ -105,8 +128,8 @@ class HybridTrainer(Trainer):
 
     def _header(self) -> dict[str, Any]:
         names = [canonical_name(n) for n, _ in self.engine.params]
-        base = self.model.get_base_model()
-        return {"model": getattr(base.config, "_name_or_path", "") or "user model", "method": "hybrid",
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return {"model": getattr(base.config, "_name_or_path", "") or "user model", "method": self.hybrid_args.method,
                 "dtype": "float32", "dist": self.engine.dist, "scheme": noise.SCHEME,
                 "device": self.engine.params[0][1].device.type, "eps": self.hybrid_args.eps,
                 "estimator": "two-sided", "zo_q": 1, "zo_combine": "mean", "zo_mask": None, "zo_compensate": True,
