@@ -167,7 +167,20 @@ def run_one(run: dict[str, Any], out: Path, results_path: Path) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def check(grid: dict[str, Any]) -> None:
+    """Every sweep's and cell's fixed keys must make a valid RunConfig (a typo fails now, not hours later)."""
+    from hyft.config import RunConfig
+
+    for name, entry in {**grid.get("sweeps", {}), **grid.get("cells", {})}.items():
+        fixed = {k: v for k, v in entry.items() if k not in SPECIAL}
+        try:
+            RunConfig.from_dict({**grid.get("base", {}), **fixed}, source=f"{name}")
+        except Exception as err:
+            raise SystemExit(f"[grid] {name}: {err}") from err
+
+
 def run_grid(grid: dict[str, Any], only: str | None) -> None:
+    check(grid)
     out, results_path = Path(grid["out"]), Path(grid["results"])
     out.mkdir(parents=True, exist_ok=True)
     results_path.parent.mkdir(parents=True, exist_ok=True)
@@ -224,9 +237,13 @@ def render(grid: dict[str, Any]) -> str:
                  else f"failed (exit {r['exit_code']}) | — |") for r in sweeps]
     if failed:
         lines += ["", f"Failed cells ({len(failed)}): {', '.join(failed)}"]
-    missing = [r["name"] for r in sweep_runs(grid, results) + cell_runs(grid, results) if r["name"] not in results]
-    if missing:
-        lines += ["", f"Not run yet ({len(missing)}): {', '.join(missing)}"]
+    pending = [r for r in sweep_runs(grid, results) + cell_runs(grid, results) if r["name"] not in results]
+    if pending:
+        groups: dict[str, int] = {}
+        for r in pending:
+            key = f"sweep {r['sweep']}" if r.get("sweep") else r["label"]
+            groups[key] = groups.get(key, 0) + 1
+        lines += ["", f"Not run yet: {len(pending)} runs ({'; '.join(f'{k}: {n}' for k, n in groups.items())})."]
     text = "\n".join(lines) + "\n"
     figures = Path(grid.get("figures", Path(grid["results"]).parent))
     for task in tasks:
@@ -296,6 +313,7 @@ def main() -> None:
         if grid.get("readme"):
             inject(Path(grid["readme"]), text)
     else:
+        check(grid)
         results = load_results(Path(grid["results"]))
         for run in sweep_runs(grid, results) + cell_runs(grid, results):
             done = "done" if run["name"] in results else "    "
