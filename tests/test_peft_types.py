@@ -123,3 +123,18 @@ def test_peft_config_file_fields_and_errors(tmp_path, tokenizer):
         prepare(tiny_model("llama", len(tokenizer)), RunConfig(method="fo-peft", peft_config=str(bad)))
     with pytest.raises(HyftError, match="unknown peft method 'lorra'"):
         prepare(tiny_model("llama", len(tokenizer)), RunConfig(method="fo-peft", peft="lorra"))
+
+
+@pytest.mark.parametrize("peft", ["ia3", "prompt"])
+def test_zo_peft_trains_other_peft_types(peft, tiny_dir, tmp_path):
+    """ZO on the adapter, in place: the perturbation reaches what peft's layers read (IA3's vectors live in
+    a ParameterDict the layer reads itself; the prompt encoder's embedding)."""
+    def adapter(lr: float, out: str) -> dict[str, torch.Tensor]:
+        t = Trainer(config(tiny_dir, peft, "zo-peft", steps=2, lr_zo=lr, eps=1e-2), tmp_path / out, progress=False)
+        t.run()
+        return {n: p.detach().clone() for n, p in t.model.named_parameters() if "ia3_" in n or "prompt_encoder" in n}
+
+    trained, untouched = adapter(1e-1, "run"), adapter(0.0, "zero")  # same seed: same initial adapter
+    assert trained and any(not torch.equal(p, untouched[n]) for n, p in trained.items())
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["zo_coef"] != 0 for r in rows if "zo_coef" in r)  # the perturbation changed the loss

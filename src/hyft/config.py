@@ -99,8 +99,9 @@ class RunConfig:
     mask_batches: int = field(default=4, metadata={"help": "sensitivity mask: batches of squared gradients"})
     auto_lr: bool = field(default=False, metadata={"help": "set lr_fo, lr_zo and eps from `hyft probe` on the "
                                                            "first training batches before step 1"})
-    fused: bool = field(default=True, metadata={"help": "hybrid two-sided: the backward pass for the PEFT module "
-                                                        "is the SPSA point θ+εz (one forward fewer per step)"})
+    fused: bool = field(default=True, metadata={"help": "two-sided, float32: perturb in place (hybrid: the backward "
+                                                        "pass for the PEFT module is the SPSA point θ+εz, one forward "
+                                                        "fewer; zo-*: MeZO's in-place form)"})
     weight_decay_zo: float = field(default=0.0, metadata={"help": "weight decay of the ZO group"})
     zo_compensate: bool = field(
         default=True, metadata={"help": "bf16/fp16: keep each ZO update's rounding error in a residual (one more "

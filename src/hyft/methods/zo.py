@@ -11,10 +11,32 @@ from hyft.tasks.base import Example
 class ZerothOrder(Method):
     name = "zo"
 
+    @property
+    def in_place(self) -> bool:
+        """MeZO's in-place form (+εz, −2εz, +εz with the update): any module that reads the weights sees
+        the perturbation (peft's IA3 vectors, DoRA), and no temporaries; full precision, one direction."""
+        c = self.config
+        return c.fused and c.zo_q == 1 and c.estimator == "two-sided" and self.engine is not None \
+            and self.engine.can_shift
+
     def step(self, examples: Sequence[Example], step: int) -> StepStats:
         batch = self.objective.encode(examples)
+        if self.in_place:
+            return self.in_place_step(batch, step)
         directions, g, loss = self.estimate(batch)  # loss: L(θ) one-sided, mean of L(θ±εz) two-sided
         if not finite(loss, *(c for _, c in directions)):
             return StepStats(loss=loss, zo_coef=g, skipped=True)
         updates = self.zo_updates(directions, step)
         return StepStats(loss=loss, lr_zo=updates[0].lr, zo_coef=g, zo_updates=updates)
+
+    def in_place_step(self, batch, step: int) -> StepStats:
+        assert self.engine is not None
+        eps, seed = self.config.eps, self.next_seed()
+        self.engine.shift_(seed, +eps)
+        plus = self.loss_eval(batch)                                 # L(θ+εz)
+        self.engine.shift_(seed, -2 * eps)
+        minus = self.loss_eval(batch)                                # L(θ−εz)
+        g, loss = (plus - minus) / (2 * eps), (plus + minus) / 2
+        ok = finite(plus, minus, g)
+        update = self.zo_update(seed, g if ok else 0.0, step, shifts=(eps, -2 * eps, eps))  # θ + εz − η g z
+        return StepStats(loss=loss, lr_zo=update.lr if ok else None, zo_coef=g, zo_updates=[update], skipped=not ok)
