@@ -1,5 +1,6 @@
 """Peak memory of one row, measured in a fresh process so that rows do not see each other's peaks:
-peak RSS on CPU (the whole process: runtime, weights, activations, temporaries), and
+peak RSS on CPU (the whole process: runtime, weights, activations, temporaries; glibc's mmap threshold set
+to 256 KiB so that freed blocks are not counted), and
 ``torch.cuda.max_memory_allocated`` on CUDA.
 
     python -m hyft.bench.memory ROW --model M --batch-size 16 --seq-len 64 [--steps 3]
@@ -15,13 +16,18 @@ import sys
 
 import torch
 
+MMAP_THRESHOLD = 256 * 1024  # bytes: allocations this large are mmap-ed, and unmapped when freed
+
 
 def measure(row: str, model: str, batch_size: int, seq_len: int, dtype: str, device: str,
             steps: int = 3) -> dict[str, float]:
     """Run ``steps`` steps of ``row`` in a subprocess and return its peaks in MB."""
     cmd = [sys.executable, "-m", "hyft.bench.memory", row, "--model", model, "--batch-size", str(batch_size),
            "--seq-len", str(seq_len), "--dtype", dtype, "--device", device, "--steps", str(steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    # glibc keeps freed blocks in its free lists, so without this the same row's peak RSS varied by ±300 MB
+    # between runs; returning blocks of ≥ 256 KiB to the OS on free makes the peak the live peak
+    env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), **os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"memory run of {row} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
