@@ -1,0 +1,44 @@
+"""scripts/grid.py's study logic: sweeps expand, cells wait for the sweeps they are tuned on and take the
+best-dev values (failed runs lose), and every fixed key is checked before anything runs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("grid", Path(__file__).parent.parent / "scripts" / "grid.py")
+grid_module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(grid_module)
+
+GRID = {
+    "out": "runs/x", "results": "docs/x.jsonl", "base": {"steps": 10},
+    "sweeps": {"fo": {"task": "sst2", "method": "fo-peft", "grid": {"lr_fo": [1e-3, 3e-3]}},
+               "hy": {"task": "sst2", "method": "hybrid", "tuned": "fo", "grid": {"lr_zo": [1e-6, 1e-5]}}},
+    "cells": {"hybrid": {"label": "hybrid", "method": "hybrid", "tuned": ["fo", "hy"], "tasks": ["cb"],
+                         "seeds": [0, 1]}},
+}
+
+
+def test_cells_wait_for_their_sweeps_and_take_the_best_dev_values():
+    g = grid_module
+    assert [r["name"] for r in g.sweep_runs(GRID, {})][:2] == ["sweep-fo-lr_fo0.001", "sweep-fo-lr_fo0.003"]
+    assert all(r["config"] is None for r in g.sweep_runs(GRID, {}, only="hy"))  # tuned on an unfinished sweep
+    assert all(r["config"] is None for r in g.cell_runs(GRID, {}))
+    results = {"sweep-fo-lr_fo0.001": {"best_dev_accuracy": 0.8}, "sweep-fo-lr_fo0.003": {"best_dev_accuracy": 0.8}}
+    hy = g.sweep_runs(GRID, results, only="hy")
+    assert hy[0]["config"]["lr_fo"] == 1e-3  # a tie keeps the first in grid order
+    results |= {"sweep-hy-lr_zo1e-06": {"best_dev_accuracy": -1.0, "failed": True},
+                "sweep-hy-lr_zo1e-05": {"best_dev_accuracy": 0.7}}
+    cells = g.cell_runs(GRID, results)
+    assert [c["name"] for c in cells] == ["cb-hybrid-s0", "cb-hybrid-s1"]
+    assert cells[1]["config"] == {"steps": 10, "method": "hybrid", "lr_fo": 1e-3, "lr_zo": 1e-5, "task": "cb",
+                                  "seed": 1}
+
+
+def test_a_bad_key_stops_the_grid_before_any_run():
+    bad = {**GRID, "cells": {"x": {"label": "x", "method": "hybrid", "AdamW)": None, "tasks": ["cb"]}}}
+    with pytest.raises(SystemExit, match="unknown key"):
+        grid_module.check(bad)
+    grid_module.check(GRID)
