@@ -11,6 +11,7 @@ import yaml
 
 from hyft.errors import HyftError
 from hyft.estimators import ESTIMATORS
+from hyft.files import read_mapping
 from hyft.masks import MASKS
 
 if TYPE_CHECKING:
@@ -197,13 +198,5 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise HyftError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise HyftError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
-        if not isinstance(data, dict):
-            raise HyftError(f"{path}: expected a mapping of config keys")
+        data = read_mapping(path, "config", "expected a mapping of config keys")
         return cls.from_dict(data, source=str(path))

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import yaml
 from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftConfig, get_peft_model
 from torch import nn
 
 from hyft.config import RunConfig
 from hyft.errors import HyftError
+from hyft.files import read_mapping
 from hyft.zo import select_params
 
 NamedParams = list[tuple[str, nn.Parameter]]
@@ -53,25 +52,12 @@ def peft_config(config: RunConfig) -> PeftConfig:
                       target_modules=targets)
     if "num_virtual_tokens" in {f.name for f in dataclasses.fields(cls)}:
         values["num_virtual_tokens"] = VIRTUAL_TOKENS
-    values.update(read_fields(config.peft_config) if config.peft_config else {})
+    if config.peft_config:
+        values.update(read_mapping(config.peft_config, "peft config", "expected a mapping of peft config fields"))
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
         raise HyftError(f"bad {name} config: {' '.join(str(err).split())}") from err
-
-
-def read_fields(path: str) -> dict[str, Any]:
-    """A peft config file: a YAML (or JSON) mapping of the config class's fields."""
-    file = Path(path)
-    if not file.is_file():
-        raise HyftError(f"peft config file not found: {file}")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise HyftError(f"{file}: not valid YAML/JSON ({' '.join(str(err).split())})") from err
-    if not isinstance(data, dict):
-        raise HyftError(f"{file}: expected a mapping of peft config fields")
-    return data
 
 
 def prepare(model: nn.Module, config: RunConfig) -> tuple[nn.Module, ParamGroups]:

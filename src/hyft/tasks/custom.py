@@ -21,9 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hyft.errors import HyftError
+from hyft.files import read_mapping
 from hyft.tasks.base import Example, Task, read_delimited, read_jsonl
 
 KEYS = {"name", "description", "train", "test", "format", "template", "label_field", "candidates",
@@ -103,13 +102,6 @@ class _Row(dict):
 
 
 def load_custom_task(path: str | Path) -> CustomTask:
-    path = Path(path)
-    if not path.is_file():
-        raise HyftError(f"task file not found: {path}")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise HyftError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
-    if not isinstance(spec, dict):
-        raise HyftError(f"{path}: a task file is a mapping of keys (train, test, template, ...)")
-    return CustomTask(spec, path)
+    spec = read_mapping(path, "task", "a task file is a mapping of keys (train, test, template, ...)",
+                        empty_ok=False)
+    return CustomTask(spec, Path(path))
