@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -147,16 +148,24 @@ LINE_SEARCH = (1, 3, 10, 30, 100)  # the quadratic step and shorter ones: the mo
 
 def _loss_after(method: Method, batches: Sequence[Batch], params: list[Tensor], u: Tensor, lr: float) -> float:
     """Mean loss over ``batches`` at φ − lr·u (φ restored after)."""
+    with _shifted(params, u, -lr), torch.no_grad():
+        method.model.eval()
+        return statistics.fmean(method.objective(b).item() for b in batches)
+
+
+@contextmanager
+def _shifted(params: list[Tensor], u: Tensor, scale: float) -> Iterator[None]:
+    """Within the block φ = φ + scale·u (``u`` flat over ``params``); φ is restored exactly after."""
     with torch.no_grad():
         saved = [p.detach().clone() for p in params]
         offset = 0
         for p in params:
-            p.add_(u[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-lr)
+            p.add_(u[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=scale)
             offset += p.numel()
-        method.model.eval()
-        try:
-            return statistics.fmean(method.objective(b).item() for b in batches)
-        finally:
+    try:
+        yield
+    finally:
+        with torch.no_grad():
             for p, s in zip(params, saved, strict=True):
                 p.copy_(s)
 
@@ -169,18 +178,8 @@ def _gradient(method: Method, batch: Batch, params: list[Tensor]) -> Tensor:
 
 def _shifted_gradient(method: Method, batch: Batch, params: list[Tensor], u: Tensor, h: float) -> Tensor:
     """∇φ L at φ + h·u (φ restored after)."""
-    with torch.no_grad():
-        saved = [p.detach().clone() for p in params]
-        offset = 0
-        for p in params:
-            p.add_(u[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=h)
-            offset += p.numel()
-    try:
+    with _shifted(params, u, h):
         return _gradient(method, batch, params)
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved, strict=True):
-                p.copy_(s)
 
 
 def batches_of(examples: Sequence, batch_size: int, count: int, encode: Callable[[Sequence], Batch]) -> list[Batch]:
