@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -76,6 +77,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = args.resume or args.out or f"runs/{config.task}-{config.method}-s{config.seed}"
     results = train(config, out, overwrite=args.overwrite, progress=not args.no_progress,
                     resume=bool(args.resume))
+    if int(os.environ.get("RANK", "0")) != 0:  # data parallel: rank 0 reports
+        return 0
     zero_shot = results["zero_shot_test_accuracy"]
     if zero_shot is not None:
         print(f"zero-shot test accuracy: {zero_shot:.4f}")

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from hyft.distributed import Communicator
 from hyft.scoring import Normalize, candidate_scores, encode, padding_for
 from hyft.tasks.base import Example
 
@@ -36,18 +37,23 @@ def evaluate(
     max_length: int = 256,
     progress: bool = True,
     desc: str = "eval",
+    comm: Communicator | None = None,
 ) -> EvalResult:
     """Score every candidate, predict the argmax, and report accuracy.
 
     Examples are batched in order of length (less padding) and predictions returned in input order.
+    Data parallel (``comm``): each rank scores every world-th example of that order, and the predictions
+    are gathered, so every rank returns the same result.
     """
     start = time.perf_counter()
+    comm = comm or Communicator()
     order = sorted(range(len(examples)), key=lambda i: sum(len(c) + len(x) for c, x in examples[i].pairs()))
+    order = order[comm.rank::comm.world]
     predictions = [0] * len(examples)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    with torch.inference_mode(), tqdm(total=len(examples), desc=desc, disable=not progress, leave=False) as bar:
+    with torch.inference_mode(), tqdm(total=len(order), desc=desc, disable=not progress, leave=False) as bar:
         for lo in range(0, len(order), batch_size):
             idx = order[lo : lo + batch_size]
             batch = encode(tokenizer, [examples[i] for i in idx], max_length, padding_for(model)).to(device)
@@ -55,6 +61,8 @@ def evaluate(
                 predictions[i] = p
             bar.update(len(idx))
     model.train(was_training)
+    if comm.world > 1:  # each position is predicted by one rank and 0 on the others: the sum gathers them
+        predictions = comm.sum_(torch.tensor(predictions, dtype=torch.int64), "eval").tolist()
     correct = sum(int(p == ex.gold) for p, ex in zip(predictions, examples, strict=True))
     return EvalResult(
         accuracy=correct / max(len(examples), 1),

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from hyft import masks, noise
 from hyft.config import RunConfig
+from hyft.distributed import Communicator, PeerLost, connect, rank_device
 from hyft.engines import Engine
 from hyft.errors import HyftError
 from hyft.evaluate import evaluate
@@ -93,28 +94,48 @@ class Trainer:
     def __init__(self, config: RunConfig, out: str | Path, overwrite: bool = False, progress: bool = True,
                  resume: bool = False):
         self.config = config.validate()
-        self.progress = progress
+        self.device = rank_device(resolve_device(config.device))
+        self.comm: Communicator = connect(self.device)  # data parallel under torchrun, else one process
+        self.comm.shard(range(config.batch_size))  # a global batch that does not split evenly fails here
+        self.progress = progress and self.comm.is_main
         self.resume = resume
-        if resume:
-            self.run_dir = RunDir.existing(out)
-            changes = config_changes(RunConfig.from_yaml(self.run_dir.config).to_dict(), config)
-            if changes:
-                raise HyftError(f"cannot resume {out} with a different config ({changes}); "
-                                "start a new run with --out instead")
-        else:
-            self.run_dir = RunDir.create(out, overwrite)
-            config.to_yaml(self.run_dir.config)
+
+        def open_run_dir() -> None:
+            if resume:
+                run_dir = RunDir.existing(out)
+                changes = config_changes(RunConfig.from_yaml(run_dir.config).to_dict(), config)
+                if changes:
+                    raise HyftError(f"cannot resume {out} with a different config ({changes}); "
+                                    "start a new run with --out instead")
+            else:
+                config.to_yaml(RunDir.create(out, overwrite).config)
+
+        self.on_main(open_run_dir)
+        self.run_dir = RunDir(Path(out))
         self._stop: int | None = None
         self.reporter: Reporter = Reporter()
         self.snapshots = BaseSnapshots(self.run_dir.path / "snapshots")
 
     def log(self, message: str) -> None:
-        print(message, file=sys.stderr)
+        if self.comm.is_main:
+            print(message, file=sys.stderr)
+
+    def on_main(self, work: Callable[[], None]) -> None:
+        """Run ``work`` (which writes the run directory) on rank 0 only; every rank raises its error, if any,
+        and continues only after it is done."""
+        error = None
+        if self.comm.is_main:
+            try:
+                work()
+            except HyftError as err:
+                error = str(err)
+        error = self.comm.broadcast_object(error)
+        if error is not None:
+            raise HyftError(error)
 
     # --- the run ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        c = self.config
-        device = resolve_device(c.device)
+        c, comm, device = self.config, self.comm, self.device
         torch.manual_seed(c.seed)
         splits = sample_splits(get_task(c.task), c.seed, c.num_train, c.num_dev, c.num_test)
         for note in splits.notes:
@@ -126,7 +147,7 @@ class Trainer:
         state = TrainState()
         if checkpoint is None and c.zero_shot:
             state.zero_shot = evaluate(model, tokenizer, splits.test, c.eval_batch_size, c.normalize,
-                                       c.max_length, self.progress, "zero-shot test").accuracy
+                                       c.max_length, self.progress, "zero-shot test", comm).accuracy
             self.log(f"zero-shot test accuracy: {state.zero_shot:.4f} (n={len(splits.test)})")
 
         model, groups = prepare(model, c)
@@ -134,9 +155,11 @@ class Trainer:
         total = c.steps if c.epochs is None else math.ceil(c.epochs * len(splits.train) / c.batch_size)
         objective = Objective(model, tokenizer, c)
         if c.auto_lr and checkpoint is None:
-            self._auto_lr(model, groups, objective, splits.train)
+            self.on_main(lambda: self._auto_lr(model, groups, objective, splits.train))
+            for key, value in comm.broadcast_object(c.to_dict()).items():  # rank 0's suggestions
+                setattr(c, key, value)
         mask = self._zo_mask(groups, objective, splits.train) if c.zo_mask and groups.zo else None
-        method: Method = c.spec.rule(model, groups, objective, c, total, mask)
+        method: Method = c.spec.rule(model, groups, objective, c, total, mask, comm=comm)
         sampler = EpochSampler(len(splits.train), c.batch_size, c.shuffle, c.seed)
         zo_log = ZOLog(self.run_dir.zo_log)
         direct = direct_params(c, groups)
@@ -145,17 +168,23 @@ class Trainer:
             state = self._resume_from(checkpoint, method, sampler, direct, model)
             self.log(f"resumed {self.run_dir.path} at step {state.step} of {total}")
         else:
-            if method.engine is not None:
+            if method.engine is not None and comm.is_main:
                 zo_log.start(zo_header(c, method.engine, device))
             self._save_checkpoint(state, method, sampler, direct)
+        comm.broadcast_([p for _, p in direct])  # replicas start equal, as DDP makes them
+        if comm.world > 1:
+            self.log(f"data parallel: {comm.world} processes ({comm.backend}), {c.batch_size // comm.world} "
+                     f"examples each of every batch of {c.batch_size}")
+        sent_before = comm.sent.copy()
+        steps_before = state.step
 
         def dev_eval(step: int) -> float:
-            result = evaluate(model, tokenizer, dev, c.eval_batch_size, c.normalize, c.max_length, False)
+            result = evaluate(model, tokenizer, dev, c.eval_batch_size, c.normalize, c.max_length, False, comm=comm)
             self._log_metrics(state, {"step": step, "dev_accuracy": result.accuracy,
                                       "eval_seconds": round(result.seconds, 3)})
             return result.accuracy
 
-        self.reporter = reporter(c.report_to, self.run_dir.path, c.to_dict())
+        self.reporter = reporter(c.report_to if comm.is_main else "none", self.run_dir.path, c.to_dict())
         bar = tqdm(total=total, initial=state.step, desc=f"{c.method} {c.task}", disable=not self.progress,
                    dynamic_ncols=True)
         handlers = self._catch_signals()
@@ -163,15 +192,18 @@ class Trainer:
             while state.step < total:
                 step = state.step
                 start = time.perf_counter()
-                stats = method.step([splits.train[i] for i in sampler.next_batch()], step)
+                shard = comm.shard(sampler.next_batch())  # every rank walks the same order, takes its slice
+                stats = method.step([splits.train[i] for i in shard], step)
                 seconds = time.perf_counter() - start
                 state.step, state.train_seconds = step + 1, state.train_seconds + seconds
                 before = state.zo_updates
                 for u in stats.zo_updates:
-                    zo_log.append(u)
+                    if comm.is_main:
+                        zo_log.append(u)
                     state.zo_updates += 1
                 # a snapshot holds the base after whole steps (all directions of a step are applied at once)
-                if c.zo_on_base and state.zo_updates // c.snapshot_every > before // c.snapshot_every:
+                if c.zo_on_base and state.zo_updates // c.snapshot_every > before // c.snapshot_every \
+                        and comm.is_main:
                     assert method.engine is not None
                     self.snapshots.write(method.engine, state.zo_updates)
                 state.bad = state.bad + 1 if stats.skipped else 0
@@ -198,31 +230,66 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.loss:.4f}", dev=f"{state.dev_accuracy:.3f}",
                                 steps_s=f"{state.step / max(state.train_seconds, 1e-9):.2f}", refresh=False)
-                if self._stop is not None:
+                if comm.any(self._stop is not None):  # every rank stops after the same step
                     self._save_checkpoint(state, method, sampler, direct)
-                    name = signal.Signals(self._stop).name
+                    comm.barrier()  # no rank exits before the checkpoint is written
+                    name = signal.Signals(self._stop or signal.SIGTERM).name
                     raise Interrupted(f"{name} at step {state.step}: checkpoint saved; resume with "
                                       f"`hyft train --resume {self.run_dir.path}`", self._stop)
+        except PeerLost as err:
+            raise PeerLost(f"{err}. The last checkpoint in {self.run_dir.path} is intact: relaunch with "
+                           f"`--resume {self.run_dir.path}`") from err
         finally:
             bar.close()
             self.reporter.close()
             self._restore_signals(handlers)
-        return self._finish(state, total, model, tokenizer, method, groups, direct, splits.test, len(dev), device)
+        done = max(state.step - steps_before, 1)
+        state.extra["communication"] = {
+            "world": comm.world, "backend": comm.backend,
+            "bytes_per_step": {g: round((comm.sent[g] - sent_before[g]) / done, 1) for g in ("zo", "fo", "control")},
+            # what the same step would send as one all-reduce of a gradient of every weight
+            "full_gradient_bytes_per_step": sum(p.numel() * 4 for p in model.parameters()),
+        }
+        if comm.world > 1:
+            fingerprints = comm.fingerprints([p for p in model.parameters()])
+            state.extra["communication"]["replica_fingerprints"] = fingerprints
+            if len(set(fingerprints)) > 1:
+                self.log(f"warning: the {comm.world} replicas hold different weights (fingerprints {fingerprints})")
+        results = self._finish(state, total, model, tokenizer, method, groups, direct, splits.test, len(dev), device)
+        comm.close()
+        return results
 
     def _finish(self, state: TrainState, total: int, model: nn.Module, tokenizer, method: Method,
                 groups: ParamGroups, direct, test_examples, n_dev: int, device: torch.device) -> dict[str, Any]:
-        c, best = self.config, state.best
+        c, best, comm = self.config, state.best, self.comm
         assert best is not None
+        comm.barrier()  # rank 0 has written the best-dev weights and the log the others read
         self.restore(best, direct, method, model)
         self.model, self.tokenizer = model, tokenizer  # the best-dev state, for callers of the library
         test = evaluate(model, tokenizer, test_examples, c.eval_batch_size, c.normalize, c.max_length,
-                        self.progress, "test")
+                        self.progress, "test", comm)
+        if not comm.is_main:
+            comm.barrier()  # until rank 0 has written the results
+            return self._results(state, total, groups, best, test, n_dev, device)
         if c.uses_peft:
             model.save_pretrained(self.run_dir.adapter)
         elif c.spec.fo_on_base:  # every weight was trained: keep the best-dev model itself
             model.save_pretrained(self.run_dir.path / "model")
             tokenizer.save_pretrained(self.run_dir.path / "model")
-        results = {
+        results = self._results(state, total, groups, best, test, n_dev, device)
+        self.run_dir.write_results(results)
+        from hyft.plot import plot_run
+
+        plot_run(self.run_dir.path)
+        self.log(f"test accuracy: {test.accuracy:.4f} (best dev {best.dev_accuracy:.4f} at step {best.step}); "
+                 f"results in {self.run_dir.results}")
+        comm.barrier()
+        return results
+
+    def _results(self, state: TrainState, total: int, groups: ParamGroups, best: Snapshot, test, n_dev: int,
+                 device: torch.device) -> dict[str, Any]:
+        c = self.config
+        return {
             "method": c.method, "task": c.task, "model": c.model, "steps": total, "seed": c.seed,
             "batch_size": c.batch_size, "lr_fo": c.lr_fo if groups.fo else None,
             "lr_zo": c.lr_zo if groups.zo else None, "eps": c.eps if groups.zo else None,
@@ -236,14 +303,8 @@ class Trainer:
             "peak_device_mb": round(peak_memory_mb(device), 1) if device.type == "cuda" else None,
             "device": str(device), "n_dev_eval": n_dev,
             "trainable_fo": sum(p.numel() for _, p in groups.fo), "trainable_zo": sum(p.numel() for _, p in groups.zo),
+            **state.extra,
         }
-        self.run_dir.write_results(results)
-        from hyft.plot import plot_run
-
-        plot_run(self.run_dir.path)
-        self.log(f"test accuracy: {test.accuracy:.4f} (best dev {best.dev_accuracy:.4f} at step {best.step}); "
-                 f"results in {self.run_dir.results}")
-        return results
 
     def restore(self, best: Snapshot, direct, method: Method, model: nn.Module) -> None:
         """Put the model in its best-dev state: load the direct weights, rebuild the base from the nearest
@@ -276,26 +337,30 @@ class Trainer:
         (self.run_dir.path / "probe.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
 
     def _zo_mask(self, groups: ParamGroups, objective: Objective, train: list) -> list[torch.Tensor]:
-        """The sparse-ZO mask: read back on resume, otherwise chosen now (sensitivity: on the first
-        ``mask_batches`` training batches) and written to the run directory before the first step."""
+        """The sparse-ZO mask: chosen by rank 0 (sensitivity: on the first ``mask_batches`` training batches)
+        and written to the run directory before the first step; read back by the other ranks and on resume."""
         c, path = self.config, self.run_dir.path / masks.MASK_FILE
-        if self.resume:
-            return masks.load(path, groups.zo)
 
         def loss(b: int) -> torch.Tensor:
             examples = [train[(b * c.batch_size + j) % len(train)] for j in range(c.batch_size)]
             objective.model.train()
             return objective(objective.encode(examples))
 
-        mask = masks.build(c.zo_mask, groups.zo, c.zo_density, loss, c.mask_batches)
-        masks.save(path, groups.zo, mask)
-        self.log(f"ZO mask ({c.zo_mask}, density {c.zo_density:g}): {sum(m.numel() for m in mask):,} of "
-                 f"{sum(p.numel() for _, p in groups.zo):,} weights")
-        return mask
+        def choose() -> None:
+            mask = masks.build(c.zo_mask, groups.zo, c.zo_density, loss, c.mask_batches)
+            masks.save(path, groups.zo, mask)
+            self.log(f"ZO mask ({c.zo_mask}, density {c.zo_density:g}): {sum(m.numel() for m in mask):,} of "
+                     f"{sum(p.numel() for _, p in groups.zo):,} weights")
+
+        if not self.resume:
+            self.on_main(choose)
+        return masks.load(path, groups.zo)
 
     def _write_best(self, step: int, direct) -> str:
         """The best-dev direct weights in their own file (not in memory, not in every checkpoint)."""
         name = f"best-{step:08d}.safetensors"
+        if not self.comm.is_main:
+            return name
         tmp = self.run_dir.path / f".{name}.tmp"
         save_file({n: p.detach().to("cpu").contiguous() for n, p in direct}, str(tmp))
         os.replace(tmp, self.run_dir.path / name)
@@ -312,12 +377,16 @@ class Trainer:
 
     # --- metrics and checkpoints -----------------------------------------------------------------
     def _log_metrics(self, state: TrainState, row: dict[str, Any]) -> None:
-        self.run_dir.log_metrics(row)
         state.metrics_lines += 1
-        self.reporter.log(row)
+        if self.comm.is_main:
+            self.run_dir.log_metrics(row)
+            self.reporter.log(row)
 
     def _save_checkpoint(self, state: TrainState, method: Method, sampler: EpochSampler, direct) -> None:
-        """Write ``checkpoint.pt`` atomically: an interrupted write never replaces the previous one."""
+        """Write ``checkpoint.pt`` atomically: an interrupted write never replaces the previous one (rank 0;
+        every rank holds the same state)."""
+        if not self.comm.is_main:
+            return
         payload = {
             "config": self.config.to_dict(),
             "state": state,
@@ -365,9 +434,12 @@ class Trainer:
                     if r is not None:
                         r.copy_(saved)
         # rows and updates written after this checkpoint belong to steps that will be run again
-        self.run_dir.truncate_jsonl(self.run_dir.metrics, state.metrics_lines)
+        if self.comm.is_main:
+            self.run_dir.truncate_jsonl(self.run_dir.metrics, state.metrics_lines)
+            if method.engine is not None:
+                self.run_dir.truncate_jsonl(self.run_dir.zo_log, 1 + state.zo_updates)
+        self.comm.barrier()
         if method.engine is not None:
-            self.run_dir.truncate_jsonl(self.run_dir.zo_log, 1 + state.zo_updates)
             try:
                 header, updates = ZOLog.read(self.run_dir.zo_log)
             except ValueError as err:

@@ -37,7 +37,11 @@ from hyft.errors import HyftError
 
 
 def canonical_name(name: str) -> str:
-    """A parameter's name in the unwrapped base model (peft adds ``base_model.model.`` and ``.base_layer``)."""
+    """A parameter's name in the unwrapped base model: without the prefixes of DDP (``module.``),
+    ``torch.compile`` (``_orig_mod.``) and peft (``base_model.model.``, ``.base_layer``), so seeds and logs
+    do not depend on how the model is wrapped."""
+    while (bare := name.removeprefix("module.").removeprefix("_orig_mod.")) != name:
+        name = bare
     name = name.removeprefix("base_model.model.")
     return name.replace(".base_layer.", ".")
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from hyft.config import RunConfig
+from hyft.distributed import Communicator
 from hyft.engines import Engine, make_engine
 from hyft.estimators import ESTIMATORS
 from hyft.params import ParamGroups
@@ -57,13 +58,16 @@ class Method(ABC):
     name: str
 
     def __init__(self, model: nn.Module, groups: ParamGroups, objective: Objective, config: RunConfig, total: int,
-                 mask: list[Tensor] | None = None):
+                 mask: list[Tensor] | None = None, comm: Communicator | None = None):
         self.model, self.groups, self.objective, self.config, self.total = model, groups, objective, config, total
+        # losses are this rank's shard's: ``global_losses`` turns them into the global batch's
+        self.comm = comm or Communicator()
         self.engine = build_engine(model, groups, config, mask)
         # a loss from the train-mode (first-order) pass equals the eval-mode loss only without dropout
         self.train_loss_is_eval_loss = not dropout_active(model)
         self.optimizer = self._fo_optimizer() if groups.fo else None
-        self.seeds = torch.Generator().manual_seed(config.seed * 1_000_003 + 17)  # ZO direction seeds only
+        # ZO direction seeds only; derived from the run seed, so every rank draws the same directions
+        self.seeds = torch.Generator().manual_seed(config.seed * 1_000_003 + 17)
 
     @abstractmethod
     def step(self, examples: Sequence[Example], step: int) -> StepStats:
@@ -86,15 +90,20 @@ class Method(ABC):
     def next_seed(self) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=self.seeds).item())
 
+    def global_losses(self, *losses: float, group: str = "zo") -> list[float]:
+        """This rank's losses → the global batch's (one all-reduce of a few scalars; identity on one process).
+        Every decision (the coefficient, skipping a non-finite step) is then the same on every rank."""
+        return self.comm.mean(losses, group)
+
     def loss_with_grad(self, batch: Batch) -> Tensor:
-        """L(θ, φ; B) with autograd through the FO group only."""
+        """L(θ, φ; B) with autograd through the FO group only (this rank's shard)."""
         self.model.train()
         loss = self.objective(batch)
         loss.backward()
         return loss
 
     def loss_eval(self, batch: Batch) -> float:
-        """L(θ, φ; B) with no grad, eval mode (dropout off): a point of a finite difference."""
+        """L(θ, φ; B) with no grad, eval mode (dropout off): a point of a finite difference (this rank's shard)."""
         self.model.eval()
         with torch.no_grad():
             return self.objective(batch).item()
@@ -113,10 +122,13 @@ class Method(ABC):
             plus = self.loss_eval(batch)
         if self.config.estimator == "one-sided":
             if loss0 is None or not self.train_loss_is_eval_loss:
-                loss0 = self.loss_eval(batch)
+                plus, loss0 = self.global_losses(plus, self.loss_eval(batch))
+            else:
+                (plus,) = self.global_losses(plus)
             return (plus - loss0) / eps, loss0
         with self.engine.perturbed(seed, -eps):
             minus = self.loss_eval(batch)
+        plus, minus = self.global_losses(plus, minus)
         return (plus - minus) / (2 * eps), (plus + minus) / 2 if loss0 is None else loss0
 
     def estimate(self, batch: Batch, loss0: float | None = None) -> tuple[list[tuple[int, float]], float, float]:
@@ -133,8 +145,9 @@ class Method(ABC):
         return list(zip(seeds, coefs, strict=True)), gs[0], sum(losses) / len(losses)
 
     def fo_update(self, step: int) -> float:
-        """φ ← optimizer step with this step's FO learning rate; returns that rate."""
+        """φ ← optimizer step with this step's FO learning rate (gradients averaged over ranks); returns the rate."""
         assert self.optimizer is not None
+        self.comm.average_grads([p for _, p in self.groups.fo])
         lr = self.lr_fo(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -13,7 +13,7 @@ class FirstOrder(Method):
 
     def step(self, examples: Sequence[Example], step: int) -> StepStats:
         batch = self.objective.encode(examples)
-        loss = self.loss_with_grad(batch).item()
+        (loss,) = self.global_losses(self.loss_with_grad(batch).item(), group="fo")
         if not finite(loss):
             self.discard_grads()
             return StepStats(loss=loss, skipped=True)

@@ -32,6 +32,7 @@ class Hybrid(Method):
         plus = self.loss_with_grad(batch).item()                 # L(θ+εz, φ; B), ∇φ by backprop
         self.engine.shift_(seed, -2 * eps)                       # θ − εz
         minus = self.loss_eval(batch)                            # L(θ−εz, φ; B)
+        plus, minus = self.global_losses(plus, minus)            # over the global batch (data parallel)
         g = (plus - minus) / (2 * eps)
         if not finite(plus, minus, g):                           # θ is still shifted: restore it, no step
             self.discard_grads()
@@ -44,6 +45,7 @@ class Hybrid(Method):
     def separate_step(self, batch, step: int) -> StepStats:
         """The paper's order: ∇φ at θ, then q SPSA estimates at (θ, φ), then both updates."""
         loss = self.loss_with_grad(batch).item()                 # L(θ, φ; B), ∇φ by backprop (no grad for θ)
+        (loss,) = self.global_losses(loss, group="fo")
         directions, g, _ = self.estimate(batch, loss0=loss)      # g_i = (L(θ+εz_i) − L(θ−εz_i)) / 2ε
         if not finite(loss, *(c for _, c in directions)):
             self.discard_grads()

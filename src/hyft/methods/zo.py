@@ -36,6 +36,7 @@ class ZerothOrder(Method):
         plus = self.loss_eval(batch)                                 # L(θ+εz)
         self.engine.shift_(seed, -2 * eps)
         minus = self.loss_eval(batch)                                # L(θ−εz)
+        plus, minus = self.global_losses(plus, minus)
         g, loss = (plus - minus) / (2 * eps), (plus + minus) / 2
         ok = finite(plus, minus, g)
         update = self.zo_update(seed, g if ok else 0.0, step, shifts=(eps, -2 * eps, eps))  # θ + εz − η g z

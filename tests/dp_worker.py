@@ -1,0 +1,40 @@
+"""Run by ``torchrun --nproc-per-node 2`` from test_distributed.py: trains each method once with the library
+API inside one process group, then saves this rank's weights so the test can compare the replicas."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from hyft.config import RunConfig
+from hyft.trainer import Trainer
+
+METHODS = ("hybrid", "zo-full", "fo-peft")
+
+
+def config(model: str, method: str) -> RunConfig:
+    """The run the test also trains in one process; a global batch of 4 is 2 examples per rank."""
+    return RunConfig(model=model, method=method, task="sst2", num_train=24, num_dev=8, num_test=8, steps=6,
+                     batch_size=4, eval_every=6, checkpoint_every=3, lr_fo=0.05, lr_zo=1e-4, eps=1e-2,
+                     optimizer_fo="sgd",  # AdamW divides by √v: rounding in near-zero gradients moves φ by ~lr
+                     zero_shot=False)
+
+
+def main(model: str, out: Path) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    for method in METHODS:
+        trainer = Trainer(config(model, method), out / method, progress=False)
+        trainer.run()
+        weights = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters()}
+        save_file(weights, str(out / f"{method}-rank{rank}.safetensors"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    assert int(os.environ["WORLD_SIZE"]) == 2
+    main(sys.argv[1], Path(sys.argv[2]))

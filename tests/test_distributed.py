@@ -1,0 +1,151 @@
+"""Data parallel on torch.distributed (gloo, 2 CPU processes): replicas stay bitwise identical, a run matches
+a single process with the same global batch, and a killed rank stops the others cleanly and resumably."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hyft.distributed import Communicator, buckets, fingerprint
+from hyft.errors import HyftError
+from hyft.rundir import read_jsonl
+from hyft.trainer import Trainer
+from hyft.zo import canonical_name
+from tests.dp_worker import METHODS, config
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+# float32 sums over 2 shards of 2 examples vs one batch of 4: the losses agree to rounding, and a ZO
+# coefficient (L+ − L−)/2ε divides that rounding by ε
+LOSS_TOL, COEF_TOL, WEIGHT_TOL = 1e-6, 1e-4, 1e-6
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(free_port()), *args]
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tiny_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dp")
+    worker = str(Path(__file__).parent / "dp_worker.py")
+    proc = subprocess.run(torchrun(worker, tiny_dir, str(out)), capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def close(a: float | None, b: float | None, tol: float) -> bool:
+    return (a is None and b is None) or abs(a - b) <= tol * max(1.0, abs(b))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_processes_match_one_and_replicas_are_bitwise_equal(method, two_process_runs, tiny_dir, tmp_path):
+    rank0 = load_file(two_process_runs / f"{method}-rank0.safetensors")
+    rank1 = load_file(two_process_runs / f"{method}-rank1.safetensors")
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), "the replicas hold different weights"
+
+    single = Trainer(config(tiny_dir, method), tmp_path / "single", progress=False)
+    single.run()
+    gap = {name: (rank0[name] - p.detach()).abs().max().item() for name, p in single.model.named_parameters()}
+    print(f"{method}: largest |2 processes - 1 process| weight gap {max(gap.values()):.2e}")
+    assert max(gap.values()) <= WEIGHT_TOL, max(gap.items(), key=lambda kv: kv[1])
+    dp, one = two_process_runs / method, tmp_path / "single"
+    rows, ref = read_jsonl(dp / "metrics.jsonl"), read_jsonl(one / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [r["step"] for r in ref]
+    for r, s in zip(rows, ref, strict=True):
+        assert close(r.get("loss"), s.get("loss"), LOSS_TOL), (r, s)
+        assert close(r.get("zo_coef"), s.get("zo_coef"), COEF_TOL), (r, s)
+        assert r.get("dev_accuracy") == s.get("dev_accuracy")
+    if method != "fo-peft":  # the ZO logs: the same header, seeds, steps and rates; coefficients to rounding
+        (h1, *u1), (h2, *u2) = read_jsonl(dp / "zo_log.jsonl"), read_jsonl(one / "zo_log.jsonl")
+        assert h1 == h2 and len(u1) == len(u2) == 6
+        for a, b in zip(u1, u2, strict=True):
+            assert {k: v for k, v in a.items() if k != "coef"} == {k: v for k, v in b.items() if k != "coef"}
+            assert close(a["coef"], b["coef"], COEF_TOL)
+    results = json.loads((dp / "results.json").read_text())
+    comm = results["communication"]
+    assert comm["world"] == 2 and comm["backend"] == "gloo"
+    assert len(set(comm["replica_fingerprints"])) == 1
+    sent = comm["bytes_per_step"]
+    n_fo = results["trainable_fo"]
+    # ZO: two float64 losses per step; FO: φ's float32 gradient (plus its loss); every step: one stop flag
+    assert sent["zo"] == (16 if method != "fo-peft" else 0)
+    assert sent["fo"] == (4 * n_fo + 8 if method == "fo-peft" else 4 * n_fo)
+    assert sent["control"] == 4
+    assert results["test_accuracy"] == json.loads((one / "results.json").read_text())["test_accuracy"]
+
+
+def test_a_killed_rank_stops_the_other_cleanly_and_the_run_resumes(tiny_dir, tmp_path):
+    """Ranks started by hand as torchrun starts them; SIGKILL rank 1 mid-run: rank 0 exits by itself with
+    a one-line message naming the lost peer, the checkpoint stays good, and torchrun --resume finishes."""
+    out = tmp_path / "run"
+    args = ["train", "--model", tiny_dir, "--method", "hybrid", "--task", "sst2", "--num-train", "24",
+            "--num-dev", "8", "--num-test", "8", "--steps", "40", "--batch-size", "4", "--eval-every", "10",
+            "--checkpoint-every", "3", "--lr-fo", "0.3", "--lr-zo", "1e-3", "--no-zero-shot", "--no-progress",
+            "--out", str(out)]
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, "-m", "hyft", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                              "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 8:
+        assert time.time() < deadline and ranks[0].poll() is None, ranks[0].communicate()
+        time.sleep(0.1)
+    ranks[1].send_signal(signal.SIGKILL)
+    start = time.time()
+    _, err = ranks[0].communicate(timeout=60)
+    assert time.time() - start < 30
+    assert ranks[0].returncode == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hyft: error: rank 0 of 2:") and "another process has died" in last, err[-2000:]
+    assert "--resume" in last
+    ranks[1].wait()
+
+    proc = subprocess.run(torchrun("-m", "hyft", "train", "--resume", str(out), "--no-progress"),
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 40 and len(set(results["communication"]["replica_fingerprints"])) == 1
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == list(range(1, 41))
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused():
+    comm = Communicator()
+    comm.world, comm.rank = 3, 1
+    assert comm.shard(list(range(6))) == [2, 3]
+    with pytest.raises(HyftError, match="divisible by 3"):
+        comm.shard(list(range(8)))
+
+
+def test_wrapper_prefixes_do_not_change_names():
+    name = "model.layers.0.self_attn.q_proj.weight"
+    for wrapped in (f"module.{name}", f"_orig_mod.{name}", f"module._orig_mod.base_model.model.{name}",
+                    "module.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"):
+        assert canonical_name(wrapped) == name
+
+
+def test_buckets_and_fingerprints():
+    ts = [torch.zeros(10), torch.zeros(10), torch.zeros(30), torch.zeros(2, dtype=torch.float64)]
+    assert [len(b) for b in buckets(ts, limit=80)] == [2, 1, 1]
+    a = [torch.randn(5, 7), torch.randn(3)]
+    b = [t.clone() for t in a]
+    assert fingerprint(a) == fingerprint(b)
+    b[0].view(-1)[17] = torch.nextafter(b[0].view(-1)[17], torch.tensor(1e9))  # one ulp, one coordinate
+    assert fingerprint(a) != fingerprint(b)
