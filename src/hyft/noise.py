@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from hyft import cpu_kernel
+
 DISTRIBUTIONS = ("gaussian", "rademacher")
 SCHEME = "counter-v3"  # the (seed, position) → z mapping; recorded in ZO logs so replay refuses another one
 BLOCK = 1024  # elements: z is generated in whole, aligned blocks
@@ -129,32 +131,14 @@ def fill_(out: Tensor, seed: int, start: int, dist: str) -> Tensor:
     n = out.numel()
     if start % BLOCK or n % BLOCK or n > piece_size(out.device):
         raise ValueError(f"fill_ needs whole blocks of {BLOCK} (start {start}, length {n})")
-    s = _scratch(out.device)
     key = direction_key(seed)
     if dist == "gaussian":
-        m = n // 2
-        x = _hash_(s, key, start // 2, m)
-        t, a, b, c = s.t[:m], s.a[:m], s.b[:m], s.c[:m]
-        # radius from the high 24 bits: u = (h + 1)·2⁻²⁴ ∈ (0, 1] exactly, so −2 ln u ≥ 0
-        torch.bitwise_right_shift(x, 40, out=t)
-        t.bitwise_and_((1 << 24) - 1).add_(1)
-        a.copy_(t).mul_(2.0**-24)
-        # angle from the low 24 bits
-        x.bitwise_and_((1 << 24) - 1)
-        b.copy_(x).mul_(2 * math.pi * 2.0**-24)
-        step = _transcendental_slice(out.device, m)
-        for lo in range(0, m, step):  # see the module docstring: no scalar tails on CPU
-            hi = min(lo + step, m)
-            a[lo:hi].log_()
-            torch.cos(b[lo:hi], out=c[lo:hi])
-            b[lo:hi].sin_()
-        a.mul_(-2.0).sqrt_()
-        halves = out.view(-1, 2, _HALF)
-        torch.mul(a.view(-1, _HALF), c.view(-1, _HALF), out=halves[:, 0])
-        torch.mul(a.view(-1, _HALF), b.view(-1, _HALF), out=halves[:, 1])
+        if not (out.device.type == "cpu" and cpu_kernel.gaussian_(out, key, start // 2)):
+            gaussian_torch_(out, key, start)
         return out
     if dist == "rademacher":
         # bit i of word w is the sign of element 32·w + i; 0x3F800000 is 1.0f
+        s = _scratch(out.device)
         words = _hash_(s, key, start // 32, n // 32)
         signs = out.view(torch.int32).view(-1, 32)
         torch.bitwise_left_shift(words.view(-1, 1).to(torch.int32), s.shifts, out=signs)
@@ -162,6 +146,33 @@ def fill_(out: Tensor, seed: int, start: int, dist: str) -> Tensor:
         return out
     check_dist(dist)
     raise AssertionError
+
+
+def gaussian_torch_(out: Tensor, key: int, start: int) -> Tensor:
+    """The Gaussian path of :func:`fill_` in torch ops (any device; the reference the CPU kernel matches)."""
+    n = out.numel()
+    s = _scratch(out.device)
+    m = n // 2
+    x = _hash_(s, key, start // 2, m)
+    t, a, b, c = s.t[:m], s.a[:m], s.b[:m], s.c[:m]
+    # radius from the high 24 bits: u = (h + 1)·2⁻²⁴ ∈ (0, 1] exactly, so −2 ln u ≥ 0
+    torch.bitwise_right_shift(x, 40, out=t)
+    t.bitwise_and_((1 << 24) - 1).add_(1)
+    a.copy_(t).mul_(2.0**-24)
+    # angle from the low 24 bits
+    x.bitwise_and_((1 << 24) - 1)
+    b.copy_(x).mul_(2 * math.pi * 2.0**-24)
+    step = _transcendental_slice(out.device, m)
+    for lo in range(0, m, step):  # see the module docstring: no scalar tails on CPU
+        hi = min(lo + step, m)
+        a[lo:hi].log_()
+        torch.cos(b[lo:hi], out=c[lo:hi])
+        b[lo:hi].sin_()
+    a.mul_(-2.0).sqrt_()
+    halves = out.view(-1, 2, _HALF)
+    torch.mul(a.view(-1, _HALF), c.view(-1, _HALF), out=halves[:, 0])
+    torch.mul(a.view(-1, _HALF), b.view(-1, _HALF), out=halves[:, 1])
+    return out
 
 
 def at(index: Tensor, seed: int, dist: str) -> Tensor:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from hyft import noise
+from hyft import cpu_kernel, noise
 
 OLD_CHUNK = 1 << 18
 
@@ -21,6 +21,16 @@ def _counter(numel: int, dist: str, device: torch.device) -> Callable[[], None]:
     def sweep() -> None:
         for a, b in noise.pieces(0, numel, device):
             noise.z_piece(7, a, b, dist, device)
+    return sweep
+
+
+def _torch_ops(numel: int, device: torch.device) -> Callable[[], None]:
+    """The Gaussian sweep in torch ops only (what runs where the fused CPU kernel is not available)."""
+    out = torch.empty(noise.piece_size(device), device=device)
+
+    def sweep() -> None:
+        for a, b in noise.pieces(0, numel, device):
+            noise.gaussian_torch_(out[: b - a], noise.direction_key(7), a)
     return sweep
 
 
@@ -62,8 +72,10 @@ def _bandwidth(numel: int, device: torch.device) -> Callable[[], None]:
 def time_sweeps(numel: int, device: torch.device, repeats: int = 3, log=print) -> dict[str, float]:
     """Median seconds of one sweep of ``numel`` numbers for each generator, and the bandwidth floor."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    kernel = device.type == "cpu" and cpu_kernel.active()
     cases = {
-        "counter gaussian": _counter(numel, "gaussian", device),
+        "counter gaussian": _counter(numel, "gaussian", device),  # the engine's path: the CPU kernel where active
+        **({"counter gaussian, torch ops (without the CPU kernel)": _torch_ops(numel, device)} if kernel else {}),
         "counter rademacher": _counter(numel, "rademacher", device),
         "previous gaussian (per-chunk generator)": _previous(numel, "gaussian", device),
         "previous rademacher (per-chunk generator)": _previous(numel - numel % 32, "rademacher", device),

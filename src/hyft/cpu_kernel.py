@@ -1,0 +1,119 @@
+"""A fused CPU kernel for counter-v3 Gaussian directions (``csrc/counter_gaussian.c``), built on first use.
+
+The torch-op path of :mod:`hyft.noise` makes ~25 passes over a piece's memory; this kernel hashes and
+transforms one 512-pair block at a time in cache, calling the same vector math that torch's CPU kernels call
+for log, cos and sin (MKL's, exported by libtorch_cpu). It is used only where it is bitwise equal to the
+torch-op path: torch built with MKL, and a self-check on load. Anything else (no C compiler, no MKL, a failed
+check, ``HYFT_CPU_KERNEL=0``) falls back to the torch ops, which give the same numbers more slowly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import subprocess
+import sysconfig
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "counter_gaussian.c"
+# no contraction (products as torch computes them); OpenMP from torch's own libgomp, already loaded
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
+
+
+def _flags() -> list[str]:
+    """AVX2 for the hashing loop where torch itself runs AVX2 (or wider) kernels on this CPU."""
+    wide = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return [*FLAGS, *(["-mavx2"] if wide else [])]
+PAIRS_PER_BLOCK = 512
+
+
+def _torch_lib() -> Path:
+    return Path(torch.__file__).parent / "lib"
+
+
+def _build(cache_dir: Path) -> Path:
+    """Compile the kernel once per (source, flags, torch build) into ``cache_dir``; atomic, so concurrent
+    processes (torchrun ranks) may race safely."""
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    cc = cc.split()[0]
+    flags = _flags()
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags, torch.__version__]).encode()).hexdigest()
+    target = cache_dir / f"counter_gaussian-{digest[:16]}.so"
+    if target.is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    lib = _torch_lib()
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        out = Path(tmp) / target.name
+        cmd = [cc, *flags, str(SOURCE), "-o", str(out), f"-L{lib}", "-l:libtorch_cpu.so", f"-Wl,-rpath,{lib}"]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        os.replace(out, target)
+    return target
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    """The loaded kernel, or None where it cannot be used here (the reason goes to the debug log)."""
+    if os.environ.get("HYFT_CPU_KERNEL", "1") == "0":
+        return None
+    if not torch.backends.mkl.is_available():
+        log.debug("cpu kernel off: torch is built without MKL, whose vector math the kernel calls")
+        return None
+    from hyft.models import cache_root
+
+    try:
+        lib = ctypes.CDLL(str(_build(cache_root() / "kernels")))
+    except (OSError, subprocess.SubprocessError) as e:
+        log.debug("cpu kernel off: %s", e)
+        return None
+    fn = lib.hyft_gaussian_blocks
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint64]
+    fn.restype = None
+    return lib
+
+
+def _run(lib: ctypes.CDLL, out: Tensor, key: int, first_pair: int) -> None:
+    lib.hyft_gaussian_blocks(out.data_ptr(), out.numel() // (2 * PAIRS_PER_BLOCK), key, first_pair)
+
+
+def gaussian_(out: Tensor, key: int, first_pair: int) -> bool:
+    """Fill the contiguous float32 CPU vector ``out`` (whole blocks) with the Gaussian z of direction ``key``
+    from pair ``first_pair`` on; False (``out`` untouched) where the kernel is not usable."""
+    lib = _checked()
+    if lib is None or out.device.type != "cpu" or out.dtype != torch.float32 or not out.is_contiguous():
+        return False
+    _run(lib, out, key, first_pair)
+    return True
+
+
+@cache
+def _checked() -> ctypes.CDLL | None:
+    """The kernel, if it reproduces the torch-op path bitwise on a few pieces here (else None, with a warning)."""
+    lib = _library()
+    if lib is None:
+        return None
+    from hyft import noise
+
+    for seed, start in ((0, 0), (12345, 1 << 20), (2**63 + 7, 3 * noise.BLOCK)):
+        ref = torch.empty(1 << 16, dtype=torch.float32)
+        mine = torch.empty_like(ref)
+        noise.gaussian_torch_(ref, noise.direction_key(seed), start)
+        _run(lib, mine, noise.direction_key(seed), start // 2)
+        if not torch.equal(ref.view(torch.int32), mine.view(torch.int32)):
+            log.warning("hyft: the fused CPU kernel differs from torch's ops on this machine; using torch's ops")
+            return None
+    return lib
+
+
+def active() -> bool:
+    """Whether Gaussian directions on CPU go through the fused kernel in this process."""
+    return _checked() is not None
