@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hyft.config import RunConfig
 from hyft.distributed import Communicator, buckets, fingerprint
 from hyft.errors import HyftError
 from hyft.rundir import read_jsonl
@@ -124,6 +125,50 @@ def test_a_killed_rank_stops_the_other_cleanly_and_the_run_resumes(tiny_dir, tmp
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 40 and len(set(results["communication"]["replica_fingerprints"])) == 1
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == list(range(1, 41))
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_dir, tmp_path):
+    """SIGTERM reaches rank 1 only: both ranks stop after the same step, name the signal and exit 143; the
+    resumed run ends where an uninterrupted one does (same steps, replicas equal)."""
+    out = tmp_path / "run"
+    args = ["train", "--model", tiny_dir, "--method", "zo-full", "--task", "sst2", "--num-train", "24",
+            "--num-dev", "8", "--num-test", "8", "--steps", "30", "--batch-size", "4", "--eval-every", "0",
+            "--checkpoint-every", "100", "--lr-zo", "1e-3", "--no-zero-shot", "--no-progress", "--out", str(out)]
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, "-m", "hyft", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                              "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 4:
+        assert time.time() < deadline and ranks[0].poll() is None, ranks[0].communicate()
+        time.sleep(0.1)
+    ranks[1].send_signal(signal.SIGTERM)
+    errs = [r.communicate(timeout=120)[1] for r in ranks]
+    assert [r.returncode for r in ranks] == [143, 143], errs
+    assert "SIGTERM at step" in errs[0].strip().splitlines()[-1], errs[0][-2000:]
+    stopped = len(read_jsonl(out / "metrics.jsonl"))
+    assert 4 <= stopped < 30
+
+    proc = subprocess.run(torchrun("-m", "hyft", "train", "--resume", str(out), "--no-progress"),
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 30 and len(set(results["communication"]["replica_fingerprints"])) == 1
+
+
+def test_a_short_last_batch_that_cannot_be_split_is_refused_before_training(tiny_dir, tmp_path, monkeypatch):
+    """21 examples in batches of 4 leave a last batch of 1 each epoch: 2 processes refuse it at the start."""
+    import hyft.trainer as trainer_module
+
+    class TwoRanks(Communicator):
+        rank, world = 0, 2
+
+    monkeypatch.setattr(trainer_module, "connect", lambda device: TwoRanks())
+    cfg = RunConfig(model=tiny_dir, method="fo-peft", task="sst2", num_train=21, num_dev=8, num_test=8, steps=3,
+                    batch_size=4, zero_shot=False)
+    with pytest.raises(HyftError, match="last batch of each epoch has 1 of the 21"):
+        Trainer(cfg, tmp_path / "run", progress=False).run()
 
 
 def test_a_batch_that_does_not_split_evenly_is_refused():

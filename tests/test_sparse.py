@@ -67,6 +67,16 @@ def test_mask_rules_pick_smallest_weights_and_largest_squared_gradients(tokenize
     assert torch.equal(chosen[0], expected)
 
 
+def test_sensitivity_mask_leaves_no_gradient_on_the_fo_group(tokenizer, examples):
+    """The mask's backward passes go into θ's scores only: φ starts its first step with no gradient."""
+    config = RunConfig(method="hybrid")
+    model, groups = prepare(tiny_model("llama", len(tokenizer)), config)
+    objective = Objective(model, tokenizer, config)
+    masks.build("sensitivity", groups.zo, 0.1, loss=lambda b: objective(objective.encode(examples)), batches=2)
+    assert groups.fo and all(p.grad is None for _, p in groups.fo)
+    assert all(p.grad is None for _, p in groups.zo)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sparse_perturbation_is_exact_and_matches_the_dense_direction(dtype, tokenizer):
     model = tiny_model("llama", len(tokenizer)).to(dtype)

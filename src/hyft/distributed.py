@@ -24,7 +24,10 @@ from hyft.errors import HyftError
 
 T = TypeVar("T")
 BUCKET_BYTES = 25 * 2**20  # gradient all-reduce bucket, DDP's default size
-DEFAULT_TIMEOUT_S = 300  # a collective waiting longer than this for a silent peer fails the run
+# a collective waiting longer than this for a silent peer fails the run; long, because the others wait in a
+# collective while rank 0 alone writes a checkpoint or base snapshot (minutes for a 7B model). A peer that
+# dies is noticed at once (its connections close), not after the timeout.
+DEFAULT_TIMEOUT_S = 1800
 
 
 class PeerLost(HyftError):
@@ -62,7 +65,15 @@ class Communicator:
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on one (a stop request, collectively decided)."""
-        return flag
+        return self.max(int(flag)) > 0
+
+    def max(self, value: int) -> int:
+        """The largest of the ranks' values, on every rank."""
+        return value
+
+    def all_gather_object(self, obj: T) -> list[T]:
+        """Every rank's ``obj``, in rank order (e.g. each rank's RNG state for a checkpoint)."""
+        return [obj]
 
     def average_grads(self, params: Sequence[nn.Parameter], group: str = "fo") -> None:
         """Replace each gradient by its mean over ranks."""
@@ -107,21 +118,29 @@ class DataParallel(Communicator):
     def _count(self, tensor: Tensor, group: str) -> None:
         self.sent[group] += tensor.numel() * tensor.element_size()
 
-    def sum_(self, tensor: Tensor, group: str) -> Tensor:
+    def sum_(self, tensor: Tensor, group: str, op: Any = None) -> Tensor:
         moved = tensor.to(self.device)
         self._count(moved, group)
         with self._collective(f"all-reduce ({group})"):
-            dist.all_reduce(moved)
-        if moved is not tensor:
-            tensor.copy_(moved)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM if op is None else op)
+            if moved is not tensor:
+                tensor.copy_(moved)
+            if moved.is_cuda:  # nccl returns before the work is done: a lost peer must fail here, not later
+                torch.cuda.synchronize(moved.device)
         return tensor
 
     def mean(self, values: Sequence[float], group: str = "zo") -> list[float]:
         t = self.sum_(torch.tensor([float(v) for v in values], dtype=torch.float64), group)
         return (t / self.world).tolist()
 
-    def any(self, flag: bool) -> bool:
-        return bool(self.sum_(torch.tensor([int(flag)], dtype=torch.int32), "control").item())
+    def max(self, value: int) -> int:
+        return int(self.sum_(torch.tensor([value], dtype=torch.int32), "control", dist.ReduceOp.MAX).item())
+
+    def all_gather_object(self, obj: T) -> list[T]:
+        every: list[Any] = [None] * self.world
+        with self._collective("all-gather"):
+            dist.all_gather_object(every, obj)
+        return every
 
     def average_grads(self, params: Sequence[nn.Parameter], group: str = "fo") -> None:
         grads = [p.grad for p in params if p.grad is not None]  # the same graph on every rank: the same list
@@ -225,7 +244,10 @@ def connect(device: torch.device) -> Communicator:
 
 def rank_device(device: torch.device) -> torch.device:
     """One GPU per rank: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
-    if device.type == "cuda" and device.index is None and launched():
+    if device.type == "cuda" and launched():
+        if device.index is not None:
+            raise HyftError(f"--device {device} would put every rank on one GPU; under torchrun use --device cuda "
+                            "(rank r takes cuda:LOCAL_RANK)")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
 

@@ -54,8 +54,8 @@ def sensitivity(params: Params, density: float, loss: Callable[[int], Tensor] | 
         p.requires_grad_(True)
         handles.append(p.register_post_accumulate_grad_hook(fold))
     try:
-        for b in range(batches):
-            loss(b).backward()
+        for b in range(batches):  # into θ only: φ's gradients must not leak into the first training step
+            loss(b).backward(inputs=[p for _, p in params])
     finally:
         for h in handles:
             h.remove()

@@ -136,11 +136,18 @@ class Trainer:
     # --- the run ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         c, comm, device = self.config, self.comm, self.device
-        torch.manual_seed(c.seed)
+        # rank 0 has the one-process stream, the others their own: each shard gets its own dropout masks
+        # (weights the global RNG initialises are broadcast from rank 0 before the first step)
+        torch.manual_seed(c.seed if comm.rank == 0 else c.seed * 1_000_003 + comm.rank)
         splits = sample_splits(get_task(c.task), c.seed, c.num_train, c.num_dev, c.num_test)
         for note in splits.notes:
             self.log(f"note: {note}")
         dev = splits.dev[: c.eval_dev_examples]
+        last = len(splits.train) % c.batch_size  # the short last batch of every epoch must split evenly too
+        if comm.world > 1 and last % comm.world:
+            raise HyftError(f"the last batch of each epoch has {last} of the {len(splits.train)} training examples, "
+                            f"which cannot be split over {comm.world} processes; use --num-train or --batch-size "
+                            f"so that {comm.world} divides both the batch size and the remainder")
         model, tokenizer = load_model(c.model, c.dtype, device)
         checkpoint = self._read_checkpoint() if self.resume else None
 
@@ -230,12 +237,12 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.loss:.4f}", dev=f"{state.dev_accuracy:.3f}",
                                 steps_s=f"{state.step / max(state.train_seconds, 1e-9):.2f}", refresh=False)
-                if comm.any(self._stop is not None):  # every rank stops after the same step
+                stop = comm.max(self._stop or 0)  # every rank stops after the same step, naming the same signal
+                if stop:
                     self._save_checkpoint(state, method, sampler, direct)
                     comm.barrier()  # no rank exits before the checkpoint is written
-                    name = signal.Signals(self._stop or signal.SIGTERM).name
-                    raise Interrupted(f"{name} at step {state.step}: checkpoint saved; resume with "
-                                      f"`hyft train --resume {self.run_dir.path}`", self._stop)
+                    raise Interrupted(f"{signal.Signals(stop).name} at step {state.step}: checkpoint saved; resume "
+                                      f"with `hyft train --resume {self.run_dir.path}`", stop)
         except PeerLost as err:
             raise PeerLost(f"{err}. The last checkpoint in {self.run_dir.path} is intact: relaunch with "
                            f"`--resume {self.run_dir.path}`") from err
@@ -248,7 +255,7 @@ class Trainer:
             "world": comm.world, "backend": comm.backend,
             "bytes_per_step": {g: round((comm.sent[g] - sent_before[g]) / done, 1) for g in ("zo", "fo", "control")},
             # what the same step would send as one all-reduce of a gradient of every weight
-            "full_gradient_bytes_per_step": sum(p.numel() * 4 for p in model.parameters()),
+            "full_gradient_bytes_per_step": sum(p.numel() * p.element_size() for p in model.parameters()),
         }
         if comm.world > 1:
             fingerprints = comm.fingerprints([p for p in model.parameters()])
@@ -385,6 +392,7 @@ class Trainer:
     def _save_checkpoint(self, state: TrainState, method: Method, sampler: EpochSampler, direct) -> None:
         """Write ``checkpoint.pt`` atomically: an interrupted write never replaces the previous one (rank 0;
         every rank holds the same state)."""
+        rng = self.comm.all_gather_object(torch.get_rng_state())  # dropout streams differ by rank
         if not self.comm.is_main:
             return
         payload = {
@@ -396,7 +404,8 @@ class Trainer:
             # residuals of low-precision ZO weights that no base snapshot holds (zo-peft)
             "residuals": None if method.engine is None or self.config.zo_on_base else
             [None if r is None else r.to("cpu", copy=True) for r in method.engine.residuals],
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": rng[0],
+            "torch_rng_ranks": rng,
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
         tmp = self.run_dir.checkpoint.with_name(".checkpoint.pt.tmp")
@@ -406,10 +415,11 @@ class Trainer:
 
     def _read_checkpoint(self) -> dict[str, Any] | None:
         path = self.run_dir.checkpoint
-        if not path.is_file():
+        if not self.comm.broadcast_object(path.is_file()):  # rank 0 decides, before it writes anything
             self.log(f"no checkpoint in {self.run_dir.path}: starting the run from the beginning")
-            for stale in (self.run_dir.metrics, self.run_dir.zo_log):
-                stale.unlink(missing_ok=True)
+            if self.comm.is_main:
+                for stale in (self.run_dir.metrics, self.run_dir.zo_log):
+                    stale.unlink(missing_ok=True)
             return None
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -447,7 +457,13 @@ class Trainer:
             check_device(header, next(model.parameters()).device, self.log)
             if self.config.zo_on_base and state.zo_updates:
                 self._rebuild_base(method.engine, updates, state.zo_updates, model, f"step {state.step}", fresh=True)
-        torch.set_rng_state(ckpt["torch_rng"])
+        ranks = ckpt.get("torch_rng_ranks") or [ckpt["torch_rng"]]
+        if len(ranks) == self.comm.world:
+            torch.set_rng_state(ranks[self.comm.rank])
+        else:  # another process count: rank 0 continues its stream, the others start fresh ones
+            torch.set_rng_state(ckpt["torch_rng"])
+            if self.comm.rank:
+                torch.manual_seed(self.config.seed * 1_000_003 + self.comm.rank + 7919 * state.step)
         if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         return state
