@@ -128,7 +128,7 @@ def curve(run_dir: Path) -> list[list[float]]:
     return out
 
 
-def run_one(run: dict[str, Any], out: Path, results_path: Path) -> None:
+def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = False) -> None:
     run_dir = out / run["name"]
     cmd = command(run["config"], run_dir)
     print(f"[grid] {run['name']}: {cmd}", flush=True)
@@ -140,7 +140,9 @@ def run_one(run: dict[str, Any], out: Path, results_path: Path) -> None:
     else:
         argv = [exe, *shlex.split(cmd)[1:], "--overwrite", "--no-progress"]
     same = next((r for r in load_results(results_path).values() if r.get("config") == run["config"]), None)
-    if same is not None and not same.get("failed"):  # the same run already done (a sweep's winner)
+    # --reuse: a cell identical to a finished sweep run (its winner, seed 0) takes that record instead of
+    # running again; off by default, since sweeps may share the machine and their seconds are not clean
+    if reuse and same is not None and not same.get("failed"):
         record = {**same, "name": run["name"], "cell": run.get("cell"), "label": run.get("label"),
                   "sweep": run.get("sweep"), "chosen": run.get("chosen"), "reused": same["name"]}
         with results_path.open("a") as f:
@@ -179,7 +181,7 @@ def check(grid: dict[str, Any]) -> None:
             raise SystemExit(f"[grid] {name}: {err}") from err
 
 
-def run_grid(grid: dict[str, Any], only: str | None) -> None:
+def run_grid(grid: dict[str, Any], only: str | None, reuse: bool = False) -> None:
     check(grid)
     out, results_path = Path(grid["out"]), Path(grid["results"])
     out.mkdir(parents=True, exist_ok=True)
@@ -190,7 +192,7 @@ def run_grid(grid: dict[str, Any], only: str | None) -> None:
                    if r["name"] not in results and r["config"] is not None and (not only or only in r["name"])]
         if not pending:
             return
-        run_one(pending[0], out, results_path)
+        run_one(pending[0], out, results_path, reuse)
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -299,10 +301,13 @@ def main() -> None:
     parser.add_argument("action", choices=["run", "render", "list"])
     parser.add_argument("grid", help="grid YAML file")
     parser.add_argument("--only", default=None, help="run only the runs whose name contains this")
+    parser.add_argument("--reuse", action="store_true",
+                        help="a cell identical to a finished sweep run takes its record (accuracy only: the "
+                             "sweep's seconds may come from a shared machine)")
     args = parser.parse_args()
     grid = yaml.safe_load(Path(args.grid).read_text())
     if args.action == "run":
-        run_grid(grid, args.only)
+        run_grid(grid, args.only, args.reuse)
         text = render(grid)
         print(text)
         if grid.get("readme"):

@@ -42,3 +42,26 @@ def test_a_bad_key_stops_the_grid_before_any_run():
     with pytest.raises(SystemExit, match="unknown key"):
         grid_module.check(bad)
     grid_module.check(GRID)
+
+
+def test_a_cell_reuses_an_identical_sweep_run_only_when_asked(tmp_path, monkeypatch):
+    """--reuse: the cell takes the sweep run's record; by default it runs anew (its seconds must be its own)."""
+    import json
+
+    g = grid_module
+    config = {"steps": 10, "method": "fo-peft", "task": "sst2", "seed": 0}
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps({"name": "sweep-fo-lr_fo0.001", "config": config, "best_dev_accuracy": 0.8}) + "\n")
+    cell = {"name": "sst2-fo-s0", "cell": "fo", "label": "fo", "config": config}
+    launched = []
+
+    class Interrupted:
+        returncode = 143
+
+    monkeypatch.setattr(g.subprocess, "run", lambda argv, check: launched.append(argv) or Interrupted())
+    g.run_one(cell, tmp_path / "runs", results, reuse=True)
+    assert not launched and g.load_results(results)["sst2-fo-s0"]["reused"] == "sweep-fo-lr_fo0.001"
+    results.write_text(results.read_text().splitlines()[0] + "\n")
+    with pytest.raises(SystemExit, match="interrupted"):
+        g.run_one(cell, tmp_path / "runs", results)
+    assert launched and "sst2-fo-s0" not in g.load_results(results)
