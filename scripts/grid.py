@@ -4,6 +4,7 @@
     python scripts/grid.py render configs/study.yaml    # tables + curves from the results file only,
                                                         # written into the README between its markers
     python scripts/grid.py list configs/study.yaml      # every run and its command, in run order
+    touch runs/study/PAUSE                              # stop after the current run (rm it to go on)
 
 The grid file has ``out`` (run directories), ``results`` (the results file: one JSON line per finished
 run, with its dev curve, so rendering needs nothing else), ``base`` (RunConfig keys of every run),
@@ -187,6 +188,8 @@ def run_grid(grid: dict[str, Any], only: str | None, reuse: bool = False) -> Non
     out.mkdir(parents=True, exist_ok=True)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     while True:
+        if (out / "PAUSE").exists():  # `touch OUT/PAUSE`: stop between runs (nothing to redo on resume)
+            raise SystemExit(f"[grid] {out / 'PAUSE'} exists: stopped between runs; remove it and run again")
         results = load_results(results_path)
         pending = [r for r in sweep_runs(grid, results) + cell_runs(grid, results)
                    if r["name"] not in results and r["config"] is not None and (not only or only in r["name"])]

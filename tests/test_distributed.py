@@ -41,6 +41,21 @@ def torchrun(*args: str) -> list[str]:
             "--master-port", str(free_port()), *args]
 
 
+def start_ranks(args: list[str], out: Path, rows: int) -> list[subprocess.Popen]:
+    """Two ranks of ``hyft ARGS`` started by hand as torchrun starts them; returns once ``rows`` metrics rows
+    are written."""
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, "-m", "hyft", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                              "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < rows:
+        assert time.time() < deadline and ranks[0].poll() is None, ranks[0].communicate()
+        time.sleep(0.1)
+    return ranks
+
+
 @pytest.fixture(scope="module")
 def two_process_runs(tiny_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dp")
@@ -100,15 +115,7 @@ def test_a_killed_rank_stops_the_other_cleanly_and_the_run_resumes(tiny_dir, tmp
             "--num-dev", "8", "--num-test", "8", "--steps", "40", "--batch-size", "4", "--eval-every", "10",
             "--checkpoint-every", "3", "--lr-fo", "0.3", "--lr-zo", "1e-3", "--no-zero-shot", "--no-progress",
             "--out", str(out)]
-    port = str(free_port())
-    ranks = [subprocess.Popen([sys.executable, "-m", "hyft", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                                              "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(2)]
-    deadline = time.time() + 300
-    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 8:
-        assert time.time() < deadline and ranks[0].poll() is None, ranks[0].communicate()
-        time.sleep(0.1)
+    ranks = start_ranks(args, out, rows=8)
     ranks[1].send_signal(signal.SIGKILL)
     start = time.time()
     _, err = ranks[0].communicate(timeout=60)
@@ -134,15 +141,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_dir, tmp
     args = ["train", "--model", tiny_dir, "--method", "zo-full", "--task", "sst2", "--num-train", "24",
             "--num-dev", "8", "--num-test", "8", "--steps", "30", "--batch-size", "4", "--eval-every", "0",
             "--checkpoint-every", "100", "--lr-zo", "1e-3", "--no-zero-shot", "--no-progress", "--out", str(out)]
-    port = str(free_port())
-    ranks = [subprocess.Popen([sys.executable, "-m", "hyft", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                                              "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(2)]
-    deadline = time.time() + 300
-    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 4:
-        assert time.time() < deadline and ranks[0].poll() is None, ranks[0].communicate()
-        time.sleep(0.1)
+    ranks = start_ranks(args, out, rows=4)
     ranks[1].send_signal(signal.SIGTERM)
     errs = [r.communicate(timeout=120)[1] for r in ranks]
     assert [r.returncode for r in ranks] == [143, 143], errs

@@ -15,9 +15,9 @@ from hyft.zo import ZOEngine
 from tests.conftest import tiny_model
 
 
-def zo_run(tokenizer, examples, dtype, lr, steps, compensate=True):
+def zo_run(tokenizer, examples, dtype, lr, steps, compensate=True, rounding="nearest"):
     model = tiny_model("llama", len(tokenizer)).to(dtype)
-    config = RunConfig(method="zo-full", lr_zo=lr, eps=1e-3, zo_compensate=compensate)
+    config = RunConfig(method="zo-full", lr_zo=lr, eps=1e-3, zo_compensate=compensate, zo_rounding=rounding)
     model, groups = prepare(model, config)
     start = [p.detach().float().clone() for _, p in groups.zo]
     method = METHODS["zo-full"].rule(model, groups, Objective(model, tokenizer, config), config, total=steps)
@@ -102,3 +102,52 @@ def test_bf16_run_leaves_unresolved_norm_weights_alone(tokenizer, examples):
     changed = [((p.float() + r.float()) != 1.0).flatten() for (name, p), r in
                zip(method.engine.params, method.engine.residuals, strict=True) if "norm" in name]
     assert torch.cat(changed).float().mean().item() < 0.12
+
+
+def test_stochastic_rounding_is_unbiased_seeded_and_picks_a_neighbour():
+    """Each value goes to the bf16 just below or above it, up with probability equal to its position between
+    them, so the mean is exact; the bits come from the seed (same seed, same result) and the position."""
+    down = torch.full((200_000,), 0.02, dtype=torch.bfloat16).float()
+    up = torch.nextafter(down.bfloat16(), torch.tensor(1.0, dtype=torch.bfloat16)).float()
+    for sign in (1.0, -1.0):
+        x = sign * (down + 0.3 * (up - down))
+        out = torch.empty_like(x, dtype=torch.bfloat16)
+        zmath.stochastic_round_(out, x.clone(), seed=9, start=0)
+        assert torch.all((out.float() == sign * down) | (out.float() == sign * up))
+        assert abs((out.float() - x).mean().item()) < 0.01 * (up - down)[0].item()
+        again = torch.empty_like(out)
+        zmath.stochastic_round_(again, x.clone(), seed=9, start=0)
+        assert torch.equal(out, again)
+        other = torch.empty_like(out)
+        zmath.stochastic_round_(other, x.clone(), seed=10, start=0)
+        assert not torch.equal(out, other)
+
+
+def test_bf16_stochastic_rounding_learns_without_a_residual_and_replays_bitwise(tokenizer, examples):
+    """zo_rounding=stochastic: no residual buffer; the weights move along the fp32 run's displacement by the
+    same amount on average (the projection ratio is ~1; mean |Δθ| is larger, by the rounding noise, which
+    does not cancel over few steps), and the same updates applied to a fresh copy give bitwise the same
+    weights."""
+    def displacement(dtype, rounding):
+        _, _, method, _ = zo_run(tokenizer, examples, dtype, 1e-6, 0, rounding=rounding)
+        start = torch.cat([p.detach().float().flatten() for _, p in method.engine.params])
+        for i in range(5):
+            method.step(examples, i)
+        assert all(r is None for r in method.engine.residuals) or rounding == "nearest"
+        return torch.cat([p.detach().float().flatten() for _, p in method.engine.params]) - start
+
+    fp32 = displacement(torch.float32, "nearest")
+    sr = displacement(torch.bfloat16, "stochastic")
+    rounded = displacement(torch.bfloat16, "nearest")  # residual kept, so stored weights lag behind
+    ratio = (sr @ fp32 / (fp32 @ fp32)).item()
+    assert 0.7 < ratio < 1.3, ratio
+    assert (rounded @ fp32 / (fp32 @ fp32)).item() < ratio  # stored bf16 weights without SR move less
+
+    _, _, method, _ = zo_run(tokenizer, examples, torch.bfloat16, 1e-4, 0, rounding="stochastic")
+    updates = [method.step(examples, i).zo_updates[0] for i in range(3)]
+    model, groups = prepare(tiny_model("llama", len(tokenizer)).to(torch.bfloat16), RunConfig(method="zo-full"))
+    fresh = ZOEngine(model, groups.zo, method.engine.dist, eps=1e-3, two_sided=True, rounding="stochastic")
+    for u in updates:
+        fresh.update(u)
+    for (_, a), (_, b) in zip(fresh.params, method.engine.params, strict=True):
+        assert torch.equal(a, b)

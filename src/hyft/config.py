@@ -107,6 +107,10 @@ class RunConfig:
     zo_compensate: bool = field(
         default=True, metadata={"help": "bf16/fp16: keep each ZO update's rounding error in a residual (one more "
                                         "weight-sized buffer) so that updates below the ulp accumulate"})
+    zo_rounding: str = field(
+        default="nearest", metadata={"help": "bf16: how a ZO update is rounded to the weight; stochastic: seeded "
+                                             "stochastic rounding (unbiased, replayable), instead of the residual, "
+                                             "so bf16 ZO needs no buffer beyond the weights"})
     snapshot_every: int = field(
         default=100, metadata={"help": "ZO updates between base snapshots: resume/restore/export replay at most this"})
     schedule_zo: str = field(default="constant", metadata={"help": "constant, linear or cosine"})
@@ -152,6 +156,10 @@ class RunConfig:
             (self.zo_combine != "normalized" or self.zo_q >= 2, "zo_combine normalized needs zo_q >= 2"),
             (self.zo_mask in (None, *MASKS), f"zo_mask must be one of {', '.join(MASKS)}"),
             (0 < self.zo_density <= 1, "zo_density must be in (0, 1]"),
+            (self.zo_rounding in ("nearest", "stochastic"), "zo_rounding must be nearest or stochastic"),
+            (self.zo_rounding == "nearest" or self.dtype != "float16",
+             "zo_rounding stochastic needs bfloat16 (or float32, where it changes nothing), not float16"),
+            (self.zo_rounding == "nearest" or not self.zo_mask, "zo_rounding stochastic does not support zo_mask"),
             (self.mask_batches > 0, "mask_batches must be > 0"),
             (self.shuffle in ("reshuffle", "once", "none"), "shuffle must be reshuffle, once or none"),
             (self.loss in ("classification", "lm"), "loss must be classification or lm"),

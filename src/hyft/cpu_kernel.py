@@ -27,13 +27,13 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "counter_gaussian.c"
 # no contraction (products as torch computes them); OpenMP from torch's own libgomp, already loaded
 FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
+PAIRS_PER_BLOCK = 512
 
 
 def _flags() -> list[str]:
     """AVX2 for the hashing loop where torch itself runs AVX2 (or wider) kernels on this CPU."""
     wide = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     return [*FLAGS, *(["-mavx2"] if wide else [])]
-PAIRS_PER_BLOCK = 512
 
 
 def _torch_lib() -> Path:

@@ -148,6 +148,16 @@ def fill_(out: Tensor, seed: int, start: int, dist: str) -> Tensor:
     raise AssertionError
 
 
+def words_(out: Tensor, seed: int, start: int) -> Tensor:
+    """``out`` (int32, a whole-block piece) ← 32 random bits per element of the stream ``seed`` from element
+    ``start`` on: the same hash as the directions, for seeded stochastic rounding."""
+    n = out.numel()
+    if start % BLOCK or n % BLOCK or n > piece_size(out.device):
+        raise ValueError(f"words_ needs whole blocks of {BLOCK} (start {start}, length {n})")
+    out.view(torch.int64).copy_(_hash_(_scratch(out.device), direction_key(seed), start // 2, n // 2))
+    return out
+
+
 def gaussian_torch_(out: Tensor, key: int, start: int) -> Tensor:
     """The Gaussian path of :func:`fill_` in torch ops (any device; the reference the CPU kernel matches)."""
     n = out.numel()

@@ -49,7 +49,7 @@ def replay(model_name: str, log_path: str | Path, out: str | Path | None = None,
                         f"{header['numel']:,} ZO weights); {model_name!r} has {numel:,}")
     mask = masks.load(log_path.parent / masks.MASK_FILE, params) if header.get("zo_mask") else None
     engine = make_engine(model, params, header["dist"], header["eps"], header["estimator"] == "two-sided",
-                         header["zo_compensate"], mask)
+                         header["zo_compensate"], mask, header.get("zo_rounding", "nearest"))
     from hyft.trainer import check_device  # the trainer owns the run's conventions
 
     check_device(header, torch.device(device), log)

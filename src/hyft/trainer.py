@@ -534,7 +534,7 @@ def zo_header(config: RunConfig, engine: Engine, device: torch.device) -> dict[s
         "scheme": noise.SCHEME, "device": device.type, "eps": config.eps, "estimator": config.estimator,
         "zo_q": config.zo_q, "zo_combine": config.zo_combine, "zo_mask": config.zo_mask,
         "zo_density": config.zo_density if config.zo_mask else None,
-        "zo_compensate": config.zo_compensate,
+        "zo_compensate": config.zo_compensate, "zo_rounding": config.zo_rounding,
         "zo_params": config.zo_params, "num_tensors": len(names), "numel": engine.numel,
         "first": names[:1], "last": names[-1:],
     }

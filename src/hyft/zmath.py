@@ -10,6 +10,9 @@ Low precision (bf16/fp16) is handled so that what reaches the weights is what th
   actually saw: ``v = (round(θ + r + εz) − round(θ + r − εz)) / 2ε`` (two-sided) or
   ``(round(θ + r + εz) − θ) / ε`` (one-sided), which equals z where ε·z is resolved and is 0 where the
   perturbation rounded away (e.g. norm weights near 1 at ε = 1e-3 in bf16).
+- Or, instead of the residual, ``rounding="stochastic"`` (bf16): the updated fp32 value is rounded up or
+  down to bf16 with probabilities that make it exact in expectation, from random bits hashed from the
+  direction's seed and the position (:func:`stochastic_round_`); no buffer beyond the weights.
 All of it is a deterministic function of (θ, r, seed), so a replay from the same start is bitwise.
 """
 
@@ -104,15 +107,31 @@ def perturbed_rows(t: Target, scale: float, dist: str, rows: Tensor) -> Tensor:
     return true.add_(z, alpha=scale).to(src.dtype)
 
 
+SR_SALT = 0x5EED_0F_B0_0F  # the rounding bits' stream differs from the direction's
+
+
+def stochastic_round_(dst: Tensor, x: Tensor, seed: int, start: int) -> None:
+    """``dst`` (bf16) ← x (fp32) rounded down or up to bf16, up with probability (x − down)/ulp: add 16
+    random bits below bf16's mantissa and truncate. The bits are those of element ``start`` on of the stream
+    ``seed ^ SR_SALT`` (pieces are whole blocks except a tensor's last)."""
+    n = x.numel()
+    bits = noise.words_(torch.empty(-(-n // noise.BLOCK) * noise.BLOCK, dtype=torch.int32, device=x.device),
+                        seed ^ SR_SALT, start)[:n]
+    word = x.view(torch.int32)
+    word.add_(bits.bitwise_and_(0xFFFF)).bitwise_and_(-65536)  # two's complement: sign-magnitude rounds |x|
+    dst.copy_(x)  # exact: the low 16 bits are zero
+
+
 def _round(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype).float()
 
 
 @torch.no_grad()
 def update_(targets: list[Target], step: float, decay: float, dist: str, applied: Applied | None = None,
-            shifts: tuple[float, ...] = ()) -> None:
+            shifts: tuple[float, ...] = (), rounding: str = "nearest") -> None:
     """In place for every target: θ + r ← (1 − decay)·(θ + r) − step·v, with v = z in full precision and
-    the applied direction (see the module docstring) in low precision when ``applied`` is given.
+    the applied direction (see the module docstring) in low precision when ``applied`` is given, rounded
+    to nearest (with the residual, if kept) or stochastically (``rounding="stochastic"``, bf16).
 
     ``shifts`` (full precision only): θ ← θ + s·z for each s first, op by op as separate in-place shifts
     would do it, so a step whose perturbations were applied in place replays bitwise in one pass.
@@ -143,6 +162,9 @@ def update_(targets: list[Target], step: float, decay: float, dist: str, applied
         if decay:
             true.mul_(1.0 - decay)
         true.add_(v, alpha=-step)
+        if rounding == "stochastic" and piece.dtype == torch.bfloat16:
+            stochastic_round_(piece, true, t.seed, a)
+            return
         piece.copy_(true)
         if r is not None:
             r.copy_(true.sub_(piece.float()))

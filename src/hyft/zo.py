@@ -115,19 +115,22 @@ class ZOEngine(EngineState):
 
     ``eps`` and ``two_sided`` describe the SPSA points; in bf16/fp16 the update follows the direction those
     points actually applied (see :mod:`hyft.zmath`), and ``compensate`` keeps a residual per tensor so
-    that updates below a weight's ulp accumulate instead of rounding away.
+    that updates below a weight's ulp accumulate instead of rounding away (or ``rounding="stochastic"``
+    rounds each update unbiasedly, with no residual).
     """
 
     def __init__(self, model: nn.Module, params: list[tuple[str, nn.Parameter]], dist: str = "gaussian",
-                 eps: float | None = None, two_sided: bool = True, compensate: bool = True):
+                 eps: float | None = None, two_sided: bool = True, compensate: bool = True,
+                 rounding: str = "nearest"):
         noise.check_dist(dist)
+        self.rounding = rounding
         refuse_outside_readers(model, params)
         self.dist = dist
         self.params = params
         self.applied = zmath.Applied(eps, two_sided) if eps is not None else None
         self.residuals: list[Tensor | None] = [
             torch.zeros_like(p, memory_format=torch.contiguous_format)
-            if compensate and p.dtype not in noise.FULL_PRECISION else None
+            if compensate and rounding == "nearest" and p.dtype not in noise.FULL_PRECISION else None
             for _, p in params
         ]
         index = {id(p): i for i, (_, p) in enumerate(params)}
@@ -334,7 +337,7 @@ class ZOEngine(EngineState):
         if step == 0.0 and decay == 0.0 and not shifts:
             return
         targets = [self.target(i, u.seed) for i in range(len(self.params))]
-        zmath.update_(targets, step, decay, self.dist, self.applied, shifts)
+        zmath.update_(targets, step, decay, self.dist, self.applied, shifts, self.rounding)
 
 
 def refuse_outside_readers(model: nn.Module, params: list[tuple[str, nn.Parameter]]) -> None:

@@ -31,11 +31,15 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "zo-full-in-place": ("zo-full, in place (default)", {"method": "zo-full"}),
     "zo-full-sparse": ("zo-full, 1 % magnitude mask", {"method": "zo-full", "zo_mask": "magnitude"}),
     "mezo": ("MeZO algorithm (reference)", {"method": "zo-full", "zo_dist": "gaussian", "fused": False}),
+    "zo-full-stochastic": ("zo-full, stochastic rounding (bf16: no residual)",
+                           {"method": "zo-full", "zo_rounding": "stochastic", "zo_compensate": False}),
     "zo-peft": ("zo-peft (LoRA)", {"method": "zo-peft", "lr_zo": 1e-4, "eps": 1e-2}),
     "hybrid-one-sided": ("hybrid, one-sided", {"method": "hybrid", "estimator": "one-sided"}),
     "hybrid-two-sided": ("hybrid, two-sided, fused (default)", {"method": "hybrid"}),
     "hybrid-two-sided-separate": ("hybrid, two-sided, separate FO pass", {"method": "hybrid", "fused": False}),
     "hybrid-two-sided-gaussian": ("hybrid, two-sided, fused, Gaussian z", {"method": "hybrid", "zo_dist": "gaussian"}),
+    "hybrid-stochastic": ("hybrid, two-sided, stochastic rounding (bf16: no residual)",
+                          {"method": "hybrid", "zo_rounding": "stochastic", "zo_compensate": False}),
     "hybrid-sparse": ("hybrid, two-sided, fused, 1 % magnitude mask", {"method": "hybrid", "zo_mask": "magnitude"}),
 }
 

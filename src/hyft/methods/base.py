@@ -190,7 +190,7 @@ def build_engine(model: nn.Module, groups: ParamGroups, config: RunConfig, mask:
     if not groups.zo:
         return None
     return make_engine(model, groups.zo, config.zo_dist, config.eps, config.estimator == "two-sided",
-                       config.zo_compensate, mask)
+                       config.zo_compensate, mask, config.zo_rounding)
 
 
 DROPOUT_FIELDS = ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout", "resid_pdrop",
