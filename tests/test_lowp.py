@@ -151,3 +151,12 @@ def test_bf16_stochastic_rounding_learns_without_a_residual_and_replays_bitwise(
         fresh.update(u)
     for (_, a), (_, b) in zip(fresh.params, method.engine.params, strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_engine_refuses_an_unknown_rounding_or_stochastic_fp16(tokenizer):
+    model, groups = prepare(tiny_model("llama", len(tokenizer)), RunConfig(method="zo-full"))
+    with pytest.raises(ValueError, match="unknown rounding"):
+        ZOEngine(model, groups.zo, "gaussian", rounding="stochastik")
+    model, groups = prepare(tiny_model("llama", len(tokenizer)).half(), RunConfig(method="zo-full"))
+    with pytest.raises(ValueError, match="not float16"):
+        ZOEngine(model, groups.zo, "gaussian", rounding="stochastic")

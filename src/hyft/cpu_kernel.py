@@ -13,6 +13,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import shlex
 import subprocess
 import sysconfig
 import tempfile
@@ -43,10 +44,9 @@ def _torch_lib() -> Path:
 def _build(cache_dir: Path) -> Path:
     """Compile the kernel once per (source, flags, torch build) into ``cache_dir``; atomic, so concurrent
     processes (torchrun ranks) may race safely."""
-    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    cc = cc.split()[0]
+    cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")  # e.g. "ccache gcc"
     flags = _flags()
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags, torch.__version__]).encode()).hexdigest()
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([*cc, *flags, torch.__version__]).encode()).hexdigest()
     target = cache_dir / f"counter_gaussian-{digest[:16]}.so"
     if target.is_file():
         return target
@@ -54,7 +54,7 @@ def _build(cache_dir: Path) -> Path:
     lib = _torch_lib()
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         out = Path(tmp) / target.name
-        cmd = [cc, *flags, str(SOURCE), "-o", str(out), f"-L{lib}", "-l:libtorch_cpu.so", f"-Wl,-rpath,{lib}"]
+        cmd = [*cc, *flags, str(SOURCE), "-o", str(out), f"-L{lib}", "-l:libtorch_cpu.so", f"-Wl,-rpath,{lib}"]
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
         os.replace(out, target)
     return target

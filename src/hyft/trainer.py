@@ -136,9 +136,7 @@ class Trainer:
     # --- the run ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         c, comm, device = self.config, self.comm, self.device
-        # rank 0 has the one-process stream, the others their own: each shard gets its own dropout masks
-        # (weights the global RNG initialises are broadcast from rank 0 before the first step)
-        torch.manual_seed(c.seed if comm.rank == 0 else c.seed * 1_000_003 + comm.rank)
+        torch.manual_seed(c.seed)  # the same on every rank: whatever the global RNG initialises is identical
         splits = sample_splits(get_task(c.task), c.seed, c.num_train, c.num_dev, c.num_test)
         for note in splits.notes:
             self.log(f"note: {note}")
@@ -171,6 +169,8 @@ class Trainer:
         zo_log = ZOLog(self.run_dir.zo_log)
         direct = direct_params(c, groups)
 
+        if comm.rank and checkpoint is None:  # rank 0 keeps the one-process stream: own dropout masks per shard
+            torch.manual_seed(c.seed * 1_000_003 + comm.rank)
         if checkpoint is not None:
             state = self._resume_from(checkpoint, method, sampler, direct, model)
             self.log(f"resumed {self.run_dir.path} at step {state.step} of {total}")
@@ -391,27 +391,35 @@ class Trainer:
 
     def _save_checkpoint(self, state: TrainState, method: Method, sampler: EpochSampler, direct) -> None:
         """Write ``checkpoint.pt`` atomically: an interrupted write never replaces the previous one (rank 0;
-        every rank holds the same state)."""
-        rng = self.comm.all_gather_object(torch.get_rng_state())  # dropout streams differ by rank
-        if not self.comm.is_main:
-            return
-        payload = {
-            "config": self.config.to_dict(),
-            "state": state,
-            "method": method.state_dict(),
-            "sampler": sampler.state_dict(),
-            "direct": {name: p.detach().to("cpu", copy=True) for name, p in direct},
-            # residuals of low-precision ZO weights that no base snapshot holds (zo-peft)
-            "residuals": None if method.engine is None or self.config.zo_on_base else
-            [None if r is None else r.to("cpu", copy=True) for r in method.engine.residuals],
-            "torch_rng": rng[0],
-            "torch_rng_ranks": rng,
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        }
-        tmp = self.run_dir.checkpoint.with_name(".checkpoint.pt.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, self.run_dir.checkpoint)
-        self._prune(state)
+        every rank holds the same state but its own RNG streams; a failed write fails every rank)."""
+        cuda = self.device.type == "cuda"
+        rng = self.comm.all_gather_object((torch.get_rng_state(),
+                                           torch.cuda.get_rng_state(self.device) if cuda else None))
+
+        def write() -> None:
+            payload = {
+                "config": self.config.to_dict(),
+                "state": state,
+                "method": method.state_dict(),
+                "sampler": sampler.state_dict(),
+                "direct": {name: p.detach().to("cpu", copy=True) for name, p in direct},
+                # residuals of low-precision ZO weights that no base snapshot holds (zo-peft)
+                "residuals": None if method.engine is None or self.config.zo_on_base else
+                [None if r is None else r.to("cpu", copy=True) for r in method.engine.residuals],
+                "torch_rng": rng[0][0],
+                "torch_rng_ranks": [cpu for cpu, _ in rng],
+                "cuda_rng_ranks": [gpu for _, gpu in rng],
+            }
+            tmp = self.run_dir.checkpoint.with_name(".checkpoint.pt.tmp")
+            try:
+                torch.save(payload, tmp)
+                os.replace(tmp, self.run_dir.checkpoint)
+            except OSError as err:
+                raise HyftError(f"cannot write checkpoint {self.run_dir.checkpoint} ({err}); the previous one "
+                                "is kept") from err
+            self._prune(state)
+
+        self.on_main(write)
 
     def _read_checkpoint(self) -> dict[str, Any] | None:
         path = self.run_dir.checkpoint
@@ -458,14 +466,17 @@ class Trainer:
             if self.config.zo_on_base and state.zo_updates:
                 self._rebuild_base(method.engine, updates, state.zo_updates, model, f"step {state.step}", fresh=True)
         ranks = ckpt.get("torch_rng_ranks") or [ckpt["torch_rng"]]
+        gpus = ckpt.get("cuda_rng_ranks") or [None] * len(ranks)
         if len(ranks) == self.comm.world:
             torch.set_rng_state(ranks[self.comm.rank])
+            if gpus[self.comm.rank] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(gpus[self.comm.rank], self.device)
         else:  # another process count: rank 0 continues its stream, the others start fresh ones
             torch.set_rng_state(ckpt["torch_rng"])
+            if gpus[0] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(gpus[0], self.device)
             if self.comm.rank:
                 torch.manual_seed(self.config.seed * 1_000_003 + self.comm.rank + 7919 * state.step)
-        if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         return state
 
     def _catch_signals(self) -> dict[int, Any]:

@@ -123,6 +123,10 @@ class ZOEngine(EngineState):
                  eps: float | None = None, two_sided: bool = True, compensate: bool = True,
                  rounding: str = "nearest"):
         noise.check_dist(dist)
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"unknown rounding {rounding!r}; choose nearest or stochastic")
+        if rounding == "stochastic" and any(p.dtype == torch.float16 for _, p in params):
+            raise ValueError("stochastic rounding is for bfloat16 (or float32) weights, not float16")
         self.rounding = rounding
         refuse_outside_readers(model, params)
         self.dist = dist
