@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -129,6 +130,18 @@ def curve(run_dir: Path) -> list[list[float]]:
     return out
 
 
+def provenance() -> dict[str, Any]:
+    """Where and on what code a run ran: seconds from different hosts or code are not comparable."""
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "") if Path("/proc/cpuinfo").is_file() else ""
+    return {"commit": git("rev-parse", "--short", "HEAD"), "src_changed": bool(git("status", "--porcelain", "src")),
+            "cpu": cpu, "cores": os.cpu_count()}
+
+
 def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = False) -> None:
     run_dir = out / run["name"]
     cmd = command(run["config"], run_dir)
@@ -149,6 +162,7 @@ def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = Fa
         with results_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         return
+    where = provenance()  # before the run: the code it starts on
     code = 0 if argv is None else subprocess.run(argv, check=False).returncode
     if code in (130, 137, 143, -2, -9, -15):  # interrupted (checkpoint kept): stop here, resume next time
         raise SystemExit(f"[grid] {run['name']} was interrupted (exit {code}); run the grid again to resume it")
@@ -162,7 +176,7 @@ def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = Fa
         return
     record = json.loads((run_dir / "results.json").read_text())
     record.update(name=run["name"], command=cmd, config=run["config"], curve=curve(run_dir), cell=run.get("cell"),
-                  label=run.get("label"), sweep=run.get("sweep"), chosen=run.get("chosen"))
+                  label=run.get("label"), sweep=run.get("sweep"), chosen=run.get("chosen"), provenance=where)
     median = statistics.median(json.loads(line)["seconds"] for line in (run_dir / "metrics.jsonl").read_text()
                                .splitlines() if '"loss"' in line)
     record["median_step_seconds"] = round(median, 3)

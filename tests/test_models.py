@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hyft.errors import HyftError
-from hyft.models import PACKAGED_GGUF, convert_gguf, load_model, packaged_gguf_path
+from hyft.models import PACKAGED_GGUF, load_model, packaged_gguf_path, read_gguf, write_converted
 from tests.conftest import tiny_model
 
 
@@ -43,20 +43,21 @@ def test_unknown_dtype(tmp_path):
 def test_smollm2_cache_matches_fresh_conversion(tmp_path, monkeypatch):
     """The cached safetensors model gives the same logits as the GGUF conversion, ties kept, loads fast."""
     monkeypatch.setenv("HYFT_CACHE", str(tmp_path))
-    from transformers import AutoModelForCausalLM
-
-    gguf = packaged_gguf_path("smollm2-135m")
-    fresh = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    cached_dir = convert_gguf(gguf, tmp_path / "smollm2-135m")
+    fresh, tokenizer = read_gguf(packaged_gguf_path("smollm2-135m"))  # what convert_gguf reads
+    ids = torch.tensor([tokenizer("the movie was wonderful . It was great").input_ids])
+    with torch.no_grad():
+        expected = fresh(ids).logits
+    cached_dir = write_converted(fresh, tokenizer, tmp_path / "smollm2-135m")  # ... and writes
     assert (cached_dir / "model.safetensors").stat().st_size < 600e6  # tied embedding stored once
+    del fresh
 
     start = time.perf_counter()
     model, tokenizer = load_model("smollm2-135m")
     seconds = time.perf_counter() - start
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    ids = torch.tensor([tokenizer("the movie was wonderful . It was great").input_ids])
+    assert tokenizer("the movie was wonderful . It was great").input_ids == ids[0].tolist()
     with torch.no_grad():
-        assert torch.equal(fresh(ids).logits, model(ids).logits)
+        assert torch.equal(expected, model(ids).logits)
     print(f"cached load: {seconds:.2f}s")  # reported, not asserted: timing belongs in benchmarks
 
 

@@ -60,8 +60,17 @@ def packaged_gguf_path(name: str) -> Path:
     return path
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Dequantise a GGUF file to a float32 Hugging Face directory at ``out_dir`` (atomically).
+def read_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The GGUF file's model, dequantised to float32, and its tokenizer (the slow part of a conversion)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    return model, tokenizer
+
+
+def write_converted(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> Path:
+    """Write a GGUF-loaded model as a plain float Hugging Face directory at ``out_dir`` (atomically).
 
     transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the tensors are written with
     safetensors' ``save_model`` (which stores tied tensors once) and the config without its GGUF
@@ -69,10 +78,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     """
     from safetensors.torch import save_model
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     try:
@@ -90,6 +95,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF file to a float32 Hugging Face directory at ``out_dir`` (atomically)."""
+    return write_converted(*read_gguf(gguf_path), out_dir)
 
 
 def model_dir(name_or_path: str) -> str:
