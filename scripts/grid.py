@@ -136,10 +136,14 @@ def provenance() -> dict[str, Any]:
         proc = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
         return proc.stdout.strip() if proc.returncode == 0 else ""
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "") if Path("/proc/cpuinfo").is_file() else ""
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in reversed(info))}
+    flags = set(field.get("flags", "").split())
+    # the widest vector ISA decides MKL's kernels, hence the rounding: runs agree bitwise only on one ISA
+    isa = next((f for f in ("amx_tile", "avx512f", "avx2") if f in flags), "")
     return {"commit": git("rev-parse", "--short", "HEAD"), "src_changed": bool(git("status", "--porcelain", "src")),
-            "cpu": cpu, "cores": os.cpu_count()}
+            "cpu": f"{field.get('model name', '')} (family {field.get('cpu family', '?')}, model "
+                   f"{field.get('model', '?')})", "isa": isa, "cores": os.cpu_count()}
 
 
 def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = False) -> None:

@@ -58,7 +58,15 @@ def test_a_cell_reuses_an_identical_sweep_run_only_when_asked(tmp_path, monkeypa
     class Interrupted:
         returncode = 143
 
-    monkeypatch.setattr(g.subprocess, "run", lambda argv, check: launched.append(argv) or Interrupted())
+    real_run = g.subprocess.run
+
+    def fake_run(argv, check=False, **kwargs):  # training launches are recorded; git (provenance) runs
+        if argv[0] == "git":
+            return real_run(argv, check=check, **kwargs)
+        launched.append(argv)
+        return Interrupted()
+
+    monkeypatch.setattr(g.subprocess, "run", fake_run)
     g.run_one(cell, tmp_path / "runs", results, reuse=True)
     assert not launched and g.load_results(results)["sst2-fo-s0"]["reused"] == "sweep-fo-lr_fo0.001"
     results.write_text(results.read_text().splitlines()[0] + "\n")
