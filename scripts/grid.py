@@ -166,7 +166,7 @@ def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = Fa
         with results_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         return
-    where = provenance()  # before the run: the code it starts on
+    where = provenance() if argv is not None else None  # at launch; a run only being recorded ran elsewhen
     code = 0 if argv is None else subprocess.run(argv, check=False).returncode
     if code in (130, 137, 143, -2, -9, -15):  # interrupted (checkpoint kept): stop here, resume next time
         raise SystemExit(f"[grid] {run['name']} was interrupted (exit {code}); run the grid again to resume it")
