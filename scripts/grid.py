@@ -235,8 +235,13 @@ def render(grid: dict[str, Any]) -> str:
     labels = list(dict.fromkeys(r["label"] for r in records))
     # the bar: fo-peft's final dev accuracy on the same task and seed
     bar = {(r["task"], r["seed"]): r["curve"][-1][1] for r in records if r["label"] == grid["reference"]}
+    # fo-peft's own seconds to its bar: a seed's cells run in one session, on one host, so the ratio to
+    # them compares methods even where seeds ran on different hosts (whose seconds do not compare)
+    ref_secs = {(r["task"], r["seed"]): reach(r["curve"], bar[(r["task"], r["seed"])])[1]
+                for r in records if r["label"] == grid["reference"]}
     lines = ["| task | method | seeds | test acc (mean ± std) | best dev | steps to fo-peft's final dev | "
-             "seconds to it | s/step (median) | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+             "seconds to it (× fo-peft's, same seed) | s/step (median) | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for task in tasks:
         for label in labels:
             rs = [r for r in records if r["task"] == task and r["label"] == label]
@@ -244,11 +249,13 @@ def render(grid: dict[str, Any]) -> str:
                 continue
             acc, acc_sd = mean_std([r["test_accuracy"] for r in rs])
             dev, _ = mean_std([r["best_dev_accuracy"] for r in rs])
-            hits = [reach(r["curve"], bar[(task, r["seed"])]) for r in rs if (task, r["seed"]) in bar]
-            got = [h for h in hits if h is not None]
-            steps = f"{statistics.fmean(h[0] for h in got):.0f} ({len(got)}/{len(hits)} seeds)" if got else \
+            hits = [(reach(r["curve"], bar[(task, r["seed"])]), ref_secs[(task, r["seed"])])
+                    for r in rs if (task, r["seed"]) in bar]
+            got = [(h, ref) for h, ref in hits if h is not None]
+            steps = f"{statistics.fmean(h[0] for h, _ in got):.0f} ({len(got)}/{len(hits)} seeds)" if got else \
                 f"not reached (0/{len(hits)})"
-            secs = f"{statistics.fmean(h[1] for h in got):.0f}" if got else "—"
+            secs = (f"{statistics.fmean(h[1] for h, _ in got):.0f} "
+                    f"({statistics.fmean(h[1] / ref for h, ref in got):.1f}×)") if got else "—"
             lines.append(f"| {task} | {label} | {len(rs)} | {acc:.3f} ± {acc_sd:.3f} | {dev:.3f} | {steps} | {secs} | "
                          f"{statistics.fmean(r['median_step_seconds'] for r in rs):.2f} | "
                          f"{max(r['peak_rss_mb'] for r in rs):,.0f} |")

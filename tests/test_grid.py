@@ -73,3 +73,31 @@ def test_a_cell_reuses_an_identical_sweep_run_only_when_asked(tmp_path, monkeypa
     with pytest.raises(SystemExit, match="interrupted"):
         g.run_one(cell, tmp_path / "runs", results)
     assert launched and "sst2-fo-s0" not in g.load_results(results)
+
+
+def test_seconds_to_the_bar_compare_within_a_seed(tmp_path):
+    """Seed 1 ran on a host twice as slow: mean seconds mix the hosts, the ratio to fo-peft's (same seed,
+    same host) does not; a method that misses the bar on a seed counts as not reaching it there."""
+    import json
+
+    g = grid_module
+    grid = {"out": str(tmp_path / "runs"), "results": str(tmp_path / "r.jsonl"), "figures": str(tmp_path),
+            "reference": "fo", "base": {},
+            "cells": {"fo": {"label": "fo", "method": "fo-peft", "tasks": ["cb"], "seeds": [0, 1]},
+                      "hy": {"label": "hy", "method": "hybrid", "tasks": ["cb"], "seeds": [0, 1]}}}
+
+    def record(name, seed, label, curve):
+        return {"name": name, "seed": seed, "task": "cb", "label": label, "curve": curve, "test_accuracy": 0.7,
+                "best_dev_accuracy": max(a for _, a, _ in curve), "median_step_seconds": 1.0, "peak_rss_mb": 1.0}
+
+    slow = {0: 1.0, 1: 2.0}
+    rows = [record(f"cb-fo-s{s}", s, "fo", [[20, 0.6, 10 * k], [40, 0.8, 20 * k]]) for s, k in slow.items()]
+    rows += [record(f"cb-hy-s{s}", s, "hy", [[20, 0.8, 60 * k], [40, 0.8, 120 * k]]) for s, k in slow.items()]
+    Path(grid["results"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = {line.split(" | ")[1]: line.split(" | ") for line in g.render(grid).splitlines() if line.startswith("| cb")}
+    assert table["fo"][5:7] == ["40 (2/2 seeds)", "30 (1.0×)"]
+    assert table["hy"][5:7] == ["20 (2/2 seeds)", "90 (3.0×)"]  # 60 and 120 s, each 3× its seed's fo-peft
+    rows[-1]["curve"] = [[20, 0.5, 120], [40, 0.7, 240]]
+    Path(grid["results"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = {line.split(" | ")[1]: line.split(" | ") for line in g.render(grid).splitlines() if line.startswith("| cb")}
+    assert table["hy"][5:7] == ["20 (1/2 seeds)", "60 (3.0×)"]
