@@ -93,11 +93,13 @@ def test_seconds_to_the_bar_compare_within_a_seed(tmp_path):
     slow = {0: 1.0, 1: 2.0}
     rows = [record(f"cb-fo-s{s}", s, "fo", [[20, 0.6, 10 * k], [40, 0.8, 20 * k]]) for s, k in slow.items()]
     rows += [record(f"cb-hy-s{s}", s, "hy", [[20, 0.8, 60 * k], [40, 0.8, 120 * k]]) for s, k in slow.items()]
-    Path(grid["results"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table = {line.split(" | ")[1]: line.split(" | ") for line in g.render(grid).splitlines() if line.startswith("| cb")}
-    assert table["fo"][5:7] == ["40 (2/2 seeds)", "30 (1.0×)"]
-    assert table["hy"][5:7] == ["20 (2/2 seeds)", "90 (3.0×)"]  # 60 and 120 s, each 3× its seed's fo-peft
+
+    def table():  # method -> the cells of its row, rendered from ``rows``
+        Path(grid["results"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return {line.split(" | ")[1]: line.split(" | ") for line in g.render(grid).splitlines()
+                if line.startswith("| cb")}
+
+    assert table()["fo"][5:7] == ["40 (2/2 seeds)", "30 (1.0×)"]
+    assert table()["hy"][5:7] == ["20 (2/2 seeds)", "90 (3.0×)"]  # 60 and 120 s, each 3× its seed's fo-peft
     rows[-1]["curve"] = [[20, 0.5, 120], [40, 0.7, 240]]
-    Path(grid["results"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table = {line.split(" | ")[1]: line.split(" | ") for line in g.render(grid).splitlines() if line.startswith("| cb")}
-    assert table["hy"][5:7] == ["20 (1/2 seeds)", "60 (3.0×)"]
+    assert table()["hy"][5:7] == ["20 (1/2 seeds)", "60 (3.0×)"]
