@@ -66,8 +66,9 @@ class RunConfig:
     epochs: float | None = field(default=None, metadata={"help": "if set, the budget in epochs (overrides steps)"})
     batch_size: int = field(default=16, metadata={"help": "examples per step"})
     micro_batch_size: int | None = field(
-        default=None, metadata={"help": "evaluate each batch as length-sorted pieces of this many examples: the "
-                                        "same loss and update, less padding, one piece's activations at a time"})
+        default=None, metadata={"help": "training steps evaluate each batch as length-sorted pieces of this many "
+                                        "examples: the same loss and update up to rounding, less padding, one "
+                                        "piece's activations in a backward"})
     shuffle: str = field(default="reshuffle", metadata={"help": "reshuffle (every epoch), once, or none"})
     loss: str = field(default="classification", metadata={"help": "classification (CE over candidates) or lm"})
     normalize: str = field(default="mean", metadata={"help": "candidate score: mean or sum of token log-probs"})

@@ -38,8 +38,8 @@ class Objective:
     """The training loss of a batch of Examples: classification (CE over candidates) or LM on the gold.
 
     With ``micro_batch_size`` below the batch size a minibatch is encoded as length-sorted :class:`Pieces`
-    whose weighted losses add up to the whole batch's: the same loss and update, with less padding, and
-    :meth:`backward` holds one piece's activations at a time.
+    whose weighted losses add up to the whole batch's: the same loss and update up to float rounding (with
+    dropout, other masks), with less padding, and :meth:`backward` holds one piece's activations at a time.
     """
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RunConfig):
@@ -65,7 +65,8 @@ class Objective:
         return classification_loss(candidate_scores(self.model, batch, self.config.normalize), batch.gold)
 
     def backward(self, pieces: Pieces) -> Tensor:
-        """Backprop the weighted loss of each piece in turn (gradients accumulate); returns the total loss."""
+        """Backprop the weighted loss of each piece in turn (gradients accumulate); returns the total loss,
+        detached (its graphs are freed piece by piece)."""
         losses = []
         for b, w in zip(pieces.batches, pieces.weights, strict=True):
             loss = w * self.loss(b)
