@@ -65,6 +65,10 @@ class RunConfig:
     steps: int = field(default=200, metadata={"help": "training steps (minibatches)"})
     epochs: float | None = field(default=None, metadata={"help": "if set, the budget in epochs (overrides steps)"})
     batch_size: int = field(default=16, metadata={"help": "examples per step"})
+    micro_batch_size: int | None = field(
+        default=None, metadata={"help": "training steps evaluate each batch as length-sorted pieces of this many "
+                                        "examples: the same loss and update up to rounding, less padding, one "
+                                        "piece's activations in a backward"})
     shuffle: str = field(default="reshuffle", metadata={"help": "reshuffle (every epoch), once, or none"})
     loss: str = field(default="classification", metadata={"help": "classification (CE over candidates) or lm"})
     normalize: str = field(default="mean", metadata={"help": "candidate score: mean or sum of token log-probs"})
@@ -135,6 +139,7 @@ class RunConfig:
             (self.steps > 0, "steps must be > 0"),
             (self.epochs is None or self.epochs > 0, "epochs must be > 0"),
             (self.batch_size > 0, "batch_size must be > 0"),
+            (self.micro_batch_size is None or self.micro_batch_size > 0, "micro_batch_size must be > 0"),
             (self.eval_batch_size > 0, "eval_batch_size must be > 0"),
             (self.num_train > 0 and self.num_dev >= 0 and self.num_test > 0, "num_train/num_test must be > 0"),
             (self.eval_every >= 0, "eval_every must be >= 0"),

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from hyft.methods.base import Method
-from hyft.scoring import Batch
+from hyft.scoring import Encoded
 
 FLOAT32_RESOLUTION = 2.0**-23
 
@@ -83,7 +83,7 @@ def fo_direction(grad: Tensor, optimizer: str) -> Tensor:
     return torch.sign(grad) if optimizer == "adamw" else grad
 
 
-def probe(method: Method, batches: Sequence[Batch], directions: int = 4, eps: float = 1e-3) -> Probe:
+def probe(method: Method, batches: Sequence[Encoded], directions: int = 4, eps: float = 1e-3) -> Probe:
     """Measure both groups of ``method`` at its current weights; the weights are left as they were."""
     model, objective = method.model, method.objective
     losses: list[float] = []
@@ -146,7 +146,7 @@ def probe(method: Method, batches: Sequence[Batch], directions: int = 4, eps: fl
 LINE_SEARCH = (1, 3, 10, 30, 100)  # the quadratic step and shorter ones: the model's step is only a guess
 
 
-def _loss_after(method: Method, batches: Sequence[Batch], params: list[Tensor], u: Tensor, lr: float) -> float:
+def _loss_after(method: Method, batches: Sequence[Encoded], params: list[Tensor], u: Tensor, lr: float) -> float:
     """Mean loss over ``batches`` at φ − lr·u (φ restored after)."""
     with _shifted(params, u, -lr), torch.no_grad():
         method.model.eval()
@@ -170,19 +170,19 @@ def _shifted(params: list[Tensor], u: Tensor, scale: float) -> Iterator[None]:
                 p.copy_(s)
 
 
-def _gradient(method: Method, batch: Batch, params: list[Tensor]) -> Tensor:
+def _gradient(method: Method, batch: Encoded, params: list[Tensor]) -> Tensor:
     method.model.eval()  # the probe measures the deterministic loss
     loss = method.objective(batch)
     return _flat(torch.autograd.grad(loss, params, allow_unused=True), params)
 
 
-def _shifted_gradient(method: Method, batch: Batch, params: list[Tensor], u: Tensor, h: float) -> Tensor:
+def _shifted_gradient(method: Method, batch: Encoded, params: list[Tensor], u: Tensor, h: float) -> Tensor:
     """∇φ L at φ + h·u (φ restored after)."""
     with _shifted(params, u, h):
         return _gradient(method, batch, params)
 
 
-def batches_of(examples: Sequence, batch_size: int, count: int, encode: Callable[[Sequence], Batch]) -> list[Batch]:
+def batches_of(examples: Sequence, batch_size: int, count: int, encode: Callable[[Sequence], Encoded]) -> list[Encoded]:
     """The first ``count`` batches of ``examples`` (the run's sampled training split, in its order)."""
     return [encode([examples[(b * batch_size + j) % len(examples)] for j in range(batch_size)]) for b in range(count)]
 

@@ -58,26 +58,79 @@ def encode(
     Contexts that do not fit ``max_length`` lose tokens from the left; continuations are never cut.
     ``gold_only`` keeps just the gold candidate of each example (for the LM loss).
     """
+    rows, counts, fast = _example_rows(tokenizer, examples, max_length, gold_only)
     gold = torch.tensor([0 if gold_only else ex.gold for ex in examples], dtype=torch.long)
+    return _pad(tokenizer, [r for ex in rows for r in ex], counts, gold, padding_side, fast)
+
+
+@dataclass
+class Pieces:
+    """One minibatch evaluated as several smaller batches: the loss is ``Σ weights[i] · loss(batches[i])``,
+    which equals the whole batch's loss (the weights are each piece's share of what the loss averages)."""
+
+    batches: list[Batch]
+    weights: list[float]
+
+    def to(self, device: torch.device | str) -> Pieces:
+        return Pieces([b.to(device) for b in self.batches], self.weights)
+
+
+def encode_pieces(
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    size: int,
+    max_length: int = 256,
+    padding_side: Literal["left", "right"] = "left",
+    gold_only: bool = False,
+) -> Pieces:
+    """The examples sorted by length and cut into batches of at most ``size``: each piece is padded only to
+    its own longest row, so less compute goes to padding, and a backward holds one piece's activations.
+
+    Weights: the examples' share for the classification loss (a mean over examples), the scored tokens'
+    share for the LM loss (a mean over tokens, ``gold_only``).
+    """
+    rows, counts, fast = _example_rows(tokenizer, examples, max_length, gold_only)
+    order = sorted(range(len(examples)), key=lambda i: max(len(ids) for ids, _ in rows[i]))  # stable
+    batches = []
+    for start in range(0, len(order), size):
+        chosen = order[start : start + size]
+        gold = torch.tensor([0 if gold_only else examples[i].gold for i in chosen], dtype=torch.long)
+        batches.append(_pad(tokenizer, [r for i in chosen for r in rows[i]], [counts[i] for i in chosen],
+                            gold, padding_side, None if fast is None else fast[chosen]))
+    if gold_only:
+        scored = [float(b.target_mask[:, -b.keep + 1 :].sum()) for b in batches]  # what token_logprobs counts
+        weights = [n / sum(scored) for n in scored]
+    else:
+        weights = [len(b.num_candidates) / len(examples) for b in batches]
+    return Pieces(batches, weights)
+
+
+Encoded = Batch | Pieces  # what a training objective evaluates
+
+
+def _example_rows(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int, gold_only: bool
+) -> tuple[list[list[tuple[list[int], int]]], list[int], Tensor | None]:
+    """Per example: its (token ids, continuation length) rows and its candidate count; and the single-token
+    candidate ids when every example qualifies (then an example's one row is its context, continuation 0)."""
     if not gold_only and (fast := _single_token_candidates(tokenizer, examples)) is not None:
-        rows = [(tokenizer(ex.pairs()[0][0]).input_ids[-max_length:], 0) for ex in examples]
-        counts = [len(ex.candidates) for ex in examples]
-        return _pad(tokenizer, rows, counts, gold, padding_side, candidate_ids=fast)
+        rows = [[(tokenizer(ex.pairs()[0][0]).input_ids[-max_length:], 0)] for ex in examples]
+        return rows, [len(ex.candidates) for ex in examples], fast
     rows = []
-    counts = []
     for ex in examples:
         pairs = ex.pairs()
         if gold_only:
             pairs = [pairs[ex.gold]]
-        counts.append(len(pairs))
+        own = []
         for context, continuation in pairs:
             ctx = tokenizer(context, add_special_tokens=True).input_ids
             cont = tokenizer(continuation, add_special_tokens=False).input_ids
             if not cont:
                 raise ValueError(f"candidate {continuation!r} tokenises to nothing")
             budget = max(max_length - len(cont), 1)
-            rows.append((ctx[-budget:] + cont, len(cont)))
-    return _pad(tokenizer, rows, counts, gold, padding_side)
+            own.append((ctx[-budget:] + cont, len(cont)))
+        rows.append(own)
+    return rows, [len(r) for r in rows], None
 
 
 def _pad(

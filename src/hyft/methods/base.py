@@ -19,27 +19,60 @@ from hyft.engines import Engine, make_engine
 from hyft.estimators import ESTIMATORS
 from hyft.params import ParamGroups
 from hyft.schedule import lr_at
-from hyft.scoring import Batch, candidate_scores, classification_loss, encode, lm_loss, padding_for
+from hyft.scoring import (
+    Batch,
+    Encoded,
+    Pieces,
+    candidate_scores,
+    classification_loss,
+    encode,
+    encode_pieces,
+    lm_loss,
+    padding_for,
+)
 from hyft.tasks.base import Example
 from hyft.zo import ZOUpdate
 
 
 class Objective:
-    """The training loss of a batch of Examples: classification (CE over candidates) or LM on the gold."""
+    """The training loss of a batch of Examples: classification (CE over candidates) or LM on the gold.
+
+    With ``micro_batch_size`` below the batch size a minibatch is encoded as length-sorted :class:`Pieces`
+    whose weighted losses add up to the whole batch's: the same loss and update up to float rounding (with
+    dropout, other masks), with less padding, and :meth:`backward` holds one piece's activations at a time.
+    """
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RunConfig):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.device = next(model.parameters()).device
 
-    def encode(self, examples: Sequence[Example]) -> Batch:
-        gold_only = self.config.loss == "lm"
-        return encode(self.tokenizer, examples, self.config.max_length, padding_for(self.model),
-                      gold_only=gold_only).to(self.device)
+    def encode(self, examples: Sequence[Example]) -> Encoded:
+        c = self.config
+        args = (self.tokenizer, examples)
+        kwargs = {"max_length": c.max_length, "padding_side": padding_for(self.model), "gold_only": c.loss == "lm"}
+        if c.micro_batch_size is not None and c.micro_batch_size < len(examples):
+            return encode_pieces(*args, c.micro_batch_size, **kwargs).to(self.device)
+        return encode(*args, **kwargs).to(self.device)
 
-    def __call__(self, batch: Batch) -> Tensor:
+    def __call__(self, batch: Encoded) -> Tensor:
+        if isinstance(batch, Pieces):
+            return sum(w * self.loss(b) for b, w in zip(batch.batches, batch.weights, strict=True))
+        return self.loss(batch)
+
+    def loss(self, batch: Batch) -> Tensor:
         if self.config.loss == "lm":
             return lm_loss(self.model, batch)
         return classification_loss(candidate_scores(self.model, batch, self.config.normalize), batch.gold)
+
+    def backward(self, pieces: Pieces) -> Tensor:
+        """Backprop the weighted loss of each piece in turn (gradients accumulate); returns the total loss,
+        detached (its graphs are freed piece by piece)."""
+        losses = []
+        for b, w in zip(pieces.batches, pieces.weights, strict=True):
+            loss = w * self.loss(b)
+            loss.backward()
+            losses.append(loss.detach())  # stays on the device: no host sync per piece
+        return torch.stack(losses).sum()
 
 
 @dataclass
@@ -95,20 +128,22 @@ class Method(ABC):
         Every decision (the coefficient, skipping a non-finite step) is then the same on every rank."""
         return self.comm.mean(losses, group)
 
-    def loss_with_grad(self, batch: Batch) -> Tensor:
+    def loss_with_grad(self, batch: Encoded) -> Tensor:
         """L(θ, φ; B) with autograd through the FO group only (this rank's shard)."""
         self.model.train()
+        if isinstance(batch, Pieces):  # one piece's activations at a time
+            return self.objective.backward(batch)
         loss = self.objective(batch)
         loss.backward()
         return loss
 
-    def loss_eval(self, batch: Batch) -> float:
+    def loss_eval(self, batch: Encoded) -> float:
         """L(θ, φ; B) with no grad, eval mode (dropout off): a point of a finite difference (this rank's shard)."""
         self.model.eval()
         with torch.no_grad():
             return self.objective(batch).item()
 
-    def spsa(self, batch: Batch, seed: int, loss0: float | None = None) -> tuple[float, float]:
+    def spsa(self, batch: Encoded, seed: int, loss0: float | None = None) -> tuple[float, float]:
         """SPSA coefficient g for direction z(seed): two-sided (L+ − L−)/2ε, or one-sided (L+ − L0)/ε.
 
         Every loss of the difference is computed in eval mode (dropout off). ``loss0``, a loss at θ from
@@ -131,7 +166,7 @@ class Method(ABC):
         plus, minus = self.global_losses(plus, minus)
         return (plus - minus) / (2 * eps), (plus + minus) / 2 if loss0 is None else loss0
 
-    def estimate(self, batch: Batch, loss0: float | None = None) -> tuple[list[tuple[int, float]], float, float]:
+    def estimate(self, batch: Encoded, loss0: float | None = None) -> tuple[list[tuple[int, float]], float, float]:
         """``zo_q`` SPSA estimates at the same weights, combined by the ``zo_combine`` estimator: returns
         [(seed, coefficient)] to apply, the first direction's g, and the loss at θ."""
         seeds = [self.next_seed() for _ in range(self.config.zo_q)]  # each z_i is regenerated from its seed
