@@ -59,8 +59,7 @@ def encode(
     ``gold_only`` keeps just the gold candidate of each example (for the LM loss).
     """
     rows, counts, fast = _example_rows(tokenizer, examples, max_length, gold_only)
-    gold = torch.tensor([0 if gold_only else ex.gold for ex in examples], dtype=torch.long)
-    return _pad(tokenizer, [r for ex in rows for r in ex], counts, gold, padding_side, fast)
+    return _pad(tokenizer, [r for ex in rows for r in ex], counts, _gold(examples, gold_only), padding_side, fast)
 
 
 @dataclass
@@ -73,6 +72,9 @@ class Pieces:
 
     def to(self, device: torch.device | str) -> Pieces:
         return Pieces([b.to(device) for b in self.batches], self.weights)
+
+
+Encoded = Batch | Pieces  # what a training objective evaluates
 
 
 def encode_pieces(
@@ -90,13 +92,13 @@ def encode_pieces(
     share for the LM loss (a mean over tokens, ``gold_only``).
     """
     rows, counts, fast = _example_rows(tokenizer, examples, max_length, gold_only)
+    gold = _gold(examples, gold_only)
     order = sorted(range(len(examples)), key=lambda i: max(len(ids) for ids, _ in rows[i]))  # stable
     batches = []
     for start in range(0, len(order), size):
         chosen = order[start : start + size]
-        gold = torch.tensor([0 if gold_only else examples[i].gold for i in chosen], dtype=torch.long)
         batches.append(_pad(tokenizer, [r for i in chosen for r in rows[i]], [counts[i] for i in chosen],
-                            gold, padding_side, None if fast is None else fast[chosen]))
+                            gold[chosen], padding_side, None if fast is None else fast[chosen]))
     if gold_only:
         scored = [float(b.target_mask[:, -b.keep + 1 :].sum()) for b in batches]  # what token_logprobs counts
         weights = [n / sum(scored) for n in scored]
@@ -105,7 +107,9 @@ def encode_pieces(
     return Pieces(batches, weights)
 
 
-Encoded = Batch | Pieces  # what a training objective evaluates
+def _gold(examples: Sequence[Example], gold_only: bool) -> Tensor:
+    """[B] the gold candidate's index per example (0 when only the gold candidate is encoded)."""
+    return torch.tensor([0 if gold_only else ex.gold for ex in examples], dtype=torch.long)
 
 
 def _example_rows(
