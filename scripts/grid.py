@@ -259,6 +259,7 @@ def render(grid: dict[str, Any]) -> str:
             lines.append(f"| {task} | {label} | {len(rs)} | {acc:.3f} ± {acc_sd:.3f} | {dev:.3f} | {steps} | {secs} | "
                          f"{statistics.fmean(r['median_step_seconds'] for r in rs):.2f} | "
                          f"{max(r['peak_rss_mb'] for r in rs):,.0f} |")
+    lines += ["", *paired(records, grid, bar)]
     sweeps = [r for r in results.values() if r.get("sweep") and not r.get("reused")]
     lines += ["", "Dev sweeps (seed 0; the best dev accuracy picks the values the cells use):", "",
               "| sweep | values | best dev | test |", "|---|---|---|---|"]
@@ -274,11 +275,54 @@ def render(grid: dict[str, Any]) -> str:
             key = f"sweep {r['sweep']}" if r.get("sweep") else r["label"]
             groups[key] = groups.get(key, 0) + 1
         lines += ["", f"Not run yet: {len(pending)} runs ({'; '.join(f'{k}: {n}' for k, n in groups.items())})."]
-    text = "\n".join(lines) + "\n"
     figures = Path(grid.get("figures", Path(grid["results"]).parent))
+    home = Path(grid["readme"]).parent if grid.get("readme") else Path()
+    lines += ["", "Dev accuracy against step and against training seconds (mean over seeds, min–max band):", ""]
     for task in tasks:
         plot_curves([r for r in records if r["task"] == task], labels, figures / f"study-{task}.png", task)
-    return text
+        lines.append(f"![{task}: dev accuracy by step and by seconds]"
+                     f"({os.path.relpath(figures / f'study-{task}.png', home)})")
+    return "\n".join(lines) + "\n"
+
+
+def paired(records: list[dict[str, Any]], grid: dict[str, Any], bar: dict[tuple[str, int], float]) -> list[str]:
+    """The paper's claim in its own terms, each seed against the same task's and seed's baselines: test
+    accuracy minus each baseline's (``baselines``: labels, default the reference), and steps to the bar as a
+    fraction of the reference's own steps to it ("up to 50 % fewer steps" is a fraction ≤ 0.5)."""
+    baselines = grid.get("baselines", [grid["reference"]])
+    by = {(r["task"], r["label"], r["seed"]): r for r in records}
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    labels = [label for label in dict.fromkeys(r["label"] for r in records) if label != grid["reference"]]
+    lines = ["Paired by seed (each run against the baselines' runs of the same task and seed; ↑/=/↓ counts the "
+             "seeds above, equal to and below):", "",
+             "| task | method | " + " | ".join(f"test − {b}'s" for b in baselines)
+             + f" | steps to the bar ÷ {grid['reference']}'s |",
+             "|---|---|" + "---|" * (len(baselines) + 1)]
+    for task in tasks:
+        for label in labels:
+            seeds = sorted(s for t, lab, s in by if (t, lab) == (task, label))
+            if not seeds:
+                continue
+            row = [task, label]
+            for base in baselines:
+                diffs = [by[task, label, s]["test_accuracy"] - by[task, base, s]["test_accuracy"]
+                         for s in seeds if (task, base, s) in by]
+                if not diffs or base == label:
+                    row.append("—")
+                    continue
+                mean, sd = mean_std(diffs)
+                up, down = sum(d > 1e-9 for d in diffs), sum(d < -1e-9 for d in diffs)
+                row.append(f"{mean:+.3f} ± {sd:.3f} ({up}↑ {len(diffs) - up - down}= {down}↓)")
+            ratios = []
+            for s in (s for s in seeds if (task, grid["reference"], s) in by):
+                mine = reach(by[task, label, s]["curve"], bar[task, s])
+                ref = reach(by[task, grid["reference"], s]["curve"], bar[task, s])
+                ratios.append(None if mine is None else mine[0] / ref[0])
+            got = [r for r in ratios if r is not None]
+            row.append(f"{statistics.fmean(got):.2f} (range {min(got):.2f}–{max(got):.2f}; reached {len(got)}/"
+                       f"{len(ratios)} seeds)" if got else f"not reached (0/{len(ratios)})" if ratios else "—")
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
 
 
 def plot_curves(records: list[dict[str, Any]], labels: list[str], path: Path, task: str) -> None:

@@ -96,10 +96,35 @@ def test_seconds_to_the_bar_compare_within_a_seed(tmp_path):
 
     def table():  # method -> the cells of its row, rendered from ``rows``
         Path(grid["results"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return {line.split(" | ")[1]: line.split(" | ") for line in g.render(grid).splitlines()
-                if line.startswith("| cb")}
+        main = g.render(grid).split("\n\n")[0]  # the first table; the paired one follows
+        return {line.split(" | ")[1]: line.split(" | ") for line in main.splitlines() if line.startswith("| cb")}
 
     assert table()["fo"][5:7] == ["40 (2/2 seeds)", "30 (1.0×)"]
     assert table()["hy"][5:7] == ["20 (2/2 seeds)", "90 (3.0×)"]  # 60 and 120 s, each 3× its seed's fo-peft
     rows[-1]["curve"] = [[20, 0.5, 120], [40, 0.7, 240]]
     assert table()["hy"][5:7] == ["20 (1/2 seeds)", "60 (3.0×)"]
+
+
+def test_the_paired_table_compares_each_seed_with_its_own_baselines(tmp_path):
+    """Test accuracy minus each baseline's on the same seed, and steps to the bar as a per-seed fraction of
+    the reference's: pooling over seeds (or pairing seed 0 with seed 1) gives other numbers."""
+    import json
+
+    g = grid_module
+    grid = {"out": str(tmp_path / "runs"), "results": str(tmp_path / "r.jsonl"), "figures": str(tmp_path),
+            "reference": "fo", "baselines": ["fo", "full"], "base": {},
+            "cells": {c: {"label": c, "method": "fo-peft", "tasks": ["cb"], "seeds": [0, 1]}
+                      for c in ("fo", "full", "hy")}}
+    test = {("fo", 0): 0.60, ("fo", 1): 0.70, ("full", 0): 0.65, ("full", 1): 0.65, ("hy", 0): 0.70, ("hy", 1): 0.70}
+    first = {("fo", 0): 40, ("fo", 1): 20, ("full", 0): 20, ("full", 1): 20, ("hy", 0): 20, ("hy", 1): 20}
+    rows = [{"name": f"cb-{c}-s{s}", "seed": s, "task": "cb", "label": c, "test_accuracy": acc,
+             "curve": [[20, 0.9 if first[c, s] == 20 else 0.5, 10.0], [40, 0.9, 20.0]], "best_dev_accuracy": 0.9,
+             "median_step_seconds": 1.0, "peak_rss_mb": 1.0} for (c, s), acc in test.items()]
+    Path(grid["results"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = g.render(grid).split("Paired by seed")[1].split("\n\n")[1]
+    table = {line.split(" | ")[1]: line.split(" | ")[2:] for line in pairs.splitlines() if line.startswith("| cb")}
+    assert "fo" not in table  # the reference has no row of its own
+    assert table["hy"][0] == "+0.050 ± 0.050 (1↑ 1= 0↓)"  # +0.10 on seed 0, 0 on seed 1
+    assert table["hy"][1] == "+0.050 ± 0.000 (2↑ 0= 0↓)"
+    assert table["hy"][2].startswith("0.75 (range 0.50–1.00; reached 2/2 seeds)")  # 20/40 and 20/20
+    assert table["full"][1] == "—"  # a baseline against itself

@@ -95,3 +95,21 @@ def test_auto_lr_writes_the_probed_rates_to_the_run(tiny_dir, tmp_path):
     assert stored.lr_fo == pytest.approx(probed["lr_fo"], rel=1e-2) and stored.lr_fo != RunConfig().lr_fo
     assert stored.lr_zo == pytest.approx(probed["lr_zo"], rel=1e-2) and stored.lr_zo != RunConfig().lr_zo
     assert json.loads((out / "results.json").read_text())["lr_zo"] == stored.lr_zo
+
+
+def test_the_probe_command_prints_the_rates_it_writes(tiny_dir, tmp_path, capsys):
+    """`hyft probe` on a tiny model: its "suggested:" flags are the measured rates of its --json file."""
+    from hyft.cli import main
+
+    out = tmp_path / "probe.json"
+    code = main(["probe", "--model", tiny_dir, "--method", "hybrid", "--task", "sst2", "--num-train", "16",
+                 "--batch-size", "4", "--json", str(out)])
+    assert code == 0
+    measured = json.loads(out.read_text())
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("suggested: "))
+    flags = line.removeprefix("suggested: ").split()
+    printed = {flags[i].removeprefix("--").replace("-", "_"): float(flags[i + 1]) for i in range(0, len(flags), 2)}
+    expected = {k: measured[k] for k in ("lr_zo", "lr_fo", "eps") if measured.get(k) is not None}
+    assert printed.keys() == expected.keys() == {"lr_zo", "lr_fo", "eps"}
+    for key, value in expected.items():
+        assert printed[key] == pytest.approx(value, rel=5e-3)
