@@ -221,6 +221,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
+def pm(values: list[float], fmt: str = ".3f") -> str:
+    """Mean ± (population) std over seeds; a single seed shows its value alone, since it has no spread."""
+    mean, sd = mean_std(values)
+    return f"{mean:{fmt}} ± {sd:.3f}" if len(values) > 1 else f"{mean:{fmt}}"
+
+
 def reach(curve_: list[list[float]], target: float) -> tuple[float, float] | None:
     """(steps, seconds) of the first dev evaluation at or above ``target``."""
     return next(((s, t) for s, acc, t in curve_ if acc >= target - 1e-9), None)
@@ -239,7 +245,7 @@ def render(grid: dict[str, Any]) -> str:
     # them compares methods even where seeds ran on different hosts (whose seconds do not compare)
     ref_secs = {(r["task"], r["seed"]): reach(r["curve"], bar[(r["task"], r["seed"])])[1]
                 for r in records if r["label"] == grid["reference"]}
-    lines = ["| task | method | seeds | test acc (mean ± std) | best dev | steps to fo-peft's final dev | "
+    lines = ["| task | method | seeds | test acc (mean ± std over seeds) | best dev | steps to fo-peft's final dev | "
              "seconds to it (× fo-peft's, same seed) | s/step (median) | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for task in tasks:
@@ -247,7 +253,6 @@ def render(grid: dict[str, Any]) -> str:
             rs = [r for r in records if r["task"] == task and r["label"] == label]
             if not rs:
                 continue
-            acc, acc_sd = mean_std([r["test_accuracy"] for r in rs])
             dev, _ = mean_std([r["best_dev_accuracy"] for r in rs])
             hits = [(reach(r["curve"], bar[(task, r["seed"])]), ref_secs[(task, r["seed"])])
                     for r in rs if (task, r["seed"]) in bar]
@@ -256,7 +261,8 @@ def render(grid: dict[str, Any]) -> str:
                 f"not reached (0/{len(hits)})"
             secs = (f"{statistics.fmean(h[1] for h, _ in got):.0f} "
                     f"({statistics.fmean(h[1] / ref for h, ref in got):.1f}×)") if got else "—"
-            lines.append(f"| {task} | {label} | {len(rs)} | {acc:.3f} ± {acc_sd:.3f} | {dev:.3f} | {steps} | {secs} | "
+            acc = pm([r["test_accuracy"] for r in rs])
+            lines.append(f"| {task} | {label} | {len(rs)} | {acc} | {dev:.3f} | {steps} | {secs} | "
                          f"{statistics.fmean(r['median_step_seconds'] for r in rs):.2f} | "
                          f"{max(r['peak_rss_mb'] for r in rs):,.0f} |")
     lines += ["", *paired(records, grid, bar)]
@@ -310,9 +316,8 @@ def paired(records: list[dict[str, Any]], grid: dict[str, Any], bar: dict[tuple[
                 if not diffs or base == label:
                     row.append("—")
                     continue
-                mean, sd = mean_std(diffs)
                 up, down = sum(d > 1e-9 for d in diffs), sum(d < -1e-9 for d in diffs)
-                row.append(f"{mean:+.3f} ± {sd:.3f} ({up}↑ {len(diffs) - up - down}= {down}↓)")
+                row.append(f"{pm(diffs, '+.3f')} ({up}↑ {len(diffs) - up - down}= {down}↓)")
             ratios = []
             for s in (s for s in seeds if (task, grid["reference"], s) in by):
                 mine = reach(by[task, label, s]["curve"], bar[task, s])

@@ -103,6 +103,10 @@ def test_seconds_to_the_bar_compare_within_a_seed(tmp_path):
     assert table()["hy"][5:7] == ["20 (2/2 seeds)", "90 (3.0×)"]  # 60 and 120 s, each 3× its seed's fo-peft
     rows[-1]["curve"] = [[20, 0.5, 120], [40, 0.7, 240]]
     assert table()["hy"][5:7] == ["20 (1/2 seeds)", "60 (3.0×)"]
+    rows[1]["test_accuracy"] = 0.8
+    assert table()["fo"][3] == "0.750 ± 0.050"  # population std over the two seeds
+    del rows[1]
+    assert table()["fo"][2:4] == ["1", "0.700"]  # one seed has no spread to show
 
 
 def test_the_paired_table_compares_each_seed_with_its_own_baselines(tmp_path):
