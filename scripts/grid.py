@@ -198,6 +198,11 @@ def check(grid: dict[str, Any]) -> None:
             RunConfig.from_dict({**grid.get("base", {}), **fixed}, source=f"{name}")
         except Exception as err:
             raise SystemExit(f"[grid] {name}: {err}") from err
+    labels = {entry.get("label", name) for name, entry in grid.get("cells", {}).items()}
+    for key, wanted in (("reference", [grid.get("reference")]), ("baselines", grid.get("baselines", []))):
+        for label in wanted:
+            if label is not None and label not in labels:
+                raise SystemExit(f"[grid] {key}: {label!r} is not a cell's label (labels: {sorted(labels)})")
 
 
 def run_grid(grid: dict[str, Any], only: str | None, reuse: bool = False) -> None:
@@ -299,10 +304,14 @@ def paired(records: list[dict[str, Any]], grid: dict[str, Any], bar: dict[tuple[
     by = {(r["task"], r["label"], r["seed"]): r for r in records}
     tasks = list(dict.fromkeys(r["task"] for r in records))
     labels = [label for label in dict.fromkeys(r["label"] for r in records) if label != grid["reference"]]
-    lines = ["Paired by seed (each run against the baselines' runs of the same task and seed; ↑/=/↓ counts the "
-             "seeds above, equal to and below):", "",
+    ref = grid["reference"]
+    lines = [f"Paired by seed: each run's test accuracy minus the baselines' on the same task and seed, over the "
+             f"seeds both ran (mean ± population std; ↑/=/↓ count the seeds above, equal to and below). The bar "
+             f"is {ref}'s final dev accuracy on that task and seed; the last column gives each seed's steps to it "
+             f"as a fraction of {ref}'s own (≤ 0.50 is the paper's \"50 % fewer steps\"), in seed order, and "
+             f"their median.", "",
              "| task | method | " + " | ".join(f"test − {b}'s" for b in baselines)
-             + f" | steps to the bar ÷ {grid['reference']}'s |",
+             + f" | steps to the bar ÷ {ref}'s, per seed (median) |",
              "|---|---|" + "---|" * (len(baselines) + 1)]
     for task in tasks:
         for label in labels:
@@ -313,19 +322,20 @@ def paired(records: list[dict[str, Any]], grid: dict[str, Any], bar: dict[tuple[
             for base in baselines:
                 diffs = [by[task, label, s]["test_accuracy"] - by[task, base, s]["test_accuracy"]
                          for s in seeds if (task, base, s) in by]
-                if not diffs or base == label:
-                    row.append("—")
+                if base == label or not diffs:
+                    row.append("—" if base == label else "not run")
                     continue
                 up, down = sum(d > 1e-9 for d in diffs), sum(d < -1e-9 for d in diffs)
                 row.append(f"{pm(diffs, '+.3f')} ({up}↑ {len(diffs) - up - down}= {down}↓)")
             ratios = []
-            for s in (s for s in seeds if (task, grid["reference"], s) in by):
+            for s in (s for s in seeds if (task, ref, s) in by):
                 mine = reach(by[task, label, s]["curve"], bar[task, s])
-                ref = reach(by[task, grid["reference"], s]["curve"], bar[task, s])
-                ratios.append(None if mine is None else mine[0] / ref[0])
+                own = reach(by[task, ref, s]["curve"], bar[task, s])  # None only for a curve without evals
+                ratios.append(None if mine is None or own is None else mine[0] / own[0])
             got = [r for r in ratios if r is not None]
-            row.append(f"{statistics.fmean(got):.2f} (range {min(got):.2f}–{max(got):.2f}; reached {len(got)}/"
-                       f"{len(ratios)} seeds)" if got else f"not reached (0/{len(ratios)})" if ratios else "—")
+            per_seed = " / ".join("not reached" if r is None else f"{r:.2f}" for r in ratios)
+            row.append(f"{per_seed} (median {statistics.median(got):.2f})" if got else
+                       f"not reached (0/{len(ratios)})" if ratios else "not run")
             lines.append("| " + " | ".join(row) + " |")
     return lines
 

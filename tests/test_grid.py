@@ -110,25 +110,41 @@ def test_seconds_to_the_bar_compare_within_a_seed(tmp_path):
 
 
 def test_the_paired_table_compares_each_seed_with_its_own_baselines(tmp_path):
-    """Test accuracy minus each baseline's on the same seed, and steps to the bar as a per-seed fraction of
-    the reference's: pooling over seeds (or pairing seed 0 with seed 1) gives other numbers."""
+    """Test accuracy minus each baseline's on the same task and seed, and each seed's steps to the bar as a
+    fraction of the reference's: pairing seed 0 with seed 1, or one task with another, gives other numbers."""
     import json
 
     g = grid_module
     grid = {"out": str(tmp_path / "runs"), "results": str(tmp_path / "r.jsonl"), "figures": str(tmp_path),
             "reference": "fo", "baselines": ["fo", "full"], "base": {},
-            "cells": {c: {"label": c, "method": "fo-peft", "tasks": ["cb"], "seeds": [0, 1]}
+            "cells": {c: {"label": c, "method": "fo-peft", "tasks": ["cb", "copa"], "seeds": [0, 1]}
                       for c in ("fo", "full", "hy")}}
-    test = {("fo", 0): 0.60, ("fo", 1): 0.70, ("full", 0): 0.65, ("full", 1): 0.65, ("hy", 0): 0.70, ("hy", 1): 0.70}
-    first = {("fo", 0): 40, ("fo", 1): 20, ("full", 0): 20, ("full", 1): 20, ("hy", 0): 20, ("hy", 1): 20}
-    rows = [{"name": f"cb-{c}-s{s}", "seed": s, "task": "cb", "label": c, "test_accuracy": acc,
-             "curve": [[20, 0.9 if first[c, s] == 20 else 0.5, 10.0], [40, 0.9, 20.0]], "best_dev_accuracy": 0.9,
-             "median_step_seconds": 1.0, "peak_rss_mb": 1.0} for (c, s), acc in test.items()]
+    # (task, cell, seed): (test accuracy, first step whose dev accuracy reaches fo's final 0.9; None: never)
+    runs = {("cb", "fo", 0): (0.60, 40), ("cb", "fo", 1): (0.70, 20), ("cb", "hy", 0): (0.70, 20),
+            ("cb", "hy", 1): (0.75, 40), ("cb", "full", 0): (0.65, 20), ("cb", "full", 1): (0.75, None),
+            ("copa", "fo", 0): (0.50, 60), ("copa", "fo", 1): (0.55, 60), ("copa", "hy", 0): (0.50, 20),
+            ("copa", "hy", 1): (0.50, 60)}  # no full run on copa
+    rows = [{"name": f"{t}-{c}-s{s}", "seed": s, "task": t, "label": c, "test_accuracy": acc,
+             "curve": [[k, 0.9 if first is not None and k >= first else 0.5, k / 2] for k in (20, 40, 60)],
+             "best_dev_accuracy": 0.9, "median_step_seconds": 1.0, "peak_rss_mb": 1.0}
+            for (t, c, s), (acc, first) in runs.items()]
     Path(grid["results"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
     pairs = g.render(grid).split("Paired by seed")[1].split("\n\n")[1]
-    table = {line.split(" | ")[1]: line.split(" | ")[2:] for line in pairs.splitlines() if line.startswith("| cb")}
-    assert "fo" not in table  # the reference has no row of its own
-    assert table["hy"][0] == "+0.050 ± 0.050 (1↑ 1= 0↓)"  # +0.10 on seed 0, 0 on seed 1
-    assert table["hy"][1] == "+0.050 ± 0.000 (2↑ 0= 0↓)"
-    assert table["hy"][2].startswith("0.75 (range 0.50–1.00; reached 2/2 seeds)")  # 20/40 and 20/20
-    assert table["full"][1] == "—"  # a baseline against itself
+    table = {tuple(line.split(" | ")[:2]): line.split(" | ")[2:] for line in pairs.splitlines()
+             if line.startswith("| ")}
+    assert ("| cb", "fo") not in table  # the reference has no row of its own
+    assert table["| cb", "hy"][0] == "+0.075 ± 0.025 (2↑ 0= 0↓)"  # +0.10 on seed 0, +0.05 on seed 1
+    assert table["| cb", "hy"][1] == "+0.025 ± 0.025 (1↑ 1= 0↓)"  # +0.05, 0
+    assert table["| cb", "hy"][2].startswith("0.50 / 2.00 (median 1.25)")  # 20/40 and 40/20
+    assert table["| cb", "full"][1] == "—"  # a baseline against itself
+    assert table["| cb", "full"][2].startswith("0.50 / not reached (median 0.50)")
+    assert table["| copa", "hy"][0] == "-0.025 ± 0.025 (0↑ 1= 1↓)"
+    assert table["| copa", "hy"][1] == "not run"
+    assert table["| copa", "hy"][2].startswith("0.33 / 1.00 (median 0.67)")
+
+
+def test_a_baseline_that_is_no_cells_label_fails_the_check():
+    grid = {"reference": "fo", "baselines": ["fo", "ful"], "base": {},
+            "cells": {c: {"label": c, "method": "fo-peft", "tasks": ["cb"], "seeds": [0]} for c in ("fo", "full")}}
+    with pytest.raises(SystemExit, match="'ful' is not a cell's label"):
+        grid_module.check(grid)
