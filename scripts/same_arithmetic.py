@@ -1,6 +1,6 @@
 """Does a change to ``src/`` leave a run's arithmetic alone? Run the same short runs on two commits.
 
-    python scripts/same_arithmetic.py OLD_COMMIT [--new HEAD] [--steps 8] [--cases study]
+    python scripts/same_arithmetic.py OLD_COMMIT [--new COMMIT] [--steps 8] [--only NAME]
 
 Each side gets its own git worktree (the working tree itself for ``--new .``) and its own empty
 ``$HYFT_CACHE``, so the default model is converted by that side's code; the converted models are
@@ -44,6 +44,14 @@ def checkout(commit: str, where: Path) -> Path:
         return ROOT
     if not where.exists():
         subprocess.run(["git", "worktree", "add", "--detach", str(where), commit], cwd=ROOT, check=True)
+
+    def rev(tree: Path, name: str) -> str:
+        return subprocess.run(
+            ["git", "rev-parse", f"{name}^{{commit}}"], cwd=tree, check=True, capture_output=True, text=True
+        ).stdout.strip()
+
+    if rev(where, "HEAD") != rev(ROOT, commit):
+        raise SystemExit(f"{where} holds another commit than {commit}: remove it (git worktree remove {where})")
     return where
 
 
