@@ -5,7 +5,7 @@
 Each side gets its own git worktree (the working tree itself for ``--new .``) and its own empty
 ``$HYFT_CACHE``, so the default model is converted by that side's code; the converted models are
 compared (safetensors tensor by tensor, as its header's key order may differ; other files byte for
-byte). Then every case (a ``hyft train`` command line: the study's cells shortened to a few steps) runs
+byte). Then every case (a study cell's recorded ``hyft train`` command, shortened to a few steps) runs
 on both sides on this host, and their per-step losses, ZO coefficients, dev accuracies and test accuracy
 are compared exactly. Only the same host gives the same rounding: run both sides here.
 Prints one line per comparison and exits 1 if any differs; a JSON summary goes to ``--out``/summary.json.
@@ -22,19 +22,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hyft.rundir import read_jsonl
+
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "study" / "results.jsonl"
+# Recorded study cells, one per method, and the other tasks' scoring paths (COPA: two continuations on
+# their own tokens; CB: three candidates); each runs its recorded command with SHORT's flags after it.
+CELLS = (
+    "sst2-fo-peft-s0",
+    "sst2-fo-full-s0",
+    "sst2-zo-full-s0",
+    "sst2-hybrid-s0",
+    "sst2-hybrid-new-s0",
+    "copa-hybrid-new-s0",
+    "cb-hybrid-s0",
+)
 SHORT = "--batch-size 8 --eval-every {half} --eval-dev-examples 60 --num-test 60 --checkpoint-every 0"
-# The study's cell settings (configs/study.yaml after tuning), one per method, and the other tasks'
-# scoring paths (COPA: two continuations on their own tokens; CB: three candidates).
-STUDY = {
-    "sst2-fo-peft": "--method fo-peft --lr-fo 0.001 --task sst2 --zero-shot",
-    "sst2-fo-full": "--method fo-full --lr-fo 3e-05 --task sst2",
-    "sst2-zo-full": "--method zo-full --zo-dist gaussian --eps 0.001 --lr-zo 1e-05 --task sst2",
-    "sst2-hybrid": "--method hybrid --no-fused --zo-dist gaussian --eps 0.001 --lr-fo 0.001 --lr-zo 1e-06 --task sst2",
-    "sst2-hybrid-new": "--method hybrid --eps 0.001 --lr-fo 0.001 --zo-mask sensitivity --lr-zo 1e-05 --task sst2",
-    "copa-hybrid-new": "--method hybrid --eps 0.001 --lr-fo 0.001 --zo-mask sensitivity --lr-zo 1e-05 --task copa",
-    "cb-hybrid": "--method hybrid --no-fused --zo-dist gaussian --eps 0.001 --lr-fo 0.001 --lr-zo 1e-06 --task cb",
-}
 FIELDS = ("loss", "zo_coef", "dev_accuracy")
 
 
@@ -55,7 +58,14 @@ def checkout(commit: str, where: Path) -> Path:
     return where
 
 
-def run(tree: Path, cache: Path, name: str, args: str, steps: int, out: Path) -> dict:
+def cell_args(record: dict) -> list[str]:
+    """A results record's ``hyft train`` flags without its output directory."""
+    args = shlex.split(record["command"])[2:]
+    i = args.index("--out")
+    return args[:i] + args[i + 2 :]
+
+
+def run(tree: Path, cache: Path, name: str, args: list[str], steps: int, out: Path) -> dict:
     """One shortened run on ``tree``'s code; its compared numbers (step → field → value) and test accuracy."""
     run_dir = out / name
     cmd = [
@@ -67,14 +77,14 @@ def run(tree: Path, cache: Path, name: str, args: str, steps: int, out: Path) ->
         "--overwrite",
         "--out",
         str(run_dir),
+        *args,  # argparse keeps a flag's last value: the shortening below wins
         "--steps",
         str(steps),
         *shlex.split(SHORT.format(half=max(1, steps // 2))),
-        *shlex.split(args),
     ]
     env = {**os.environ, "PYTHONPATH": str(tree / "src"), "HYFT_CACHE": str(cache)}
     subprocess.run(cmd, env=env, cwd=tree, check=True, stdout=subprocess.DEVNULL)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     numbers = {f"{r['step']}:{k}": r[k] for r in rows for k in FIELDS if k in r}
     results = json.loads((run_dir / "results.json").read_text())
     for key in ("test_accuracy", "zero_shot_test_accuracy", "best_dev_accuracy"):
@@ -122,9 +132,11 @@ def main() -> int:
     caches = {s: a.out / f"cache-{s}" for s in sides}
     summary: dict = {"old": a.old, "new": a.new, "steps": a.steps, "cases": {}}
     ok = True
-    for name, args in STUDY.items():
+    records = {r["name"]: r for r in read_jsonl(RESULTS)}
+    for name in CELLS:
         if a.only not in name:
             continue
+        args = cell_args(records[name])
         got = {s: run(trees[s], caches[s], f"{name}-{s}", args, a.steps, a.out) for s in sides}
         diff = sorted(k for k in got["old"].keys() | got["new"].keys() if got["old"].get(k) != got["new"].get(k))
         summary["cases"][name] = {"compared": len(got["old"]), "differ": diff, "new": got["new"]}
