@@ -13,10 +13,10 @@ import torch
 
 from hyft.config import RunConfig
 from hyft.methods import METHODS, Objective
+from hyft.methods.params import prepare
 from hyft.models import load_model
-from hyft.params import prepare
-from hyft.sampler import EpochSampler
 from hyft.tasks import get_task, sample_splits
+from hyft.training.sampler import EpochSampler
 
 
 def moved(dtype: str, compensate: bool, steps: int, lr: float, batch: int, rounding: str = "nearest"

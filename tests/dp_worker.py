@@ -11,7 +11,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from hyft.config import RunConfig
-from hyft.trainer import Trainer
+from hyft.training.loop import Trainer
 
 METHODS = ("hybrid", "zo-full", "fo-peft")
 

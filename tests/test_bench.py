@@ -11,13 +11,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from hyft import noise
-from hyft.bench import ROWS, run_bench
-from hyft.bench.report import targets
-from hyft.bench.rows import fixed_batch
 from hyft.config import RunConfig
-from hyft.params import prepare
-from hyft.zo import select_params
+from hyft.engine import noise
+from hyft.engine.zo import select_params
+from hyft.methods.params import prepare
+from hyft.tools.bench import ROWS, run_bench
+from hyft.tools.bench.report import targets
+from hyft.tools.bench.rows import fixed_batch
 
 
 @pytest.fixture(scope="module")

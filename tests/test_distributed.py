@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 from hyft.cli import main
 from hyft.config import RunConfig
 from hyft.distributed import Communicator, buckets, fingerprint
+from hyft.engine.zo import canonical_name
 from hyft.errors import HyftError
 from hyft.rundir import read_jsonl
-from hyft.trainer import Trainer
-from hyft.zo import canonical_name
+from hyft.training.loop import Trainer
 from tests.dp_worker import METHODS, config
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -167,7 +167,7 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_dir, tmp
 
 def test_a_short_last_batch_that_cannot_be_split_is_refused_before_training(tiny_dir, tmp_path, monkeypatch):
     """21 examples in batches of 4 leave a last batch of 1 each epoch: 2 processes refuse it at the start."""
-    import hyft.trainer as trainer_module
+    import hyft.training.loop as trainer_module
 
     class TwoRanks(Communicator):
         rank, world = 0, 2

@@ -8,8 +8,8 @@ import torch
 
 from hyft.config import RunConfig
 from hyft.methods import METHODS, Objective
-from hyft.methods.base import dropout_active
-from hyft.params import prepare
+from hyft.methods.base import train_mode_is_eval_mode
+from hyft.methods.params import prepare
 from tests.conftest import tiny_model
 
 
@@ -46,7 +46,9 @@ def test_hybrid_step_order_and_modes(estimator, tokenizer, examples):
     phi_before = torch.cat([p.detach().flatten() for _, p in groups.fo]).clone()
     method.step(examples, 0)
     calls = method.objective.calls
-    first, spsa = calls[0], calls[1:]
+    k = next(i for i, (_, grad, _) in enumerate(calls) if grad)  # before it: the one-time dropout measurement
+    assert k in (0, 2) and all(not grad for _, grad, _ in calls[:k])
+    first, spsa = calls[k], calls[k + 1:]
     assert first[0] and first[1]  # train mode, grad on: the FO pass
     assert len(spsa) == 2  # two-sided: L(θ+εz), L(θ−εz); one-sided under dropout: L(θ+εz), L(θ) in eval mode
     for training, grad, phi in spsa:
@@ -73,11 +75,25 @@ def test_one_sided_without_dropout_reuses_the_first_order_loss(tokenizer, exampl
     """Without dropout the train-mode loss is L(θ), so the one-sided step costs one forward less."""
     method, _ = hybrid(tokenizer, "one-sided", lr=0.1, dropout=0.0)
     method.step(examples, 0)
-    assert len(method.objective.calls) == 2  # the FO pass and L(θ+εz)
+    assert len(method.objective.calls) == 2 + 2  # dropout measured once (train, eval), the FO pass and L(θ+εz)
+    method.step(examples, 1)
+    assert len(method.objective.calls) == 4 + 2  # measured once only
 
 
-def test_dropout_is_detected_in_modules_and_configs(tokenizer):
-    assert not dropout_active(tiny_model("llama", len(tokenizer)))
-    assert dropout_active(tiny_model("opt", len(tokenizer), dropout=0.1))  # functional dropout read from config
-    lora, _ = prepare(tiny_model("llama", len(tokenizer)), RunConfig(method="hybrid", lora_dropout=0.1))
-    assert dropout_active(lora)  # peft's lora_dropout module
+def test_dropout_is_measured_not_read_from_a_list(tokenizer, examples):
+    """Train mode against eval mode on one batch: dropout modules, functional dropout read from a config,
+    and layerdrop (which no list of dropout names covered) are all found; the RNG stream is left as it was."""
+    def measured(model):
+        objective = Objective(model, tokenizer, RunConfig(method="hybrid"))
+        state = torch.get_rng_state()
+        result = train_mode_is_eval_mode(model, objective, objective.encode(examples[:4]))
+        assert torch.equal(torch.get_rng_state(), state)
+        return result
+
+    assert measured(tiny_model("llama", len(tokenizer)))
+    assert not measured(tiny_model("opt", len(tokenizer), dropout=0.1))  # functional dropout read from config
+    lora, _ = prepare(tiny_model("llama", len(tokenizer)), RunConfig(method="hybrid", lora_dropout=0.5))
+    assert not measured(lora)  # peft's lora_dropout module
+    layerdrop = tiny_model("opt", len(tokenizer), dropout=0.0)
+    layerdrop.model.decoder.layerdrop = 0.9  # OPT drops whole decoder layers in train mode (no nn.Dropout)
+    assert not measured(layerdrop)

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 
 import hyft
 from hyft.errors import HyftError
-from hyft.replay import replay
+from hyft.tools.replay import replay
 
 
 def dataset(tokenizer, n: int = 16) -> list[dict]:

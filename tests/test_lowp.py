@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyft import zmath
 from hyft.config import RunConfig
+from hyft.engine import zmath
+from hyft.engine.zo import ZOEngine
 from hyft.methods import METHODS, Objective
-from hyft.params import prepare
-from hyft.snapshots import BaseSnapshots, rebuild
-from hyft.zo import ZOEngine
+from hyft.methods.params import prepare
+from hyft.training.snapshots import BaseSnapshots, rebuild
 from tests.conftest import tiny_model
 
 

@@ -11,10 +11,10 @@ import torch
 from hyft.config import RunConfig
 from hyft.errors import HyftError
 from hyft.methods import Objective, base
-from hyft.params import prepare
-from hyft.scoring import Pieces, encode, encode_pieces
+from hyft.methods.params import prepare
 from hyft.tasks import Example
-from hyft.trainer import Trainer
+from hyft.tasks.scoring import Pieces, encode, encode_pieces
+from hyft.training.loop import Trainer
 from tests.conftest import tiny_model
 from tests.test_trainer import tiny_config
 

@@ -12,12 +12,12 @@ import torch
 
 from hyft.config import RunConfig
 from hyft.errors import HyftError
-from hyft.export import export
 from hyft.methods import METHODS
-from hyft.params import prepare
-from hyft.scoring import candidate_scores, encode, padding_for
+from hyft.methods.params import prepare
 from hyft.tasks import get_task, sample_splits
-from hyft.trainer import Interrupted, Trainer
+from hyft.tasks.scoring import candidate_scores, encode, padding_for
+from hyft.tools.export import export
+from hyft.training.loop import Interrupted, Trainer
 from tests.conftest import tiny_model
 
 TYPES = ["lora", "ia3", "loha", "lokr", "prefix", "prompt"]

@@ -10,8 +10,8 @@ import torch
 
 from hyft.config import RunConfig
 from hyft.methods import METHODS, Objective
-from hyft.params import prepare
-from hyft.probe import fo_direction, probe
+from hyft.methods.params import prepare
+from hyft.training.probe import fo_direction, probe
 from tests.conftest import tiny_model
 
 

@@ -14,7 +14,7 @@ from hyft.errors import HyftError
 from hyft.methods import METHODS, MethodSpec
 from hyft.methods.base import Method, StepStats, finite
 from hyft.methods.hybrid import Hybrid
-from hyft.trainer import Interrupted, Trainer
+from hyft.training.loop import Interrupted, Trainer
 
 
 class SignDescent(Method):

@@ -15,11 +15,11 @@ import yaml
 from hyft.cli import main
 from hyft.config import RunConfig
 from hyft.errors import HyftError
-from hyft.evaluate import evaluate
 from hyft.models import load_model
-from hyft.scoring import candidate_scores, encode
 from hyft.tasks import get_task, sample_splits
-from hyft.trainer import Trainer
+from hyft.tasks.evaluate import evaluate
+from hyft.tasks.scoring import candidate_scores, encode
+from hyft.training.loop import Trainer
 
 REVIEWS = [("a wonderful film", 1), ("a boring mess", 0), ("it was great fun", 1), ("terrible acting", 0)] * 6
 
@@ -129,7 +129,7 @@ def test_export_of_unfinished_run_is_refused(tmp_path):
     (tmp_path / "run").mkdir()
     RunConfig().to_yaml(tmp_path / "run" / "config.yaml")
     with pytest.raises(HyftError, match="has not finished"):
-        from hyft.export import export
+        from hyft.tools.export import export
 
         export(tmp_path / "run", tmp_path / "out")
 

@@ -9,8 +9,8 @@ import pytest
 
 from hyft.config import RunConfig
 from hyft.errors import HyftError
-from hyft.reporting import reporter
-from hyft.trainer import Trainer
+from hyft.training.loop import Trainer
+from hyft.training.reporting import reporter
 
 
 def test_tensorboard_events_hold_the_metrics_rows(tiny_dir, tmp_path):

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hyft.evaluate import evaluate
-from hyft.scoring import accuracy, candidate_scores, classification_loss, encode, lm_loss, token_logprobs
+from hyft.tasks.evaluate import evaluate
+from hyft.tasks.scoring import accuracy, candidate_scores, classification_loss, encode, lm_loss, token_logprobs
 
 
 def hand_logprob(model, tokenizer, context: str, continuation: str) -> tuple[float, int]:

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from hyft.config import RunConfig
+from hyft.engine.zo import ZOEngine
 from hyft.errors import HyftError
 from hyft.methods.zo import ZerothOrder
-from hyft.trainer import Interrupted, Trainer
-from hyft.zo import ZOEngine
+from hyft.training.loop import Interrupted, Trainer
 
 
 def config(tiny_dir: str, **overrides) -> RunConfig:
@@ -102,7 +102,7 @@ def test_logs_of_another_scheme_are_refused_and_other_devices_noted(tiny_dir, tm
     header["header"]["device"] = "cuda"
     log.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
     notes = []
-    from hyft.replay import replay
+    from hyft.tools.replay import replay
 
     replay(tiny_dir, log, upto=2, log=notes.append)
     assert any("written on cuda" in n for n in notes)

@@ -7,16 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyft import masks
 from hyft.config import RunConfig
+from hyft.engine import masks
+from hyft.engine.estimators import mean, normalized
+from hyft.engine.sparse import SparseEngine
+from hyft.engine.zo import ZOEngine, select_params
 from hyft.errors import HyftError
-from hyft.estimators import mean, normalized
 from hyft.methods import METHODS, Objective
-from hyft.params import prepare
-from hyft.replay import replay
-from hyft.sparse import SparseEngine
-from hyft.trainer import Trainer
-from hyft.zo import ZOEngine, select_params
+from hyft.methods.params import prepare
+from hyft.tools.replay import replay
+from hyft.training.loop import Trainer
 from tests.conftest import tiny_model
 
 ONE_TENSOR = r"layers\.0\.self_attn\.k_proj\.weight$"  # 512 weights in the tiny Llama
@@ -90,7 +90,7 @@ def test_sparse_perturbation_is_exact_and_matches_the_dense_direction(dtype, tok
     sparse.shift_(7, 1e-2)
     sparse.shift_(7, -2e-2)
     assert torch.equal(sparse._saved[3], before[3].flatten())
-    from hyft.zo import ZOUpdate
+    from hyft.engine.zo import ZOUpdate
 
     sparse.update(ZOUpdate(0, 7, 0.0, 0.0, shifts=(1e-2, -2e-2, 1e-2)))
     for (_, p), b in zip(params, before, strict=True):

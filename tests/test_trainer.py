@@ -12,14 +12,14 @@ from transformers import AutoModelForCausalLM
 
 from hyft.cli import main
 from hyft.config import RunConfig
+from hyft.engine.zo import canonical_name
 from hyft.methods import METHODS, Objective
-from hyft.params import prepare
-from hyft.replay import replay
-from hyft.sampler import EpochSampler
-from hyft.scoring import candidate_scores, encode
+from hyft.methods.params import prepare
 from hyft.tasks import get_task, sample_splits
-from hyft.trainer import Trainer
-from hyft.zo import canonical_name
+from hyft.tasks.scoring import candidate_scores, encode
+from hyft.tools.replay import replay
+from hyft.training.loop import Trainer
+from hyft.training.sampler import EpochSampler
 from tests.conftest import tiny_model
 
 

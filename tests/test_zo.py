@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from hyft import noise, zmath
 from hyft.config import RunConfig
+from hyft.engine import noise, zmath
+from hyft.engine.zo import ZOEngine, ZOUpdate, select_params
 from hyft.methods import METHODS, Objective
-from hyft.params import prepare
-from hyft.scoring import candidate_scores, classification_loss, encode
-from hyft.zo import ZOEngine, ZOUpdate, select_params
+from hyft.methods.params import prepare
+from hyft.tasks.scoring import candidate_scores, classification_loss, encode
 from tests.conftest import tiny_model
 
 
@@ -121,7 +121,7 @@ def test_zo_step_with_zero_learning_rate_is_exact(method, dtype, tokenizer, exam
 def test_tied_embedding_is_streamed_and_perturbed_once_consistently(arch, tokenizer, examples, monkeypatch):
     """The tied embedding/LM head is never made whole, and the perturbed forward equals the forward of a
     copy whose every weight (the tied one once) is set to θ + εz."""
-    from hyft import zo
+    from hyft.engine import zo
 
     model = tiny_model(arch, len(tokenizer))
     tied = model.get_input_embeddings().weight
@@ -262,7 +262,7 @@ def test_streamed_perturbation_and_update_match_the_formula(dtype):
 
 def test_lookahead_batching_does_not_change_the_perturbed_forward(tokenizer, examples, monkeypatch):
     """Temporaries made one module at a time or many at once give bitwise the same scores."""
-    from hyft import zo
+    from hyft.engine import zo
 
     model = tiny_model("llama", len(tokenizer))
     engine = ZOEngine(model, select_params(model))
@@ -283,7 +283,7 @@ def test_streamed_layers_bound_every_temporary(arch, tied, dropout, tokenizer, e
     """With a small lookahead budget every plain embedding and large linear layer (untied Llama head, OPT
     with biases and dropout) is streamed: no temporary of theirs exceeds the budget (other modules' weights
     are made whole), and the perturbed forward equals the forward of a copy with all weights at θ + εz."""
-    from hyft import zo
+    from hyft.engine import zo
 
     model = tiny_model(arch, len(tokenizer), tied=tied, dropout=dropout)
     budget = 2 * model.get_input_embeddings().weight.shape[1] * 8  # a few rows; smaller than any vocab matrix

@@ -1,9 +1,9 @@
 """hyft: hybrid fine-tuning — zeroth-order updates on the base model, first-order updates on a PEFT module."""
 
 from hyft.errors import HyftError
-from hyft.evaluate import EvalResult, evaluate
 from hyft.models import DEFAULT_MODEL, load_model
 from hyft.tasks import Example, get_task, sample_splits
+from hyft.tasks.evaluate import EvalResult, evaluate
 
 __version__ = "0.1.0"
 
@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     """``hyft.HybridTrainer`` / ``hyft.HybridArguments``, imported on first use (transformers' Trainer is heavy)."""
     if name in ("HybridTrainer", "HybridArguments"):
-        from hyft import hf
+        from hyft.integrations import hf
 
         return getattr(hf, name)
     raise AttributeError(f"module 'hyft' has no attribute {name!r}")

@@ -32,9 +32,9 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from hyft.evaluate import evaluate
     from hyft.models import load_model
     from hyft.tasks import get_task, sample_splits
+    from hyft.tasks.evaluate import evaluate
 
     if args.batch_size <= 0 or args.num_test <= 0 or (args.num_eval is not None and args.num_eval <= 0):
         raise HyftError("--batch-size, --num-test and --num-eval must be positive")
@@ -64,7 +64,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hyft.trainer import train
+    from hyft.training.loop import train
 
     if args.resume and (args.config or args.out or args.overwrite):
         raise HyftError("--resume takes the run's own config.yaml; drop --config/--out/--overwrite")
@@ -79,6 +79,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                     resume=bool(args.resume))
     if int(os.environ.get("RANK", "0")) != 0:  # data parallel: rank 0 reports
         return 0
+    from hyft.tools.plot import plot_run
+
+    plot_run(Path(out))  # the run's curves (plot.png), beside its metrics
     zero_shot = results["zero_shot_test_accuracy"]
     if zero_shot is not None:
         print(f"zero-shot test accuracy: {zero_shot:.4f}")
@@ -91,11 +94,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     from hyft.methods import Objective
+    from hyft.methods.params import prepare
     from hyft.models import load_model
-    from hyft.params import prepare
-    from hyft.probe import probe_run
     from hyft.tasks import get_task, sample_splits
-    from hyft.trainer import resolve_device
+    from hyft.training.loop import resolve_device
+    from hyft.training.probe import probe_run
 
     values = RunConfig.from_yaml(args.config).to_dict() if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k in CONFIG_KEYS})
@@ -115,7 +118,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from hyft.replay import replay
+    from hyft.tools.replay import replay
 
     replay(args.model, args.log, args.out, upto=args.upto, dtype=args.dtype, device=args.device,
            snapshots=args.snapshots)
@@ -124,7 +127,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from hyft.export import export
+    from hyft.tools.export import export
 
     out = export(args.run, args.out, merge=args.merge)
     print(f"exported {args.run} to {out}" + (" (merged)" if args.merge else ""))
@@ -132,7 +135,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from hyft.plot import plot_runs
+    from hyft.tools.plot import plot_runs
 
     runs = [Path(r) for r in args.runs]
     for run in runs:
@@ -143,7 +146,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from hyft.bench import ROWS, run_bench
+    from hyft.tools.bench import ROWS, run_bench
 
     unknown = [r for r in args.rows or [] if r not in ROWS]
     if unknown:
@@ -151,7 +154,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results = run_bench(args.model, args.batch_size, args.seq_len, args.rows, args.repeats, args.warmup,
                         args.dtype, args.device, memory=not args.no_memory, out=args.out, sweeps=args.sweeps,
                         launches=args.launches)
-    from hyft.bench.report import markdown
+    from hyft.tools.bench.report import markdown
 
     print(markdown(results))
     return 0

@@ -5,23 +5,18 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
+from hyft.engine.zoconfig import ZOConfig
 from hyft.errors import HyftError
-from hyft.estimators import ESTIMATORS
 from hyft.files import read_mapping
-from hyft.masks import MASKS
-
-if TYPE_CHECKING:
-    from hyft.methods import MethodSpec
+from hyft.methods import METHODS, MethodSpec
 
 
 def methods() -> dict[str, MethodSpec]:
-    """The method registry (imported late: methods import this module)."""
-    from hyft.methods import METHODS
-
+    """The method registry (config sits above the methods: it validates against every registry)."""
     return METHODS
 
 
@@ -149,19 +144,13 @@ class RunConfig:
             (self.report_to in ("none", "tensorboard", "wandb"), "report_to must be none, tensorboard or wandb"),
             (self.lr_fo >= 0, "lr_fo must be >= 0"),
             (self.lr_zo >= 0, "lr_zo must be >= 0"),
-            (self.eps > 0, "eps must be > 0"),
             (self.weight_decay_fo >= 0 and self.weight_decay_zo >= 0, "weight decay must be >= 0"),
             (self.warmup_fo >= 0 and self.warmup_zo >= 0, "warmup must be >= 0"),
             (self.schedule_fo in SCHEDULES and self.schedule_zo in SCHEDULES, f"schedule: {', '.join(SCHEDULES)}"),
             (self.optimizer_fo in ("sgd", "adamw"), "optimizer_fo must be sgd or adamw"),
-            (self.estimator in ("two-sided", "one-sided"), "estimator must be two-sided or one-sided"),
-            (self.zo_dist in ("gaussian", "rademacher"), "zo_dist must be gaussian or rademacher"),
-            (self.zo_q >= 1, "zo_q must be >= 1"),
-            (self.zo_combine in ESTIMATORS, f"zo_combine must be one of {', '.join(ESTIMATORS)}"),
+            *[(False, problem) for problem in self.zo.problems()],
             (self.zo_combine != "normalized" or self.zo_q >= 2, "zo_combine normalized needs zo_q >= 2"),
-            (self.zo_mask in (None, *MASKS), f"zo_mask must be one of {', '.join(MASKS)}"),
             (0 < self.zo_density <= 1, "zo_density must be in (0, 1]"),
-            (self.zo_rounding in ("nearest", "stochastic"), "zo_rounding must be nearest or stochastic"),
             (self.zo_rounding == "nearest" or self.dtype != "float16",
              "zo_rounding stochastic needs bfloat16 (or float32, where it changes nothing), not float16"),
             (self.zo_rounding == "nearest" or not self.zo_mask, "zo_rounding stochastic does not support zo_mask"),
@@ -178,6 +167,13 @@ class RunConfig:
             if not ok:
                 raise HyftError(f"bad config value: {message}")
         return self
+
+    @property
+    def zo(self) -> ZOConfig:
+        """The ZO half of this config: the ZO log's header, and what replay reads back."""
+        return ZOConfig(eps=self.eps, dist=self.zo_dist, estimator=self.estimator, q=self.zo_q,
+                        combine=self.zo_combine, mask=self.zo_mask, density=self.zo_density if self.zo_mask else None,
+                        compensate=self.zo_compensate, rounding=self.zo_rounding, params=self.zo_params)
 
     @property
     def spec(self) -> MethodSpec:

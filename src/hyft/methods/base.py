@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from hyft.config import RunConfig
 from hyft.distributed import Communicator
-from hyft.engines import Engine, make_engine
-from hyft.estimators import ESTIMATORS
-from hyft.params import ParamGroups
-from hyft.schedule import lr_at
-from hyft.scoring import (
+from hyft.engine.estimators import ESTIMATORS
+from hyft.engine.factory import Engine, make_engine
+from hyft.engine.zo import ZOUpdate
+from hyft.methods.params import ParamGroups
+from hyft.methods.schedule import lr_at
+from hyft.seeds import derive_seed
+from hyft.tasks.base import Example
+from hyft.tasks.scoring import (
     Batch,
     Encoded,
     Pieces,
@@ -30,8 +32,9 @@ from hyft.scoring import (
     lm_loss,
     padding_for,
 )
-from hyft.tasks.base import Example
-from hyft.zo import ZOUpdate
+
+if TYPE_CHECKING:
+    from hyft.config import RunConfig
 
 
 class Objective:
@@ -85,26 +88,53 @@ class StepStats:
     skipped: bool = False  # a non-finite loss or coefficient: no update was applied
 
 
+Rates = Callable[[str, int], float]  # (group "fo" | "zo", step) -> learning rate
+
+
 class Method(ABC):
-    """An update rule: built from (model, groups, objective, config); ``step`` turns a batch into an update."""
+    """An update rule: built from (model, groups, objective, config); ``step`` turns a batch into an update.
+
+    It is the only code that perturbs, estimates and updates: the CLI's training loop, ``HybridTrainer``,
+    ``hyft probe`` and ``hyft bench`` all call it. Two things can come from outside: ``rates`` (the learning
+    rate of each group at a step; default: the config's schedules) and, with ``external_fo``, the optimizer
+    of φ (``HybridTrainer``: the Trainer's optimizer steps φ from the gradients this step leaves).
+    """
 
     name: str
 
     def __init__(self, model: nn.Module, groups: ParamGroups, objective: Objective, config: RunConfig, total: int,
-                 mask: list[Tensor] | None = None, comm: Communicator | None = None):
+                 mask: list[Tensor] | None = None, comm: Communicator | None = None, rates: Rates | None = None,
+                 external_fo: bool = False):
         self.model, self.groups, self.objective, self.config, self.total = model, groups, objective, config, total
         # losses are this rank's shard's: ``global_losses`` turns them into the global batch's
         self.comm = comm or Communicator()
         self.engine = build_engine(model, groups, config, mask)
-        # a loss from the train-mode (first-order) pass equals the eval-mode loss only without dropout
-        self.train_loss_is_eval_loss = not dropout_active(model)
-        self.optimizer = self._fo_optimizer() if groups.fo else None
+        self.rates = rates
+        # does a train-mode loss equal the eval-mode loss (no dropout)? measured on the first batch
+        self._deterministic: bool | None = None
+        self._batch: Encoded | None = None  # the batch of the current step
+        self.optimizer = self._fo_optimizer() if groups.fo and not external_fo else None
         # ZO direction seeds only; derived from the run seed, so every rank draws the same directions
-        self.seeds = torch.Generator().manual_seed(config.seed * 1_000_003 + 17)
+        self.seeds = torch.Generator().manual_seed(derive_seed(config.seed, "directions"))
+
+    def step(self, examples: Sequence[Example], step: int) -> StepStats:
+        """One update from one minibatch (this rank's shard of it)."""
+        self._batch = batch = self.objective.encode(examples)
+        if self.engine is not None:
+            _ = self.train_loss_is_eval_loss  # measured before the step's first forward, once per run
+        return self.update(batch, step)
 
     @abstractmethod
-    def step(self, examples: Sequence[Example], step: int) -> StepStats:
-        """One update from one minibatch."""
+    def update(self, batch: Encoded, step: int) -> StepStats:
+        """The update rule on an encoded minibatch."""
+
+    @property
+    def train_loss_is_eval_loss(self) -> bool:
+        """A train-mode loss is the eval-mode loss (no dropout), so it can be an SPSA point; measured once."""
+        if self._deterministic is None:  # every rank must agree: one decides "random" for all
+            random = not train_mode_is_eval_mode(self.model, self.objective, self._batch)
+            self._deterministic = self.comm.max(int(random)) == 0
+        return self._deterministic
 
     # --- the pieces a step is made of -------------------------------------------------------------
     def _fo_optimizer(self) -> torch.optim.Optimizer:
@@ -115,9 +145,13 @@ class Method(ABC):
         return torch.optim.SGD(params, lr=c.lr_fo, momentum=c.momentum_fo, weight_decay=c.weight_decay_fo)
 
     def lr_fo(self, step: int) -> float:
+        if self.rates is not None:
+            return self.rates("fo", step)
         return lr_at(self.config.lr_fo, self.config.schedule_fo, step, self.total, self.config.warmup_fo)
 
     def lr_zo(self, step: int) -> float:
+        if self.rates is not None:
+            return self.rates("zo", step)
         return lr_at(self.config.lr_zo, self.config.schedule_zo, step, self.total, self.config.warmup_zo)
 
     def next_seed(self) -> int:
@@ -180,8 +214,10 @@ class Method(ABC):
         return list(zip(seeds, coefs, strict=True)), gs[0], sum(losses) / len(losses)
 
     def fo_update(self, step: int) -> float:
-        """φ ← optimizer step with this step's FO learning rate (gradients averaged over ranks); returns the rate."""
-        assert self.optimizer is not None
+        """φ ← optimizer step with this step's FO learning rate (gradients averaged over ranks); returns the rate.
+        With an external optimizer the gradients are left for it."""
+        if self.optimizer is None:
+            return self.lr_fo(step)
         self.comm.average_grads([p for _, p in self.groups.fo])
         lr = self.lr_fo(step)
         for group in self.optimizer.param_groups:
@@ -199,12 +235,20 @@ class Method(ABC):
         self.engine.update(update)
         return update
 
+    def restore(self, seed: int, step: int, shifts: tuple[float, ...]) -> ZOUpdate:
+        """Undo in-place shifts and nothing else (a skipped step: no learning rate, no weight decay)."""
+        assert self.engine is not None
+        update = ZOUpdate(step, seed, 0.0, lr=0.0, weight_decay=0.0, shifts=shifts)
+        self.engine.update(update)
+        return update
+
     def zo_updates(self, directions: list[tuple[int, float]], step: int) -> list[ZOUpdate]:
         return [self.zo_update(seed, coef, step) for seed, coef in directions]
 
     def discard_grads(self) -> None:
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
+        """A skipped step: φ's gradients are dropped, so no optimizer (ours or a Trainer's) moves φ."""
+        for _, p in self.groups.fo:
+            p.grad = None
 
     # --- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -224,21 +268,31 @@ def build_engine(model: nn.Module, groups: ParamGroups, config: RunConfig, mask:
     """The ZO engine of a run's ZO group (None without one), with the SPSA points the updates follow."""
     if not groups.zo:
         return None
-    return make_engine(model, groups.zo, config.zo_dist, config.eps, config.estimator == "two-sided",
-                       config.zo_compensate, mask, config.zo_rounding)
+    return make_engine(model, groups.zo, config.zo, mask)
 
 
-DROPOUT_FIELDS = ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout", "resid_pdrop",
-                  "embd_pdrop", "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob")
-
-
-def dropout_active(model: nn.Module) -> bool:
-    """Does train mode make the forward random? Dropout modules (peft's lora_dropout, GPT-2) and the
-    functional dropouts that transformers models read from their config (OPT, Llama's attention)."""
+def train_mode_is_eval_mode(model: nn.Module, objective: Callable[[Encoded], Tensor], batch: Encoded) -> bool:
+    """Is the train-mode loss on ``batch`` bitwise the eval-mode loss? Measured, not read from a list of config
+    names (functional dropout, layerdrop and router jitter all show up); a dropout module with p > 0 counts
+    as random even where it changes nothing yet (peft's lora_dropout before LoRA's B leaves zero). Torch's
+    RNG is restored after, so the measurement changes no random stream."""
     if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
-        return True
-    configs = [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "to_dict")]
-    return any(isinstance(getattr(c, f, None), float) and getattr(c, f) > 0 for c in configs for f in DROPOUT_FIELDS)
+        return False
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.train()
+            train = objective(batch)
+            model.eval()
+            evaluated = objective(batch)
+        return bool(torch.equal(train, evaluated))
+    finally:
+        model.train(training)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def finite(*values: float | None) -> bool:

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from hyft.methods.base import Method, StepStats, finite
-from hyft.tasks.base import Example
+from hyft.tasks.scoring import Encoded
 
 
 class FirstOrder(Method):
     name = "fo"
 
-    def step(self, examples: Sequence[Example], step: int) -> StepStats:
-        batch = self.objective.encode(examples)
+    def update(self, batch: Encoded, step: int) -> StepStats:
         (loss,) = self.global_losses(self.loss_with_grad(batch).item(), group="fo")
         if not finite(loss):
             self.discard_grads()

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from hyft.methods.base import Method, StepStats, finite
-from hyft.tasks.base import Example
+from hyft.tasks.scoring import Encoded
 
 
 class Hybrid(Method):
@@ -16,11 +14,10 @@ class Hybrid(Method):
         """The fused form needs the backward pass to be an SPSA point: one direction, two-sided, no dropout
         (its train-mode loss is the eval-mode loss), and float32 θ (in-place shifts replay exactly)."""
         c = self.config
-        return (c.fused and c.zo_q == 1 and c.estimator == "two-sided" and self.train_loss_is_eval_loss
-                and self.engine is not None and self.engine.can_shift)
+        return (c.fused and c.zo_q == 1 and c.estimator == "two-sided" and self.engine is not None
+                and self.engine.can_shift and self.train_loss_is_eval_loss)
 
-    def step(self, examples: Sequence[Example], step: int) -> StepStats:
-        batch = self.objective.encode(examples)
+    def update(self, batch: Encoded, step: int) -> StepStats:
         return self.fused_step(batch, step) if self.fused else self.separate_step(batch, step)
 
     def fused_step(self, batch, step: int) -> StepStats:
@@ -36,7 +33,7 @@ class Hybrid(Method):
         g = (plus - minus) / (2 * eps)
         if not finite(plus, minus, g):                           # θ is still shifted: restore it, no step
             self.discard_grads()
-            restore = self.zo_update(seed, 0.0, step, shifts=(eps, -2 * eps, eps))
+            restore = self.restore(seed, step, shifts=(eps, -2 * eps, eps))
             return StepStats(loss=(plus + minus) / 2, zo_coef=g, zo_updates=[restore], skipped=True)
         lr_fo = self.fo_update(step)                             # φ ← φ − η_fo ∇φ L
         update = self.zo_update(seed, g, step, shifts=(eps, -2 * eps, eps))  # θ ← θ + εz − η_zo (g z + λ θ)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from hyft.methods.base import Method, StepStats, finite
-from hyft.tasks.base import Example
+from hyft.tasks.scoring import Encoded
 
 
 class ZerothOrder(Method):
@@ -19,8 +17,7 @@ class ZerothOrder(Method):
         return c.fused and c.zo_q == 1 and c.estimator == "two-sided" and self.engine is not None \
             and self.engine.can_shift
 
-    def step(self, examples: Sequence[Example], step: int) -> StepStats:
-        batch = self.objective.encode(examples)
+    def update(self, batch: Encoded, step: int) -> StepStats:
         if self.in_place:
             return self.in_place_step(batch, step)
         directions, g, loss = self.estimate(batch)  # loss: L(θ) one-sided, mean of L(θ±εz) two-sided
@@ -38,6 +35,8 @@ class ZerothOrder(Method):
         minus = self.loss_eval(batch)                                # L(θ−εz)
         plus, minus = self.global_losses(plus, minus)
         g, loss = (plus - minus) / (2 * eps), (plus + minus) / 2
-        ok = finite(plus, minus, g)
-        update = self.zo_update(seed, g if ok else 0.0, step, shifts=(eps, -2 * eps, eps))  # θ + εz − η g z
-        return StepStats(loss=loss, lr_zo=update.lr if ok else None, zo_coef=g, zo_updates=[update], skipped=not ok)
+        shifts = (eps, -2 * eps, eps)
+        if not finite(plus, minus, g):                               # θ is still shifted: restore it, no step
+            return StepStats(loss=loss, zo_coef=g, zo_updates=[self.restore(seed, step, shifts)], skipped=True)
+        update = self.zo_update(seed, g, step, shifts=shifts)        # θ + εz − η (g z + λ θ)
+        return StepStats(loss=loss, lr_zo=update.lr, zo_coef=g, zo_updates=[update])

@@ -3,7 +3,7 @@ peak RSS on CPU (the whole process: runtime, weights, activations, temporaries; 
 to 256 KiB so that freed blocks are not counted), and
 ``torch.cuda.max_memory_allocated`` on CUDA.
 
-    python -m hyft.bench.memory ROW --model M --batch-size 16 --seq-len 64 [--steps 3]
+    python -m hyft.tools.bench.memory ROW --model M --batch-size 16 --seq-len 64 [--steps 3]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ MMAP_THRESHOLD = 256 * 1024  # bytes: allocations this large are mmap-ed, and un
 def measure(row: str, model: str, batch_size: int, seq_len: int, dtype: str, device: str,
             steps: int = 3) -> dict[str, float]:
     """Run ``steps`` steps of ``row`` in a subprocess and return its peaks in MB."""
-    cmd = [sys.executable, "-m", "hyft.bench.memory", row, "--model", model, "--batch-size", str(batch_size),
+    cmd = [sys.executable, "-m", "hyft.tools.bench.memory", row, "--model", model, "--batch-size", str(batch_size),
            "--seq-len", str(seq_len), "--dtype", dtype, "--device", device, "--steps", str(steps)]
     # glibc keeps freed blocks in its free lists, so without this the same row's peak RSS varied by ±300 MB
     # between runs; returning blocks of ≥ 256 KiB to the OS on free makes the peak the live peak
@@ -34,8 +34,8 @@ def measure(row: str, model: str, batch_size: int, seq_len: int, dtype: str, dev
 
 
 def main() -> None:
-    from hyft.bench.rows import build_row
     from hyft.memory import peak_memory_mb, peak_rss_mb
+    from hyft.tools.bench.rows import build_row
 
     p = argparse.ArgumentParser()
     p.add_argument("row")

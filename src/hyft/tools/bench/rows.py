@@ -11,15 +11,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hyft import masks, noise
-from hyft.bench.mezo import MeZOReference
-from hyft.bench.timing import SplitTimer
 from hyft.config import RunConfig
+from hyft.engine import masks, noise
+from hyft.engine.zo import ZOEngine
 from hyft.methods import Objective
+from hyft.methods.params import prepare
 from hyft.models import load_model
-from hyft.params import prepare
-from hyft.scoring import Batch
-from hyft.zo import ZOEngine
+from hyft.tasks.scoring import Batch
+from hyft.tools.bench.mezo import MeZOReference
+from hyft.tools.bench.timing import SplitTimer
 
 # row -> (label, RunConfig overrides); "forward" and "mezo" are not hyft methods
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peft import PEFT_TYPE_TO_CONFIG_MAPPING, PeftConfig, get_peft_model
 from torch import nn
 
-from hyft.config import RunConfig
+from hyft.engine.zo import select_params
 from hyft.errors import HyftError
 from hyft.files import read_mapping
-from hyft.zo import select_params
+
+if TYPE_CHECKING:
+    from hyft.config import RunConfig
 
 NamedParams = list[tuple[str, nn.Parameter]]
 
@@ -61,8 +63,8 @@ def peft_config(config: RunConfig) -> PeftConfig:
 
 
 def prepare(model: nn.Module, config: RunConfig) -> tuple[nn.Module, ParamGroups]:
-    """Wrap ``model`` with LoRA when the method trains one, set requires_grad, and return the two groups
-    as the method's spec names them (``--zo-params`` filters a ZO group on the base)."""
+    """Wrap ``model`` with the PEFT module when the method trains one, then split it into the method's
+    two groups (:func:`split_groups`)."""
     spec = config.spec
     if spec.uses_peft:
         module = peft_config(config)
@@ -71,15 +73,24 @@ def prepare(model: nn.Module, config: RunConfig) -> tuple[nn.Module, ParamGroups
         except (ValueError, TypeError, KeyError) as err:
             raise HyftError(f"peft cannot attach {module.peft_type.value.lower()} to this model: "
                             f"{' '.join(str(err).split())}") from err
+    return model, split_groups(model, spec, config.zo_params)
+
+
+def split_groups(model: nn.Module, spec: Any, zo_params: str | None = None) -> ParamGroups:
+    """The two groups as the method's spec names them ("peft": the adapter's trainable weights, "base": the
+    model's own; ``zo_params`` filters a ZO group on the base), with requires_grad set on φ alone."""
+    if spec.uses_peft:
+        if not hasattr(model, "peft_config"):
+            raise HyftError("this method trains a peft model: wrap yours with peft.get_peft_model first")
         # prompt learning wraps the model without a tuner layer (names "base_model.<name>"): take the base's
         # own names there, so that directions, logs and snapshots name tensors as the plain model does
         base = model.get_base_model() if model.active_peft_config.is_prompt_learning else model
         chosen = {"peft": select_params(model, trainable=True),
-                  "base": select_params(base, config.zo_params if spec.zo == "base" else None, trainable=False)}
+                  "base": select_params(base, zo_params if spec.zo == "base" else None, trainable=False)}
     else:
-        chosen = {"base": select_params(model, config.zo_params if spec.zo == "base" else None)}
+        chosen = {"base": select_params(model, zo_params if spec.zo == "base" else None)}
     groups = ParamGroups(zo=chosen[spec.zo] if spec.zo else [], fo=chosen[spec.fo] if spec.fo else [])
     fo_ids = {id(p) for _, p in groups.fo}
     for p in model.parameters():
         p.requires_grad_(id(p) in fo_ids)
-    return model, groups
+    return groups

@@ -23,14 +23,17 @@ independent of the thread count.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import threading
+import warnings
 from collections.abc import Callable, Iterator
+from functools import cache
 
 import torch
 from torch import Tensor
 
-from hyft import cpu_kernel
+from hyft.engine import cpu_kernel
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 SCHEME = "counter-v3"  # the (seed, position) → z mapping; recorded in ZO logs so replay refuses another one
@@ -123,6 +126,25 @@ def _hash_(s: _Scratch, key: int, first: int, count: int) -> Tensor:
     return _mix_(x, s.t[:count])
 
 
+@cache
+def kernel() -> ctypes.CDLL | None:
+    """The fused CPU kernel, if it reproduces the torch-op path bitwise on a few pieces here (else None, with
+    a warning): directions must not depend on which path drew them."""
+    lib = cpu_kernel.library()
+    if lib is None:
+        return None
+    for seed, start in ((0, 0), (12345, 1 << 20), (2**63 + 7, 3 * BLOCK)):
+        ref = torch.empty(1 << 16, dtype=torch.float32)
+        mine = torch.empty_like(ref)
+        gaussian_torch_(ref, direction_key(seed), start)
+        cpu_kernel.gaussian_(lib, mine, direction_key(seed), start // 2)
+        if not torch.equal(ref.view(torch.int32), mine.view(torch.int32)):
+            warnings.warn("hyft: the fused CPU kernel differs from torch's ops on this machine; using torch's ops",
+                          RuntimeWarning, stacklevel=2)
+            return None
+    return lib
+
+
 def fill_(out: Tensor, seed: int, start: int, dist: str) -> Tensor:
     """Overwrite the float32 vector ``out`` with z(seed)[start : start + len(out)].
 
@@ -133,7 +155,8 @@ def fill_(out: Tensor, seed: int, start: int, dist: str) -> Tensor:
         raise ValueError(f"fill_ needs whole blocks of {BLOCK} (start {start}, length {n})")
     key = direction_key(seed)
     if dist == "gaussian":
-        if not (out.device.type == "cpu" and cpu_kernel.gaussian_(out, key, start // 2)):
+        lib = kernel() if out.device.type == "cpu" else None
+        if lib is None or not cpu_kernel.gaussian_(lib, out, key, start // 2):
             gaussian_torch_(out, key, start)
         return out
     if dist == "rademacher":

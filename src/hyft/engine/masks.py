@@ -20,8 +20,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from hyft.engine.zo import canonical_name
 from hyft.errors import HyftError
-from hyft.zo import canonical_name
 
 Params = list[tuple[str, nn.Parameter]]
 MASK_FILE = "zo-mask.safetensors"

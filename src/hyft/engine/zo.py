@@ -12,7 +12,7 @@ than one block. The stored weights are never written during the estimate, so a s
 0 leaves θ bitwise unchanged in every dtype, unlike MeZO's in-place +ε, −2ε, +ε sequence, which drifts
 in low precision.
 
-Directions: ``z`` for a parameter is a pure function (:mod:`hyft.noise`) of a seed mixing the step seed
+Directions: ``z`` for a parameter is a pure function (:mod:`hyft.engine.noise`) of a seed mixing the step seed
 and a hash of the parameter's canonical name, and of the position, so it is regenerated identically for
 the perturbation, the update and a later replay, whatever wrapping (peft) the model has and whatever
 device replays it.
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hyft import noise, zmath
+from hyft.engine import noise, zmath
 from hyft.errors import HyftError
 
 
@@ -114,7 +114,7 @@ class ZOEngine(EngineState):
     """Perturbs and updates a fixed list of named parameters of ``model`` from seeds only.
 
     ``eps`` and ``two_sided`` describe the SPSA points; in bf16/fp16 the update follows the direction those
-    points actually applied (see :mod:`hyft.zmath`), and ``compensate`` keeps a residual per tensor so
+    points actually applied (see :mod:`hyft.engine.zmath`), and ``compensate`` keeps a residual per tensor so
     that updates below a weight's ulp accumulate instead of rounding away (or ``rounding="stochastic"``
     rounds each update unbiasedly, with no residual).
     """

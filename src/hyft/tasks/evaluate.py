@@ -12,8 +12,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from hyft.distributed import Communicator
-from hyft.scoring import Normalize, candidate_scores, encode, padding_for
 from hyft.tasks.base import Example
+from hyft.tasks.scoring import Normalize, candidate_scores, encode, padding_for
 
 
 @dataclass

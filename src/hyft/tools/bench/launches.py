@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hyft import noise
-from hyft.zo import ZOEngine, ZOUpdate, _rows_per_block, lookahead, select_params
+from hyft.engine import noise
+from hyft.engine.zo import ZOEngine, ZOUpdate, _rows_per_block, lookahead, select_params
 
 NO_KERNEL = ("view", "_unsafe_view", "slice", "select", "as_strided", "expand", "t", "transpose", "unsqueeze",
              "squeeze", "permute", "alias", "detach", "empty", "empty_like", "empty_strided", "lift_fresh")

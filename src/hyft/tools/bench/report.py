@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hyft.bench.timing import CATEGORIES
+from hyft.tools.bench.timing import CATEGORIES
 
 
 def _memory(row: dict[str, Any]) -> float | None:

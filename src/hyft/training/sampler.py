@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from hyft.seeds import derive_seed
+
 
 class EpochSampler:
     """Walks epochs of ``n`` examples in batches; every example is visited exactly once per epoch
@@ -15,7 +17,7 @@ class EpochSampler:
         if mode not in ("reshuffle", "once", "none"):
             raise ValueError(f"unknown shuffle mode {mode!r}")
         self.n, self.batch_size, self.mode = n, batch_size, mode
-        self.generator = torch.Generator().manual_seed(seed * 7919 + 1)
+        self.generator = torch.Generator().manual_seed(derive_seed(seed, "sampler"))
         self.epoch, self.position = 0, 0
         self.order = self._permutation()
 

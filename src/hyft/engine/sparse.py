@@ -1,11 +1,11 @@
 """Sparse ZO (Sparse-MeZO, SensZOQ): the same seeded directions, restricted to a fixed set of elements of
-each ZO tensor (its mask, a sorted list of flat positions chosen once by :mod:`hyft.masks`).
+each ZO tensor (its mask, a sorted list of flat positions chosen once by :mod:`hyft.engine.masks`).
 
 Only the k masked elements are ever perturbed or updated, so the engine works in place: a perturbation
 writes θ + s·z at those positions and the saved k originals are written back afterwards, which is exact
 in every dtype. The cost of a perturbation or an update is k elements, not the tensor: at 1 % density a
 step's direction work is 1 % of a dense one. z at a position is the dense direction's value there
-(:func:`hyft.noise.at`), so a mask of every element gives the dense engine's direction.
+(:func:`hyft.engine.noise.at`), so a mask of every element gives the dense engine's direction.
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from hyft import noise
+from hyft.engine import noise
+from hyft.engine.zo import EngineState, ZOUpdate, direction_seed
 from hyft.errors import HyftError
-from hyft.zo import EngineState, ZOUpdate, direction_seed
 
 
 class SparseEngine(EngineState):
     """Perturbs and updates ``mask[i]`` (flat int64 positions) of each named parameter from seeds only.
 
-    Same interface as :class:`hyft.zo.ZOEngine`. In bf16/fp16 a k-sized float32 residual per tensor keeps
+    Same interface as :class:`hyft.engine.zo.ZOEngine`. In bf16/fp16 a k-sized float32 residual per tensor keeps
     what the rounding of each update dropped (``compensate``).
     """
 

@@ -23,10 +23,10 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from hyft import noise
+from hyft.engine import noise
+from hyft.engine.zo import ZOEngine, ZOLog, ZOUpdate, canonical_name, select_params
 from hyft.errors import HyftError
 from hyft.methods.base import dropout_active
-from hyft.zo import ZOEngine, ZOLog, ZOUpdate, canonical_name, select_params
 
 ZO_STATE = "zo_state.json"
 

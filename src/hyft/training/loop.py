@@ -28,22 +28,24 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from hyft import masks, noise
 from hyft.config import RunConfig
 from hyft.distributed import Communicator, PeerLost, connect, rank_device
-from hyft.engines import Engine
+from hyft.engine import masks
+from hyft.engine.factory import Engine, describe
+from hyft.engine.zo import ZOLog, ZOUpdate, canonical_name
 from hyft.errors import HyftError
-from hyft.evaluate import evaluate
 from hyft.memory import peak_memory_mb
 from hyft.methods import Method, Objective
+from hyft.methods.params import ParamGroups, prepare
 from hyft.models import load_model, model_dir, resolve_dtype
-from hyft.params import ParamGroups, prepare
-from hyft.reporting import Reporter, reporter
 from hyft.rundir import RunDir
-from hyft.sampler import EpochSampler
-from hyft.snapshots import BaseSnapshots, Lookup, original_lookup, rebuild
+from hyft.seeds import derive_seed
 from hyft.tasks import get_task, sample_splits
-from hyft.zo import ZOLog, ZOUpdate, canonical_name
+from hyft.tasks.evaluate import evaluate
+from hyft.training import checkpoint
+from hyft.training.reporting import Reporter, reporter
+from hyft.training.sampler import EpochSampler
+from hyft.training.snapshots import BaseSnapshots, Lookup, check_device, original_lookup, rebuild
 
 
 class Interrupted(HyftError):
@@ -147,10 +149,10 @@ class Trainer:
                             f"which cannot be split over {comm.world} processes; use --num-train or --batch-size "
                             f"so that {comm.world} divides both the batch size and the remainder")
         model, tokenizer = load_model(c.model, c.dtype, device)
-        checkpoint = self._read_checkpoint() if self.resume else None
+        ckpt = self._read_checkpoint() if self.resume else None
 
         state = TrainState()
-        if checkpoint is None and c.zero_shot:
+        if ckpt is None and c.zero_shot:
             state.zero_shot = evaluate(model, tokenizer, splits.test, c.eval_batch_size, c.normalize,
                                        c.max_length, self.progress, "zero-shot test", comm).accuracy
             self.log(f"zero-shot test accuracy: {state.zero_shot:.4f} (n={len(splits.test)})")
@@ -159,7 +161,7 @@ class Trainer:
         self.log(f"{c.method}: {groups.describe()}")
         total = c.steps if c.epochs is None else math.ceil(c.epochs * len(splits.train) / c.batch_size)
         objective = Objective(model, tokenizer, c)
-        if c.auto_lr and checkpoint is None:
+        if c.auto_lr and ckpt is None:
             self.on_main(lambda: self._auto_lr(model, groups, objective, splits.train))
             for key, value in comm.broadcast_object(c.to_dict()).items():  # rank 0's suggestions
                 setattr(c, key, value)
@@ -169,10 +171,10 @@ class Trainer:
         zo_log = ZOLog(self.run_dir.zo_log)
         direct = direct_params(c, groups)
 
-        if comm.rank and checkpoint is None:  # rank 0 keeps the one-process stream: own dropout masks per shard
-            torch.manual_seed(c.seed * 1_000_003 + comm.rank)
-        if checkpoint is not None:
-            state = self._resume_from(checkpoint, method, sampler, direct, model)
+        if comm.rank and ckpt is None:  # rank 0 keeps the one-process stream: own dropout masks per shard
+            torch.manual_seed(derive_seed(c.seed, "dropout", comm.rank))
+        if ckpt is not None:
+            state = self._resume_from(ckpt, method, sampler, direct, model)
             self.log(f"resumed {self.run_dir.path} at step {state.step} of {total}")
         else:
             if method.engine is not None and comm.is_main:
@@ -285,9 +287,6 @@ class Trainer:
             tokenizer.save_pretrained(self.run_dir.path / "model")
         results = self._results(state, total, groups, best, test, n_dev, device)
         self.run_dir.write_results(results)
-        from hyft.plot import plot_run
-
-        plot_run(self.run_dir.path)
         self.log(f"test accuracy: {test.accuracy:.4f} (best dev {best.dev_accuracy:.4f} at step {best.step}); "
                  f"results in {self.run_dir.results}")
         comm.barrier()
@@ -335,7 +334,7 @@ class Trainer:
     def _auto_lr(self, model: nn.Module, groups: ParamGroups, objective: Objective, train: list) -> None:
         """``--auto-lr``: probe the starting weights, take its suggestions, and write them to the run's config
         (so that resume, replay and the results name the rates that were used) and to ``probe.json``."""
-        from hyft.probe import apply, probe_run
+        from hyft.training.probe import apply, probe_run
 
         result = probe_run(self.config, model, groups, objective, train)
         self.log(result.describe())
@@ -390,33 +389,20 @@ class Trainer:
             self.reporter.log(row)
 
     def _save_checkpoint(self, state: TrainState, method: Method, sampler: EpochSampler, direct) -> None:
-        """Write ``checkpoint.pt`` atomically: an interrupted write never replaces the previous one (rank 0;
-        every rank holds the same state but its own RNG streams; a failed write fails every rank)."""
-        cuda = self.device.type == "cuda"
-        rng = self.comm.all_gather_object((torch.get_rng_state(),
-                                           torch.cuda.get_rng_state(self.device) if cuda else None))
+        """Write ``checkpoint.pt`` atomically (rank 0; every rank holds the same state but its own RNG streams;
+        a failed write fails every rank)."""
+        rng = checkpoint.rng_states(self.comm, self.device)
 
         def write() -> None:
             payload = {
                 "config": self.config.to_dict(),
                 "state": state,
-                "method": method.state_dict(),
                 "sampler": sampler.state_dict(),
                 "direct": {name: p.detach().to("cpu", copy=True) for name, p in direct},
-                # residuals of low-precision ZO weights that no base snapshot holds (zo-peft)
-                "residuals": None if method.engine is None or self.config.zo_on_base else
-                [None if r is None else r.to("cpu", copy=True) for r in method.engine.residuals],
-                "torch_rng": rng[0][0],
-                "torch_rng_ranks": [cpu for cpu, _ in rng],
-                "cuda_rng_ranks": [gpu for _, gpu in rng],
+                **checkpoint.zo_state(method, state.zo_updates, store_residuals=not self.config.zo_on_base),
+                **rng,
             }
-            tmp = self.run_dir.checkpoint.with_name(".checkpoint.pt.tmp")
-            try:
-                torch.save(payload, tmp)
-                os.replace(tmp, self.run_dir.checkpoint)
-            except OSError as err:
-                raise HyftError(f"cannot write checkpoint {self.run_dir.checkpoint} ({err}); the previous one "
-                                "is kept") from err
+            checkpoint.write_atomic(self.run_dir.checkpoint, payload)
             self._prune(state)
 
         self.on_main(write)
@@ -429,10 +415,7 @@ class Trainer:
                 for stale in (self.run_dir.metrics, self.run_dir.zo_log):
                     stale.unlink(missing_ok=True)
             return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # a truncated or foreign file
-            raise HyftError(f"cannot read checkpoint {path} ({err})") from err
+        return checkpoint.read(path)
 
     def _resume_from(self, ckpt: dict[str, Any], method: Method, sampler: EpochSampler, direct,
                      model: nn.Module) -> TrainState:
@@ -442,15 +425,11 @@ class Trainer:
             raise HyftError(f"cannot resume {self.run_dir.path}: its config differs from the checkpoint's ({changes}); "
                             "start a new run with --out instead")
         state: TrainState = ckpt["state"]
-        method.load_state_dict(ckpt["method"])
+        checkpoint.restore_zo_state(method, ckpt)
         sampler.load_state_dict(ckpt["sampler"])
         with torch.no_grad():
             for name, p in direct:
                 p.copy_(ckpt["direct"][name])
-            if ckpt.get("residuals"):  # zo-peft in low precision
-                for r, saved in zip(method.engine.residuals, ckpt["residuals"], strict=True):
-                    if r is not None:
-                        r.copy_(saved)
         # rows and updates written after this checkpoint belong to steps that will be run again
         if self.comm.is_main:
             self.run_dir.truncate_jsonl(self.run_dir.metrics, state.metrics_lines)
@@ -465,18 +444,8 @@ class Trainer:
             check_device(header, next(model.parameters()).device, self.log)
             if self.config.zo_on_base and state.zo_updates:
                 self._rebuild_base(method.engine, updates, state.zo_updates, model, f"step {state.step}", fresh=True)
-        ranks = ckpt.get("torch_rng_ranks") or [ckpt["torch_rng"]]
-        gpus = ckpt.get("cuda_rng_ranks") or [None] * len(ranks)
-        if len(ranks) == self.comm.world:
-            torch.set_rng_state(ranks[self.comm.rank])
-            if gpus[self.comm.rank] is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(gpus[self.comm.rank], self.device)
-        else:  # another process count: rank 0 continues its stream, the others start fresh ones
-            torch.set_rng_state(ckpt["torch_rng"])
-            if gpus[0] is not None and self.device.type == "cuda":
-                torch.cuda.set_rng_state(gpus[0], self.device)
-            if self.comm.rank:
-                torch.manual_seed(self.config.seed * 1_000_003 + self.comm.rank + 7919 * state.step)
+        checkpoint.restore_rng(ckpt, self.comm, self.device,
+                               reseed=derive_seed(self.config.seed, "dropout-resharded", self.comm.rank, state.step))
         return state
 
     def _catch_signals(self) -> dict[int, Any]:
@@ -529,26 +498,10 @@ def original_weights(config: RunConfig, model: nn.Module, names: list[str]) -> L
     return tensors.get
 
 
-def check_device(header: dict[str, Any], device: torch.device, log: Callable[[str], None]) -> None:
-    """Directions are bitwise identical on every device kind except the last ulp of the Gaussian transform:
-    say so when a log is continued or replayed on another kind."""
-    written = header.get("device", "cpu")
-    if written != device.type and header.get("dist") == "gaussian":
-        log(f"note: this ZO log was written on {written} and is replayed on {device.type}: Gaussian directions "
-            "agree to ~1e-6 relative there, so the rebuilt base matches to that tolerance, not bitwise")
-
-
 def zo_header(config: RunConfig, engine: Engine, device: torch.device) -> dict[str, Any]:
-    names = [canonical_name(n) for n, _ in engine.params]
-    return {
-        "model": config.model, "method": config.method, "dtype": config.dtype, "dist": engine.dist,
-        "scheme": noise.SCHEME, "device": device.type, "eps": config.eps, "estimator": config.estimator,
-        "zo_q": config.zo_q, "zo_combine": config.zo_combine, "zo_mask": config.zo_mask,
-        "zo_density": config.zo_density if config.zo_mask else None,
-        "zo_compensate": config.zo_compensate, "zo_rounding": config.zo_rounding,
-        "zo_params": config.zo_params, "num_tensors": len(names), "numel": engine.numel,
-        "first": names[:1], "last": names[-1:],
-    }
+    """The ZO log's header: the run's :class:`ZOConfig` and what replay checks the model against."""
+    return config.zo.header(model=config.model, method=config.method, dtype=config.dtype, device=device.type,
+                            **describe(engine))
 
 
 def train(config: RunConfig, out: str | Path, overwrite: bool = False, progress: bool = True,

@@ -2,7 +2,7 @@
 
 In one process, every row gets its own model copy and the rows run interleaved (row 1, row 2, ..., row 1,
 ...) for ``repeats`` rounds after ``warmup`` rounds, so that slow drifts of the machine hit all rows alike;
-medians are reported. Peak memory is measured per row in a fresh subprocess (:mod:`hyft.bench.memory`).
+medians are reported. Peak memory is measured per row in a fresh subprocess (:mod:`hyft.tools.bench.memory`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from hyft import noise
-from hyft.bench.memory import measure
-from hyft.bench.report import markdown, plot_split
-from hyft.bench.rows import ROWS, build_row
-from hyft.bench.timing import CATEGORIES
+from hyft.engine import noise
+from hyft.tools.bench.memory import measure
+from hyft.tools.bench.report import markdown, plot_split
+from hyft.tools.bench.rows import ROWS, build_row
+from hyft.tools.bench.timing import CATEGORIES
 
 __all__ = ["ROWS", "run_bench"]
 
@@ -62,13 +62,13 @@ def run_bench(model: str = "smollm2-135m", batch_size: int = 16, seq_len: int = 
     names = rows if rows is not None else list(ROWS)
     extra: dict[str, Any] = {}
     if sweeps:
-        from hyft.bench.sweeps import time_sweeps
         from hyft.models import load_model
+        from hyft.tools.bench.sweeps import time_sweeps
 
         numel = sum(p.numel() for p in load_model(model, dtype, dev)[0].parameters())
         extra["sweeps"] = {"numel": numel, "seconds": time_sweeps(numel, dev, log=log)}
     if launches:
-        from hyft.bench.launches import llama_7b_launches
+        from hyft.tools.bench.launches import llama_7b_launches
 
         extra["launches"] = llama_7b_launches()
     peaks = {}

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from hyft.methods.base import Method
-from hyft.scoring import Encoded
+from hyft.tasks.scoring import Encoded
 
 FLOAT32_RESOLUTION = 2.0**-23
 
@@ -194,7 +194,7 @@ def probe_run(config, model, groups, objective, train: Sequence, batches: int = 
               directions: int = 4) -> Probe:
     """Probe a prepared model with a throwaway method of ``config`` (its own seed stream, and its ZO mask
     when it has one) on the first ``batches`` training batches."""
-    from hyft import masks
+    from hyft.engine import masks
 
     data = batches_of(train, config.batch_size, batches, objective.encode)
     mask = None

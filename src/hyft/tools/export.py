@@ -13,8 +13,8 @@ from transformers import AutoTokenizer
 from hyft.config import RunConfig
 from hyft.errors import HyftError
 from hyft.models import load_model, model_dir
-from hyft.replay import replay
 from hyft.rundir import RunDir
+from hyft.tools.replay import replay
 
 
 def export(run_dir: str | Path, out: str | Path, merge: bool = False) -> Path:

@@ -1,6 +1,6 @@
 """Arithmetic with directions, streamed piece by piece: θ + s·z into temporaries, and the SPSA update of θ.
 
-Each piece of z is generated (by :mod:`hyft.noise`) into a cache-resident buffer and consumed there, so
+Each piece of z is generated (by :mod:`hyft.engine.noise`) into a cache-resident buffer and consumed there, so
 a use of z is one pass over the weights. All pieces of all tensors of a call go to the noise pool at once.
 
 Low precision (bf16/fp16) is handled so that what reaches the weights is what the estimate measured:
@@ -25,7 +25,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from hyft import noise
+from hyft.engine import noise
 
 
 @dataclass(frozen=True)

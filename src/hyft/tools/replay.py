@@ -8,13 +8,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hyft import masks
-from hyft.engines import make_engine
+from hyft.engine import masks
+from hyft.engine.factory import make_engine
+from hyft.engine.zo import ZOLog, canonical_name, select_params
+from hyft.engine.zoconfig import ZOConfig
 from hyft.errors import HyftError
 from hyft.methods import METHODS
 from hyft.models import load_model
-from hyft.snapshots import BaseSnapshots, rebuild
-from hyft.zo import ZOLog, canonical_name, select_params
+from hyft.training.snapshots import BaseSnapshots, check_device, rebuild
 
 
 def replay(model_name: str, log_path: str | Path, out: str | Path | None = None, upto: int | None = None,
@@ -48,10 +49,7 @@ def replay(model_name: str, log_path: str | Path, out: str | Path | None = None,
         raise HyftError(f"{log_path} was written for a different model ({header['model']!r}, "
                         f"{header['numel']:,} ZO weights); {model_name!r} has {numel:,}")
     mask = masks.load(log_path.parent / masks.MASK_FILE, params) if header.get("zo_mask") else None
-    engine = make_engine(model, params, header["dist"], header["eps"], header["estimator"] == "two-sided",
-                         header["zo_compensate"], mask, header.get("zo_rounding", "nearest"))
-    from hyft.trainer import check_device  # the trainer owns the run's conventions
-
+    engine = make_engine(model, params, ZOConfig.from_header(header), mask)
     check_device(header, torch.device(device), log)
     upto = len(updates) if upto is None else min(upto, len(updates))
     store = BaseSnapshots(Path(snapshots) if snapshots is not None else log_path.parent / "snapshots")

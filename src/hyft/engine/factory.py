@@ -1,0 +1,28 @@
+"""The ZO engine of a parameter group: dense (every element) or sparse (a fixed mask), one interface."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from hyft.engine.sparse import SparseEngine
+from hyft.engine.zo import ZOEngine, canonical_name
+from hyft.engine.zoconfig import ZOConfig
+
+Engine = ZOEngine | SparseEngine
+
+
+def make_engine(model: nn.Module, params: list[tuple[str, nn.Parameter]], zo: ZOConfig,
+                mask: list[Tensor] | None = None) -> Engine:
+    """``mask``: flat positions per tensor (see :mod:`hyft.engine.masks`), or None for dense directions."""
+    if mask is None:
+        return ZOEngine(model, params, zo.dist, eps=zo.eps, two_sided=zo.two_sided, compensate=zo.compensate,
+                        rounding=zo.rounding)
+    return SparseEngine(model, params, mask, zo.dist, compensate=zo.compensate)
+
+
+def describe(engine: Engine) -> dict[str, Any]:
+    """The ZO tensors as a log header records them, so replay can check it has the same model."""
+    names = [canonical_name(n) for n, _ in engine.params]
+    return {"num_tensors": len(names), "numel": engine.numel, "first": names[:1], "last": names[-1:]}

@@ -1,0 +1,85 @@
+"""What a checkpoint holds, how it is written (atomically) and how it is restored, for both trainers.
+
+The CLI's loop writes one ``checkpoint.pt`` with everything; ``HybridTrainer`` writes only the ZO part
+(:func:`zo_state`) into each of the Trainer's ``checkpoint-N`` folders, beside the Trainer's own model,
+optimizer, scheduler and per-rank RNG files. In both, the base weights θ are never stored: they are the
+original weights plus the first ``zo_updates`` lines of the ZO log (and the nearest base snapshot).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hyft.errors import HyftError
+
+if TYPE_CHECKING:
+    from hyft.distributed import Communicator
+    from hyft.methods import Method
+
+ZO_STATE_FILE = "hyft_zo_state.pt"  # the ZO part of a HybridTrainer checkpoint folder
+
+
+def write_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` through a temporary file and a rename: an interrupted write never replaces the
+    previous checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise HyftError(f"cannot write checkpoint {path} ({err}); the previous one is kept") from err
+
+
+def read(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file
+        raise HyftError(f"cannot read checkpoint {path} ({err})") from err
+
+
+def zo_state(method: Method, zo_updates: int, store_residuals: bool) -> dict[str, Any]:
+    """The method's side of a checkpoint: its direction-seed stream and FO optimizer, how many ZO-log lines
+    it covers, and (``store_residuals``: a ZO group no base snapshot holds) the low-precision residuals."""
+    engine = method.engine
+    residuals = None
+    if store_residuals and engine is not None:
+        residuals = [None if r is None else r.to("cpu", copy=True) for r in engine.residuals]
+    return {"method": method.state_dict(), "zo_updates": zo_updates, "residuals": residuals}
+
+
+def restore_zo_state(method: Method, state: dict[str, Any]) -> int:
+    """Load :func:`zo_state` into ``method``; returns the number of ZO-log lines it covers."""
+    method.load_state_dict(state["method"])
+    if state.get("residuals") and method.engine is not None:
+        with torch.no_grad():
+            for r, saved in zip(method.engine.residuals, state["residuals"], strict=True):
+                if r is not None:
+                    r.copy_(saved)
+    return int(state["zo_updates"])
+
+
+def rng_states(comm: Communicator, device: torch.device) -> dict[str, Any]:
+    """Every rank's torch RNG (CPU, and CUDA on a GPU), gathered for rank 0 to write."""
+    cuda = device.type == "cuda"
+    states = comm.all_gather_object((torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None))
+    return {"torch_rng": states[0][0], "torch_rng_ranks": [cpu for cpu, _ in states],
+            "cuda_rng_ranks": [gpu for _, gpu in states]}
+
+
+def restore_rng(payload: dict[str, Any], comm: Communicator, device: torch.device, reseed: int) -> None:
+    """This rank's RNG from ``payload``; resumed with another process count, rank 0 continues its stream and
+    the others start the fresh stream seeded ``reseed``."""
+    ranks = payload.get("torch_rng_ranks") or [payload["torch_rng"]]
+    gpus = payload.get("cuda_rng_ranks") or [None] * len(ranks)
+    same_world = len(ranks) == comm.world
+    index = comm.rank if same_world else 0
+    torch.set_rng_state(ranks[index])
+    if gpus[index] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(gpus[index], device)
+    if not same_world and comm.rank:
+        torch.manual_seed(reseed)
