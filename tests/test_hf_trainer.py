@@ -4,6 +4,9 @@ log replays the tuned base bitwise, and a saved checkpoint loads with plain peft
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 
 import hyft
 from hyft.errors import HyftError
+from hyft.methods import METHODS
 from hyft.tools.replay import replay
 
 
@@ -60,7 +64,7 @@ def test_hybrid_trainer_learns_replays_and_saves(tiny_dir, tmp_path):
     assert changed > 0  # the base was trained
 
     # checkpoint-6: its adapter on the base replayed to its ZO state
-    state = json.loads((out / "checkpoint-6" / "zo_state.json").read_text())
+    state = torch.load(out / "checkpoint-6" / "hyft_zo_state.pt", weights_only=False)
     at6 = replay(tiny_dir, out / "zo_log.jsonl", upto=state["zo_updates"], log=lambda *_: None)
     loaded = PeftModel.from_pretrained(at6, out / "checkpoint-6")
     assert state["zo_updates"] == 6 and loaded.active_peft_config.r == 4
@@ -102,3 +106,89 @@ def test_hybrid_trainer_refuses_what_it_cannot_do(tiny_dir, tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     with pytest.raises(HyftError, match="peft model"):
         hyft.HybridTrainer(model=plain, args=args, train_dataset=[])
+
+
+def test_hybrid_trainer_under_torchrun_equals_one_process(tiny_dir, tmp_path):
+    """2 ranks (gloo) of 2 examples each vs 1 process of 4, ranks holding different label-token counts: both
+    ranks end with bitwise-equal θ and φ, one log of steps + 1 lines, and the losses and ZO coefficients of
+    the one-process run (to rounding: per-rank sums vs one sum)."""
+    from tests.test_distributed import ENV, torchrun
+
+    steps, worker = 6, str(Path(__file__).with_name("hf_worker.py"))
+    proc = subprocess.run(torchrun(worker, tiny_dir, str(tmp_path / "dp"), "2", str(steps)), capture_output=True,
+                          text=True, env={**ENV, "PYTHONPATH": str(Path(__file__).parent.parent)}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = subprocess.run([sys.executable, worker, tiny_dir, str(tmp_path / "one"), "4", str(steps)],
+                            capture_output=True, text=True, timeout=600,
+                            env={**ENV, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert single.returncode == 0, single.stderr[-3000:]
+    r0, r1, one = (json.loads((tmp_path / d / f).read_text())
+                   for d, f in (("dp", "rank0.json"), ("dp", "rank1.json"), ("one", "rank0.json")))
+    assert r0["theta"] == r1["theta"] and r0["phi"] == r1["phi"]  # every rank applied the same updates
+    log = (tmp_path / "dp" / "zo_log.jsonl").read_text().splitlines()
+    assert len(log) == steps + 1  # rank 0 alone wrote it
+    dp_coefs = [json.loads(x)["coef"] for x in log[1:]]
+    one_coefs = [json.loads(x)["coef"] for x in (tmp_path / "one" / "zo_log.jsonl").read_text().splitlines()[1:]]
+    assert r0["losses"] == pytest.approx(one["losses"], rel=1e-5, abs=1e-6)
+    assert dp_coefs == pytest.approx(one_coefs, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("zo", [dict(zo_mask="magnitude", zo_density=0.1), dict(zo_q=2)])
+def test_hybrid_trainer_resumes_masks_and_q_bitwise(zo, tiny_dir, tmp_path):
+    """A hybrid run with a sparse mask, or with two directions per step (the separate step), resumed from
+    its step-6 checkpoint on a fresh model, ends with bitwise the uninterrupted run's weights and log."""
+    def run(out, resume=None):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                               LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+        args = TrainingArguments(output_dir=str(out), max_steps=10, per_device_train_batch_size=4,
+                                 learning_rate=5e-3, save_steps=6, report_to=[], seed=0, use_cpu=True,
+                                 disable_tqdm=True, lr_scheduler_type="linear")
+        t = hyft.HybridTrainer(model=model, args=args, train_dataset=dataset(tokenizer_of(tiny_dir)),
+                               hybrid_args=hyft.HybridArguments(lr_zo=1e-3, eps=1e-2, **zo))
+        t.train(resume_from_checkpoint=resume)
+        return model
+
+    full = run(tmp_path / "a")
+    resumed = run(tmp_path / "a", resume=str(tmp_path / "a" / "checkpoint-6"))
+    for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+
+
+def test_hybrid_trainer_accepts_every_registered_method(tiny_dir, tmp_path):
+    for method in METHODS:
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+        if METHODS[method].uses_peft:
+            model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+        args = TrainingArguments(output_dir=str(tmp_path / method), max_steps=2, per_device_train_batch_size=4,
+                                 learning_rate=1e-3, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no")
+        t = hyft.HybridTrainer(model=model, args=args, train_dataset=dataset(tokenizer_of(tiny_dir)),
+                               hybrid_args=hyft.HybridArguments(method=method, lr_zo=1e-3, eps=1e-2))
+        t.train()
+        assert (tmp_path / method / "zo_log.jsonl").is_file() == (METHODS[method].zo is not None), method
+
+
+def test_a_fresh_run_into_a_directory_with_a_zo_log_is_refused(tiny_dir, tmp_path):
+    _, t = trainer(tiny_dir, tmp_path, steps=1)
+    t.train()
+    _, again = trainer(tiny_dir, tmp_path, steps=1)
+    with pytest.raises(HyftError, match="another run's ZO log"):
+        again.train()
+    _, told = trainer(tiny_dir, tmp_path, steps=1)
+    told.hybrid_args.overwrite_zo_log = True
+    told.train()
+    assert len((tmp_path / "zo_log.jsonl").read_text().splitlines()) == 2  # replaced, not appended
+
+
+@pytest.mark.parametrize(("kw", "hybrid", "message"), [
+    (dict(bf16=True), {}, "autocast"),
+    (dict(gradient_accumulation_steps=2), {}, "gradient_accumulation_steps"),
+    ({}, dict(method="nosuch"), "must be one of"),
+    ({}, dict(zo_dist="uniform"), "zo_dist must be one of"),
+])
+def test_hybrid_trainer_refuses_in_one_line(kw, hybrid, message, tiny_dir, tmp_path):
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **kw)
+    with pytest.raises(HyftError, match=message) as err:
+        hyft.HybridTrainer(model=model, args=args, train_dataset=[], hybrid_args=hyft.HybridArguments(**hybrid))
+    assert "\n" not in str(err.value)

@@ -1,164 +1,257 @@
-"""``hyft.HybridTrainer``: the hybrid step inside a ``transformers.Trainer``, for users who bring their own
+"""``hyft.HybridTrainer``: hyft's methods inside a ``transformers.Trainer``, for users who bring their own
 model, dataset, collator and ``TrainingArguments`` (logging, ``report_to``, saving, evaluation).
 
-The model is a ``peft`` model: its trainable adapter is the first-order group φ, trained by the Trainer's
-own optimizer and scheduler; the frozen base weights θ get the fused two-sided SPSA step from hyft's
-engine (φ's gradient taken at θ+εz, one extra forward at θ−εz). ``HybridArguments(method="zo-full")``
-(every weight of any model) and ``"zo-peft"`` (the adapter) run the two-sided SPSA step alone. Each ZO
-update is one line of ``<output_dir>/zo_log.jsonl``, so ``hyft replay`` rebuilds the tuned base from the
-original weights, and each Trainer checkpoint records how many lines it covers (``zo_state.json``) for
-resuming.
+Each training step is ``Method.step`` of the registered method (``HybridArguments.method``), the same code
+the CLI runs, with every ZO option the CLI has (masks, q directions, estimators, bf16 rounding). Two things
+come from the Trainer: φ's optimizer and schedule (the method leaves φ's gradients for it), and the learning
+rate schedule, which the ZO rate follows (``lr_zo × current lr / learning_rate``).
+
+**The loss** is the token-weighted mean over the global batch: the sum of every rank's label-token losses
+divided by the number of label tokens on all ranks (one all-reduce of a count per step). Both losses of an
+SPSA pair and φ's gradient use it, so ``g = (L+ − L−)/2ε`` is the global batch's, the same on every rank;
+every rank applies the same update, and rank 0 alone writes ``<output_dir>/zo_log.jsonl``.
+
+Each ZO update is one line of that log, so ``hyft replay`` rebuilds the tuned base from the original
+weights, and each Trainer checkpoint holds the ZO state (:mod:`hyft.training.checkpoint`) for resuming.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from hyft.engine import noise
-from hyft.engine.zo import ZOEngine, ZOLog, ZOUpdate, canonical_name, select_params
+from hyft.config import RunConfig
+from hyft.distributed import Communicator, DataParallel
+from hyft.engine import masks, noise
+from hyft.engine.factory import describe
+from hyft.engine.zo import ZOLog
 from hyft.errors import HyftError
-from hyft.methods.base import dropout_active
+from hyft.methods import METHODS, Method
+from hyft.methods.params import split_groups
+from hyft.training import checkpoint
 
-ZO_STATE = "zo_state.json"
+ZO_LOG = "zo_log.jsonl"
 
 
 @dataclass
 class HybridArguments:
-    """The ZO side of the hybrid step (the FO side is ``TrainingArguments``)."""
+    """The method and its ZO side (the FO side is ``TrainingArguments``). The names are the CLI's flags."""
 
-    method: str = "hybrid"  # hybrid (peft model), zo-full (every weight by ZO), zo-peft (the adapter by ZO)
+    method: str = "hybrid"  # any of hyft.methods.METHODS: hybrid, zo-full, zo-peft, fo-full, fo-peft
     lr_zo: float = 1e-6  # follows the Trainer's schedule: lr_zo × (current lr / learning_rate)
     eps: float = 1e-3
+    estimator: str = "two-sided"
     zo_dist: str = "rademacher"
+    zo_q: int = 1
+    zo_combine: str = "mean"
+    zo_mask: str | None = None  # magnitude or sensitivity (chosen from the first mask_batches batches)
+    zo_density: float = 0.01
+    mask_batches: int = 4
     zo_params: str | None = None  # regex on the base model's parameter names; None: every frozen weight
+    zo_compensate: bool = True
+    zo_rounding: str = "nearest"
+    fused: bool = True
     weight_decay_zo: float = 0.0
     seed: int | None = None  # direction seeds; None: TrainingArguments.seed
+    overwrite_zo_log: bool = False  # a fresh run into an output_dir that holds a ZO log: replace it
+
+
+class TokenObjective:
+    """The token-weighted loss of the global batch, as this rank's share: a rank's label-token loss sum times
+    world / (label tokens on all ranks), so that the mean over ranks (what the method's reduction and DDP's
+    gradient averaging compute) is the global batch's mean token loss."""
+
+    def __init__(self, trainer: Trainer, comm: Communicator):
+        self.trainer, self.comm = trainer, comm
+
+    def encode(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        labels = inputs["labels"]
+        count = float((labels[..., 1:] != -100).sum()) if labels.dim() > 1 else float(labels.numel())
+        (total,) = self.comm.mean([count], group="control")
+        return {**inputs, "_scale": 1.0 / total if total else 0.0}  # mean over ranks of count: total / world
+
+    def __call__(self, batch: dict[str, Any]) -> Tensor:
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "_scale")}
+        model = self.trainer.model_wrapped if self.trainer.model_wrapped is not None else self.trainer.model
+        logits = model(**inputs).logits
+        labels = batch["labels"]
+        if labels.dim() > 1:  # causal LM: token t predicts label t + 1
+            logits, labels = logits[..., :-1, :], labels[..., 1:]
+        losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
+                                 ignore_index=-100, reduction="none")
+        # summed in float64: a rank's sum and the one-process sum then differ by far less than an SPSA
+        # difference L+ − L− (float32 sums in another order differ by ~1e-7 of the loss, which /2ε magnifies)
+        return losses.double().sum() * batch["_scale"]
 
 
 class HybridTrainer(Trainer):
-    """A ``transformers.Trainer`` whose training step is hyft's fused hybrid step."""
+    """A ``transformers.Trainer`` whose training step is a hyft method's step."""
 
     def __init__(self, model: nn.Module, args: Any = None, hybrid_args: HybridArguments | None = None,
                  **kwargs: Any):
         super().__init__(model=model, args=args, **kwargs)
         self.hybrid_args = hybrid = hybrid_args or HybridArguments()
-        if hybrid.method not in ("hybrid", "zo-full", "zo-peft"):
-            raise HyftError(f"HybridArguments.method must be hybrid, zo-full or zo-peft, got {hybrid.method!r}")
-        if hybrid.method != "zo-full" and not hasattr(self.model, "peft_config"):
-            raise HyftError(f"{hybrid.method} trains a peft model: wrap yours with peft.get_peft_model first")
-        if self.args.gradient_accumulation_steps != 1:
+        self._refuse_unsupported()
+        self.spec = METHODS[hybrid.method]
+        self.groups = split_groups(self.model, self.spec, hybrid.zo_params)
+        self.run_config = self._run_config()
+        self.comm: Communicator = Communicator()
+        self.method: Method | None = None  # built in train(): a sensitivity mask needs the data loader
+        self.zo_log = ZOLog(Path(self.args.output_dir) / ZO_LOG)
+        self.zo_updates = 0
+
+    # --- set-up -----------------------------------------------------------------------------------
+    def _refuse_unsupported(self) -> None:
+        """Everything that would train wrongly, refused in one line before any work."""
+        hybrid, args = self.hybrid_args, self.args
+        if hybrid.method not in METHODS:
+            raise HyftError(f"HybridArguments.method must be one of {', '.join(METHODS)}, got {hybrid.method!r}")
+        if args.gradient_accumulation_steps != 1:
             raise HyftError("HybridTrainer makes one ZO update per batch: set gradient_accumulation_steps=1 "
                             "and raise per_device_train_batch_size instead")
-        if hybrid.method == "hybrid":
-            params = select_params(self.model, hybrid.zo_params, trainable=False)
-        else:  # no first-order group: the Trainer's optimizer gets nothing to step
-            params = select_params(self.model, hybrid.zo_params, trainable=True if hybrid.method == "zo-peft" else None)
-            for p in self.model.parameters():
-                p.requires_grad_(False)
-        if not params or any(p.dtype not in noise.FULL_PRECISION for _, p in params):
-            raise HyftError("HybridTrainer needs float32 base weights to perturb in place")
-        self.engine = ZOEngine(self.model, params, self.hybrid_args.zo_dist, eps=self.hybrid_args.eps)
-        seed = self.args.seed if self.hybrid_args.seed is None else self.hybrid_args.seed
-        self.seeds = torch.Generator().manual_seed(seed * 1_000_003 + 17)
-        self.zo_log = ZOLog(Path(self.args.output_dir) / "zo_log.jsonl")
-        self.zo_updates = 0
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            raise HyftError("HybridTrainer does not support FSDP or DeepSpeed yet (the ZO engine perturbs whole "
+                            "weights); use plain data parallel (torchrun) or hyft train")
+        if args.bf16 or args.fp16:
+            raise HyftError("HybridTrainer: bf16/fp16 autocast over float32 weights makes L(θ+εz) − L(θ−εz) mostly "
+                            "rounding noise; load the model in bfloat16 (dtype=torch.bfloat16) and turn "
+                            "TrainingArguments bf16/fp16 off")
+        zo_only = METHODS[hybrid.method].fo is None
+        if zo_only and args.world_size > 1:
+            raise HyftError(f"{hybrid.method} in HybridTrainer runs on one process (DDP needs a gradient to "
+                            "synchronise); for data parallel ZO use torchrun ... hyft train")
+
+    def _run_config(self) -> RunConfig:
+        """The method's configuration: HybridArguments and TrainingArguments as the CLI's RunConfig, validated."""
+        h, a = self.hybrid_args, self.args
+        zo_dtypes = {p.dtype for _, p in self.groups.zo}
+        dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(next(iter(zo_dtypes), torch.float32),
+                                                                           "float32")
+        if self.groups.zo and not zo_dtypes <= set(noise.FULL_PRECISION) | {torch.bfloat16, torch.float16}:
+            raise HyftError(f"HybridTrainer cannot perturb weights of dtype {sorted(map(str, zo_dtypes))}")
+        values = {f.name: getattr(h, f.name) for f in dataclasses.fields(h)
+                  if f.name not in ("seed", "overwrite_zo_log")}
+        values.update(seed=a.seed if h.seed is None else h.seed, dtype=dtype, loss="lm",
+                      steps=max(a.max_steps, 1), lr_fo=a.learning_rate, model=_model_name(self.model))
+        return RunConfig.from_dict(values, source="HybridArguments")
+
+    def _build_method(self, resuming: bool) -> Method:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self.comm = DataParallel(self.args.device)
+        mask = self._mask(resuming) if self.run_config.zo_mask and self.groups.zo else None
+        base = self.args.learning_rate
+
+        def rates(group: str, step: int) -> float:
+            scheduler = self.lr_scheduler
+            factor = scheduler.get_last_lr()[0] / base if scheduler is not None and base else 1.0
+            return (self.run_config.lr_zo if group == "zo" else base) * factor
+
+        return self.spec.rule(self.model, self.groups, TokenObjective(self, self.comm), self.run_config,
+                              self.run_config.steps, mask, comm=self.comm, rates=rates, external_fo=True)
+
+    def _mask(self, resuming: bool) -> list[Tensor]:
+        """The sparse-ZO mask: chosen by rank 0 (sensitivity: from the first ``mask_batches`` training batches)
+        and saved beside the log, where replay and every other rank read it."""
+        c, path = self.run_config, Path(self.args.output_dir) / masks.MASK_FILE
+        if not resuming and self.is_world_process_zero():
+            batches = []
+            if c.zo_mask == "sensitivity":
+                for inputs in self.get_train_dataloader():
+                    batches.append(self._prepare_inputs(inputs))
+                    if len(batches) == c.mask_batches:
+                        break
+            objective = TokenObjective(self, Communicator())
+
+            def loss(b: int) -> Tensor:
+                self.model.train()
+                return objective(objective.encode(batches[b % len(batches)]))
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            masks.save(path, self.groups.zo, masks.build(c.zo_mask, self.groups.zo, c.zo_density, loss,
+                                                         c.mask_batches))
+        self.comm.barrier()
+        return masks.load(path, self.groups.zo)
 
     # --- the step ---------------------------------------------------------------------------------
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
                       ) -> torch.Tensor:
-        """∇φ L(θ+εz, φ) by backprop, L(θ−εz, φ) without grad, θ ← θ + εz − η_zo (g z + λ θ); the
-        Trainer's optimizer then steps φ."""
-        if not self.zo_log.path.is_file():
+        """The method's step on this rank's shard; the Trainer's optimizer then steps φ from its gradients."""
+        assert self.method is not None, "HybridTrainer.train() builds the method"
+        if self.zo_updates == 0 and self.method.engine is not None and self.is_world_process_zero() \
+                and not self.zo_log.path.is_file():
             self.zo_log.path.parent.mkdir(parents=True, exist_ok=True)
-            self.zo_log.start(self._header())
-        eps, seed = self.hybrid_args.eps, int(torch.randint(0, 2**62, (1,), generator=self.seeds).item())
-        inputs = self._prepare_inputs(inputs)
-        self.engine.shift_(seed, +eps)
-        if self.hybrid_args.method == "hybrid":
-            model.train()
-            with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
-            self.accelerator.backward(loss)
-            plus = self._eval_loss(model, inputs) if dropout_active(model) else loss.item()
-        else:
-            plus = self._eval_loss(model, inputs)
-        self.engine.shift_(seed, -2 * eps)
-        minus = self._eval_loss(model, inputs)
-        g = (plus - minus) / (2 * eps)
-        if not math.isfinite(g):
-            g = 0.0
-            model.zero_grad(set_to_none=True)  # no step for either group
-        update = ZOUpdate(self.state.global_step, seed, g, lr=self._lr_zo(),
-                          weight_decay=self.hybrid_args.weight_decay_zo, shifts=(eps, -2 * eps, eps))
-        self.engine.update(update)  # also undoes the last shift
-        self.zo_log.append(update)
-        self.zo_updates += 1
-        if self.hybrid_args.method != "hybrid":
-            return torch.tensor((plus + minus) / 2, device=self.args.device)
-        return loss.detach()
+            header = self.run_config.zo.header(model=self.run_config.model, method=self.run_config.method,
+                                               dtype=self.run_config.dtype, device=self.args.device.type,
+                                               trainer="transformers", **describe(self.method.engine))
+            self.zo_log.start(header)
+        stats = self.method.step(self._prepare_inputs(inputs), self.state.global_step)
+        for update in stats.zo_updates:
+            if self.is_world_process_zero():
+                self.zo_log.append(update)
+            self.zo_updates += 1
+        if stats.skipped and not math.isfinite(stats.loss):
+            return torch.tensor(float("nan"), device=self.args.device)
+        return torch.tensor(stats.loss, device=self.args.device)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """ZO-only methods have no first-order group: a placeholder the Trainer can step and schedule."""
-        if self.hybrid_args.method == "hybrid":
+        if self.groups.fo:
             return super().create_optimizer(model)
         if self.optimizer is None:
             self.optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=self.args.learning_rate)
         return self.optimizer
 
-    def _eval_loss(self, model: nn.Module, inputs: dict[str, Any]) -> float:
-        model.eval()
-        with torch.no_grad(), self.compute_loss_context_manager():
-            value = self.compute_loss(model, inputs).item()
-        model.train()
-        return value
-
-    def _lr_zo(self) -> float:
-        scheduler, base = self.lr_scheduler, self.args.learning_rate
-        factor = scheduler.get_last_lr()[0] / base if scheduler is not None and base else 1.0
-        return self.hybrid_args.lr_zo * factor
-
-    def _header(self) -> dict[str, Any]:
-        names = [canonical_name(n) for n, _ in self.engine.params]
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        return {"model": getattr(base.config, "_name_or_path", "") or "user model", "method": self.hybrid_args.method,
-                "dtype": "float32", "dist": self.engine.dist, "scheme": noise.SCHEME,
-                "device": self.engine.params[0][1].device.type, "eps": self.hybrid_args.eps,
-                "estimator": "two-sided", "zo_q": 1, "zo_combine": "mean", "zo_mask": None, "zo_compensate": True,
-                "zo_params": self.hybrid_args.zo_params, "num_tensors": len(names), "numel": self.engine.numel,
-                "first": names[:1], "last": names[-1:], "trainer": "transformers", **asdict(self.hybrid_args)}
-
     # --- checkpoints --------------------------------------------------------------------------------
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        if folder.is_dir():
-            state = {"zo_updates": self.zo_updates, "seeds": self.seeds.get_state().tolist()}
-            (folder / ZO_STATE).write_text(json.dumps(state))
+        if self.is_world_process_zero() and folder.is_dir() and self.method is not None:
+            state = checkpoint.zo_state(self.method, self.zo_updates, store_residuals=not self.spec.zo_on_base)
+            checkpoint.write_atomic(folder / checkpoint.ZO_STATE_FILE, state)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
         """As ``Trainer.train``; resuming also rebuilds the base from the ZO log up to the checkpoint (the
         model must hold the original base weights, as when it was first built)."""
+        folder = None
         if resume_from_checkpoint:
             folder = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True \
                 else resume_from_checkpoint
-            if folder is None or not (Path(folder) / ZO_STATE).is_file():
-                raise HyftError(f"no hybrid checkpoint to resume in {self.args.output_dir}")
-            state = json.loads((Path(folder) / ZO_STATE).read_text())
-            _, updates = ZOLog.read(self.zo_log.path)
-            for u in updates[:state["zo_updates"]]:
-                self.engine.update(u)
+            if folder is None or not (Path(folder) / checkpoint.ZO_STATE_FILE).is_file():
+                raise HyftError(f"no HybridTrainer checkpoint to resume in {self.args.output_dir}")
+        elif self.zo_log.path.is_file():
+            if not self.hybrid_args.overwrite_zo_log:
+                raise HyftError(f"{self.zo_log.path} is another run's ZO log: resume it (resume_from_checkpoint), "
+                                "use a new output_dir, or set HybridArguments(overwrite_zo_log=True)")
+            if self.is_world_process_zero():
+                self.zo_log.path.unlink()
+        self.method = self._build_method(resuming=folder is not None)
+        if folder is not None:
+            self._resume_zo(Path(folder))
+        return super().train(resume_from_checkpoint=folder, **kwargs)
+
+    def _resume_zo(self, folder: Path) -> None:
+        assert self.method is not None
+        self.zo_updates = checkpoint.restore_zo_state(self.method, checkpoint.read(folder / checkpoint.ZO_STATE_FILE))
+        _, updates = ZOLog.read(self.zo_log.path)
+        if self.spec.zo_on_base and self.method.engine is not None:  # θ is not in the Trainer's checkpoint
+            for u in updates[:self.zo_updates]:
+                self.method.engine.update(u)
+        self.comm.barrier()
+        if self.is_world_process_zero():  # lines after the checkpoint belong to steps that will run again
             lines = self.zo_log.path.read_text().splitlines(keepends=True)
-            self.zo_log.path.write_text("".join(lines[:1 + state["zo_updates"]]))
-            self.zo_updates = state["zo_updates"]
-            self.seeds.set_state(torch.tensor(state["seeds"], dtype=torch.uint8))
-            resume_from_checkpoint = folder
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            self.zo_log.path.write_text("".join(lines[:1 + self.zo_updates]))
+
+
+def _model_name(model: nn.Module) -> str:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(getattr(base, "config", None), "_name_or_path", "") or "user model"
