@@ -173,12 +173,31 @@ def test_run_directory_contents_and_rerun_from_config(tiny_dir, tmp_path, capsys
         (["--eps", "0"], "eps must be > 0"),
         (["--batch-size", "0"], "batch_size must be > 0"),
         (["--task", "nope"], "unknown task 'nope'"),
+        (["--peft", "nosuch"], "unknown peft method 'nosuch'"),
+        (["--peft-config", "/nonexistent.yaml"], "/nonexistent.yaml"),
+        (["--peft-config", "{bad_r}"], "r must be int, got 'eight'"),
+        (["--peft-config", "{bad_dropout}"], "lora_dropout must be float, got 'lots'"),
     ],
 )
-def test_bad_train_flags_exit_2_with_one_line(tiny_dir, tmp_path, capsys, args, message):
+def test_bad_train_flags_exit_2_with_one_line(tiny_dir, tmp_path, capsys, args, message, monkeypatch):
+    """Refused before any model work: a model that cannot be loaded proves no load was tried."""
+    (tmp_path / "r.yaml").write_text('r: "eight"\n')
+    (tmp_path / "d.yaml").write_text('lora_dropout: lots\n')
+    args = [a.format(bad_r=tmp_path / "r.yaml", bad_dropout=tmp_path / "d.yaml") for a in args]
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr("hyft.training.loop.load_model", no_load)
     code = main(["train", "--model", tiny_dir, "--out", str(tmp_path / "r"), "--no-progress", *args])
     err = capsys.readouterr().err
-    assert code == 2 and message in err and "Traceback" not in err
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_probe_flags_exit_2_with_one_line(tiny_dir, capsys):
+    assert main(["probe", "--model", tiny_dir, "--batches", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--batches and --directions must be >= 1" in err and "Traceback" not in err
 
 
 def test_existing_output_directory_needs_overwrite(tiny_dir, tmp_path, capsys):

@@ -100,6 +100,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from hyft.training.loop import resolve_device
     from hyft.training.probe import probe_run
 
+    if args.batches < 1 or args.directions < 1:
+        raise HyftError(f"--batches and --directions must be >= 1, got {args.batches} and {args.directions}")
     values = RunConfig.from_yaml(args.config).to_dict() if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k in CONFIG_KEYS})
     config = RunConfig.from_dict(values, source="flags")

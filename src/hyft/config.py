@@ -13,6 +13,7 @@ from hyft.engine.zoconfig import ZOConfig
 from hyft.errors import HyftError
 from hyft.files import read_mapping
 from hyft.methods import METHODS, MethodSpec
+from hyft.methods.params import peft_config
 
 
 def methods() -> dict[str, MethodSpec]:
@@ -166,6 +167,8 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise HyftError(f"bad config value: {message}")
+        if self.spec.uses_peft:
+            peft_config(self)  # peft's own config object, built now: a bad --peft or field fails before model work
         return self
 
     @property

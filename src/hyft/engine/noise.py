@@ -145,6 +145,25 @@ def kernel() -> ctypes.CDLL | None:
     return lib
 
 
+class _Drawn:
+    """How many random numbers the engine has drawn in this process (``hyft bench``'s RNG sweeps per step)."""
+
+    def __init__(self) -> None:
+        self.count, self.lock = 0, threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self.lock:  # pieces may be drawn from several threads
+            self.count += n
+
+
+DRAWN = _Drawn()
+
+
+def drawn() -> int:
+    """Random numbers drawn so far (pieces filled plus positions gathered)."""
+    return DRAWN.count
+
+
 def fill_(out: Tensor, seed: int, start: int, dist: str) -> Tensor:
     """Overwrite the float32 vector ``out`` with z(seed)[start : start + len(out)].
 
@@ -153,6 +172,7 @@ def fill_(out: Tensor, seed: int, start: int, dist: str) -> Tensor:
     n = out.numel()
     if start % BLOCK or n % BLOCK or n > piece_size(out.device):
         raise ValueError(f"fill_ needs whole blocks of {BLOCK} (start {start}, length {n})")
+    DRAWN.add(n)
     key = direction_key(seed)
     if dist == "gaussian":
         lib = kernel() if out.device.type == "cpu" else None
@@ -214,6 +234,7 @@ def at(index: Tensor, seed: int, dist: str) -> Tensor:
     embedding looked up by a batch)."""
     flat = index.reshape(-1)
     n = flat.numel()
+    DRAWN.add(n)
     width = -(-n // 64) * 64  # whole vectors: no element of the float ops falls into a scalar tail
     pos = torch.zeros(width, dtype=torch.int64, device=index.device)
     pos[:n] = flat

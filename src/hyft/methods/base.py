@@ -187,18 +187,26 @@ class Method(ABC):
         """
         assert self.engine is not None
         eps = self.config.eps
+        if self.config.estimator == "two-sided":
+            plus, minus = self.loss_pair(batch, seed, eps)
+            return (plus - minus) / (2 * eps), (plus + minus) / 2 if loss0 is None else loss0
         with self.engine.perturbed(seed, +eps):
             plus = self.loss_eval(batch)
-        if self.config.estimator == "one-sided":
-            if loss0 is None or not self.train_loss_is_eval_loss:
-                plus, loss0 = self.global_losses(plus, self.loss_eval(batch))
-            else:
-                (plus,) = self.global_losses(plus)
-            return (plus - loss0) / eps, loss0
+        if loss0 is None or not self.train_loss_is_eval_loss:
+            plus, loss0 = self.global_losses(plus, self.loss_eval(batch))
+        else:
+            (plus,) = self.global_losses(plus)
+        return (plus - loss0) / eps, loss0
+
+    def loss_pair(self, batch: Encoded, seed: int, eps: float) -> tuple[float, float]:
+        """L(θ+εz(seed)) and L(θ−εz(seed)) over the global batch, eval mode, θ left as it was (``hyft probe``)."""
+        assert self.engine is not None
+        with self.engine.perturbed(seed, +eps):
+            plus = self.loss_eval(batch)
         with self.engine.perturbed(seed, -eps):
             minus = self.loss_eval(batch)
         plus, minus = self.global_losses(plus, minus)
-        return (plus - minus) / (2 * eps), (plus + minus) / 2 if loss0 is None else loss0
+        return plus, minus
 
     def estimate(self, batch: Encoded, loss0: float | None = None) -> tuple[list[tuple[int, float]], float, float]:
         """``zo_q`` SPSA estimates at the same weights, combined by the ``zo_combine`` estimator: returns

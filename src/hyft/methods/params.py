@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -55,11 +57,36 @@ def peft_config(config: RunConfig) -> PeftConfig:
     if "num_virtual_tokens" in {f.name for f in dataclasses.fields(cls)}:
         values["num_virtual_tokens"] = VIRTUAL_TOKENS
     if config.peft_config:
-        values.update(read_mapping(config.peft_config, "peft config", "expected a mapping of peft config fields"))
+        given = read_mapping(config.peft_config, "peft config", "expected a mapping of peft config fields")
+        for key, value in given.items():
+            problem = _field_type_problem(cls, key, value)
+            if problem:
+                raise HyftError(f"bad {name} config in {config.peft_config}: {problem}")
+        values.update(given)
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
         raise HyftError(f"bad {name} config: {' '.join(str(err).split())}") from err
+
+
+_SIMPLE = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
+
+
+def _field_type_problem(cls: type, key: str, value: Any) -> str | None:
+    """``key: value`` against the peft config class's annotation, for the simple types (int, float, bool, str,
+    optionally None) that peft itself does not check: "r must be int, got 'eight'"; None when it fits."""
+    hints = typing.get_type_hints(cls)
+    if key not in hints:
+        return None  # peft's own constructor names unknown fields
+    kinds = typing.get_args(hints[key]) if typing.get_origin(hints[key]) in (typing.Union, types.UnionType) \
+        else (hints[key],)
+    if value is None and type(None) in kinds:
+        return None
+    simple = [k for k in kinds if k in _SIMPLE]
+    if not simple or len(simple) != len([k for k in kinds if k is not type(None)]):
+        return None  # a richer type (lists, dicts, literals): left to peft
+    ok = any(isinstance(value, _SIMPLE[k]) and not (k is not bool and isinstance(value, bool)) for k in simple)
+    return None if ok else f"{key} must be {' or '.join(k.__name__ for k in simple)}, got {value!r}"
 
 
 def prepare(model: nn.Module, config: RunConfig) -> tuple[nn.Module, ParamGroups]:

@@ -98,11 +98,7 @@ def probe(method: Method, batches: Sequence[Encoded], directions: int = 4, eps: 
         losses.append(loss0)
         if method.engine is not None:
             for _ in range(directions):
-                seed = method.next_seed()
-                with torch.no_grad(), method.engine.perturbed(seed, +eps):
-                    plus = objective(batch).item()
-                with torch.no_grad(), method.engine.perturbed(seed, -eps):
-                    minus = objective(batch).item()
+                plus, minus = method.loss_pair(batch, method.next_seed(), eps)  # the method's SPSA points
                 g, c = (plus - minus) / (2 * eps), (plus + minus - 2 * loss0) / eps**2
                 zo_num.append(g * g)
                 zo_den.append(g * g * c)

@@ -3,7 +3,6 @@ built on its own copy of the model, with timing hooks around the pieces a step i
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,34 +82,6 @@ class _FixedObjective:
         return self.call(batch)
 
 
-class _Drawn:
-    """Counts the random numbers the noise engine draws (pieces and gathered positions)."""
-
-    def __init__(self) -> None:
-        self.count, self.lock, self.fill, self.at = 0, threading.Lock(), noise.fill_, noise.at
-
-    def fill_(self, out: Tensor, seed: int, start: int, dist: str) -> Tensor:
-        with self.lock:
-            self.count += out.numel()
-        return self.fill(out, seed, start, dist)
-
-    def at_(self, index: Tensor, seed: int, dist: str) -> Tensor:
-        with self.lock:
-            self.count += index.numel()
-        return self.at(index, seed, dist)
-
-
-_DRAWN: _Drawn | None = None
-
-
-def _drawn() -> _Drawn:
-    global _DRAWN
-    if _DRAWN is None:
-        _DRAWN = _Drawn()
-        noise.fill_, noise.at = _DRAWN.fill_, _DRAWN.at_  # the engine looks them up at call time
-    return _DRAWN
-
-
 class _Temporaries:
     """The largest perturbed temporary (elements) made since the last reset: whole tensors and row blocks."""
 
@@ -167,13 +138,12 @@ def build_row(name: str, model_name: str, batch_size: int, seq_len: int, dtype: 
         engine.update = timer.timed(engine.update, "update")
     if method.optimizer is not None:
         method.optimizer.step = timer.timed(method.optimizer.step, "update")
-    counter = _drawn()
     steps = iter(range(10**9))
 
     def step() -> None:
         method.step([], next(steps))
 
-    return Row(name, label, step, timer, method.engine.numel if method.engine else 0, lambda: counter.count,
+    return Row(name, label, step, timer, method.engine.numel if method.engine else 0, noise.drawn,
                lambda: temporaries.peak)
 
 
