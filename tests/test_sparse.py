@@ -97,6 +97,26 @@ def test_sparse_perturbation_is_exact_and_matches_the_dense_direction(dtype, tok
         assert torch.equal(p, b)
 
 
+@pytest.mark.parametrize("two_sided", [True, False])
+def test_sparse_and_dense_low_precision_updates_mean_the_same(two_sided, tokenizer):
+    """bf16: a sparse engine whose mask is every position updates bitwise as the dense engine does, along
+    the direction the SPSA points applied (not z). Without residuals: the dense one keeps them in the weight's
+    dtype, the sparse one in float32 (k values only)."""
+    from hyft.engine.zmath import Applied
+    from hyft.engine.zo import ZOUpdate
+
+    a, b = (tiny_model("llama", len(tokenizer)).to(torch.bfloat16) for _ in range(2))
+    pa, pb = select_params(a), select_params(b)
+    sparse = SparseEngine(a, pa, [torch.arange(p.numel()) for _, p in pa], "gaussian", compensate=False,
+                          applied=Applied(1e-2, two_sided))
+    dense = ZOEngine(b, pb, "gaussian", eps=1e-2, two_sided=two_sided, compensate=False)
+    for step in range(3):
+        for engine in (sparse, dense):
+            engine.update(ZOUpdate(step, 11 + step, 3.0, lr=1e-3))
+    for (n, p), (_, q) in zip(pa, pb, strict=True):
+        assert torch.equal(p, q), n
+
+
 def test_estimators_combine_as_documented():
     assert mean([1.0, 3.0]) == [0.5, 1.5]
     c = normalized([1.0, 3.0, 5.0])

@@ -7,6 +7,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from hyft.engine.sparse import SparseEngine
+from hyft.engine.zmath import Applied
 from hyft.engine.zo import ZOEngine, canonical_name
 from hyft.engine.zoconfig import ZOConfig
 
@@ -19,7 +20,8 @@ def make_engine(model: nn.Module, params: list[tuple[str, nn.Parameter]], zo: ZO
     if mask is None:
         return ZOEngine(model, params, zo.dist, eps=zo.eps, two_sided=zo.two_sided, compensate=zo.compensate,
                         rounding=zo.rounding)
-    return SparseEngine(model, params, mask, zo.dist, compensate=zo.compensate)
+    return SparseEngine(model, params, mask, zo.dist, compensate=zo.compensate,
+                        applied=Applied(zo.eps, zo.two_sided))
 
 
 def describe(engine: Engine) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from hyft.engine import noise
+from hyft.engine.zmath import Applied
 from hyft.engine.zo import EngineState, ZOUpdate, direction_seed
 from hyft.errors import HyftError
 
@@ -29,8 +30,9 @@ class SparseEngine(EngineState):
     """
 
     def __init__(self, model: nn.Module, params: list[tuple[str, nn.Parameter]], mask: list[Tensor],
-                 dist: str = "gaussian", compensate: bool = True):
+                 dist: str = "gaussian", compensate: bool = True, applied: Applied | None = None):
         noise.check_dist(dist)
+        self.applied = applied  # bf16/fp16: update along the direction the SPSA points applied, as the dense engine
         if len(mask) != len(params):
             raise HyftError(f"the ZO mask has {len(mask)} tensors and the ZO group {len(params)}")
         self.dist, self.params = dist, params
@@ -116,9 +118,16 @@ class SparseEngine(EngineState):
         for i, ((_, p), m) in enumerate(zip(self.params, self.mask, strict=True)):
             flat = p.detach().view(-1)
             true = self._true(i, flat[m])
+            v = self.z(i, u.seed)
+            if self.applied is not None and p.dtype not in noise.FULL_PRECISION:
+                # the same arithmetic as the dense engine's (zmath.update_): what the perturbed forwards saw
+                e, two = self.applied.eps, self.applied.two_sided
+                up = torch.add(true, v, alpha=e).to(p.dtype).float()
+                down = torch.add(true, v, alpha=-e).to(p.dtype).float() if two else flat[m].float()
+                v = up.sub_(down).mul_(1.0 / (e * (2.0 if two else 1.0)))
             if decay:
                 true.mul_(1.0 - decay)
-            true.add_(self.z(i, u.seed), alpha=-step)
+            true.add_(v, alpha=-step)
             stored = true.to(p.dtype)
             flat[m] = stored
             r = self.residuals[i]
