@@ -88,3 +88,24 @@ def test_fused_form_falls_back_to_the_separate_step(why, tokenizer, examples):
     method, _ = fused_hybrid(tokenizer, **why)
     method.step(examples, 0)  # dropout is measured on the first batch
     assert not method.fused
+
+
+@pytest.mark.parametrize("method_name", ["hybrid", "zo-full"])
+def test_a_skipped_step_changes_nothing(method_name, tokenizer, examples):
+    """A non-finite loss pair: θ is only put back from its in-place shifts (no learning rate, no weight decay,
+    even with weight_decay_zo > 0), φ keeps its value and its optimizer state, and the log says lr 0."""
+    model = tiny_model("llama", len(tokenizer))
+    config = RunConfig(method=method_name, lr_fo=0.1, lr_zo=1e-2, eps=1e-2, weight_decay_zo=0.5)
+    model, groups = prepare(model, config)
+    method = METHODS[method_name].rule(model, groups, Objective(model, tokenizer, config), config, total=4)
+    theta = [p.detach().clone() for _, p in groups.zo]
+    phi = [p.detach().clone() for _, p in groups.fo]
+    method.loss_eval = lambda batch: float("nan")  # every SPSA point diverges
+    stats = method.step(examples, 0)
+    assert stats.skipped and stats.lr_zo is None and stats.lr_fo is None
+    assert [(u.lr, u.weight_decay, u.coef) for u in stats.zo_updates] == [(0.0, 0.0, 0.0)]
+    for (_, p), before in zip(groups.zo, theta, strict=True):  # +ε, −2ε, +ε in float32: a few ulps, no decay
+        assert (p - before).abs().max() <= 4 * 2.0**-24 * (before.abs().max() + 2e-2 * 6)
+    for (_, p), before in zip(groups.fo, phi, strict=True):
+        assert torch.equal(p, before)
+    assert method.optimizer is None or not method.optimizer.state
