@@ -22,8 +22,8 @@ class SignDescent(Method):
 
     name = "sign"
 
-    def step(self, examples, step: int) -> StepStats:
-        loss = self.loss_with_grad(self.objective.encode(examples)).item()
+    def update(self, batch, step: int) -> StepStats:
+        loss = self.loss_with_grad(batch).item()
         if not finite(loss):
             self.discard_grads()
             return StepStats(loss=loss, skipped=True)
