@@ -1,5 +1,6 @@
 """What every update rule shares: the objective on a batch, the two parameter groups' updates, the seed
-stream for ZO directions, and the SPSA estimate. A method subclass only writes ``update`` (the step on an encoded batch)."""
+stream for ZO directions, and the SPSA estimate. A method subclass only writes ``update`` (its step on an
+encoded batch)."""
 
 from __future__ import annotations
 
