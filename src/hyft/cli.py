@@ -10,6 +10,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from hyft.config import RunConfig
 from hyft.errors import HyftError
@@ -182,11 +183,17 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hyft.models import DEFAULT_MODEL
-
     parser = argparse.ArgumentParser(prog="hyft", description="Hybrid ZO/FO fine-tuning of language models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
+    _training_commands(sub)
+    _tool_commands(sub)
+    return parser
+
+
+def _training_commands(sub: Any) -> None:
+    """tasks, eval, train, probe: what a run needs."""
+    from hyft.models import DEFAULT_MODEL
 
     p = sub.add_parser("tasks", help="list the built-in tasks and their split sizes")
     p.add_argument("--seed", type=int, default=0)
@@ -223,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the measurements to this JSON file")
     _config_flags(p)
     p.set_defaults(func=cmd_probe)
+
+
+def _tool_commands(sub: Any) -> None:
+    """replay, export, bench, plot: the tools over finished runs and the engine."""
+    from hyft.models import DEFAULT_MODEL
 
     p = sub.add_parser("replay", help="rebuild a fine-tuned base model from the original and a ZO log")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the original model the run started from")
@@ -263,7 +275,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--out", default="runs/compare.png")
     p.set_defaults(func=cmd_plot)
-    return parser
 
 
 def _cuda() -> bool:

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +36,12 @@ from hyft.engine.factory import Engine, describe
 from hyft.engine.zo import ZOLog, ZOUpdate, canonical_name
 from hyft.errors import HyftError
 from hyft.memory import peak_memory_mb
-from hyft.methods import Method, Objective
+from hyft.methods import Method, Objective, StepStats
 from hyft.methods.params import ParamGroups, prepare
 from hyft.models import load_model, model_dir, resolve_dtype
 from hyft.rundir import RunDir
 from hyft.seeds import derive_seed
-from hyft.tasks import get_task, sample_splits
+from hyft.tasks import Splits, get_task, sample_splits
 from hyft.tasks.evaluate import evaluate
 from hyft.training import checkpoint
 from hyft.training.reporting import Reporter, reporter
@@ -90,6 +91,25 @@ class TrainState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Run:
+    """What a run is made of once set up: data, model, groups, the method, the order, the log, the state."""
+
+    model: nn.Module
+    tokenizer: Any
+    splits: Splits
+    dev: list
+    groups: ParamGroups
+    method: Method
+    sampler: EpochSampler
+    zo_log: ZOLog
+    direct: list[tuple[str, nn.Parameter]]
+    total: int
+    state: TrainState
+    sent_before: Counter = field(default_factory=Counter)
+    steps_before: int = 0
+
+
 class Trainer:
     """One run: ``Trainer(config, out).run()`` returns the results dict also written to results.json."""
 
@@ -137,26 +157,27 @@ class Trainer:
 
     # --- the run ---------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        c, comm, device = self.config, self.comm, self.device
-        torch.manual_seed(c.seed)  # the same on every rank: whatever the global RNG initialises is identical
-        splits = sample_splits(get_task(c.task), c.seed, c.num_train, c.num_dev, c.num_test)
-        for note in splits.notes:
-            self.log(f"note: {note}")
-        dev = splits.dev[: c.eval_dev_examples]
-        last = len(splits.train) % c.batch_size  # the short last batch of every epoch must split evenly too
-        if comm.world > 1 and last % comm.world:
-            raise HyftError(f"the last batch of each epoch has {last} of the {len(splits.train)} training examples, "
-                            f"which cannot be split over {comm.world} processes; use --num-train or --batch-size "
-                            f"so that {comm.world} divides both the batch size and the remainder")
-        model, tokenizer = load_model(c.model, c.dtype, device)
-        ckpt = self._read_checkpoint() if self.resume else None
+        """Set up, train to the budget (stopping cleanly on a signal), then test the best-dev state."""
+        run = self._setup()
+        self._train(run)
+        self._record_communication(run)
+        results = self._finish(run)
+        self.comm.close()
+        return results
 
+    # --- set-up ----------------------------------------------------------------------------------
+    def _setup(self) -> Run:
+        """Data, model (zero-shot tested on a fresh run), the method, and the state: resumed or step 0."""
+        c, comm = self.config, self.comm
+        torch.manual_seed(c.seed)  # the same on every rank: whatever the global RNG initialises is identical
+        splits = self._splits()
+        model, tokenizer = load_model(c.model, c.dtype, self.device)
+        ckpt = self._read_checkpoint() if self.resume else None
         state = TrainState()
         if ckpt is None and c.zero_shot:
             state.zero_shot = evaluate(model, tokenizer, splits.test, c.eval_batch_size, c.normalize,
                                        c.max_length, self.progress, "zero-shot test", comm).accuracy
             self.log(f"zero-shot test accuracy: {state.zero_shot:.4f} (n={len(splits.test)})")
-
         model, groups = prepare(model, c)
         self.log(f"{c.method}: {groups.describe()}")
         total = c.steps if c.epochs is None else math.ceil(c.epochs * len(splits.train) / c.batch_size)
@@ -167,84 +188,65 @@ class Trainer:
                 setattr(c, key, value)
         mask = self._zo_mask(groups, objective, splits.train) if c.zo_mask and groups.zo else None
         method: Method = c.spec.rule(model, groups, objective, c, total, mask, comm=comm)
-        sampler = EpochSampler(len(splits.train), c.batch_size, c.shuffle, c.seed)
-        zo_log = ZOLog(self.run_dir.zo_log)
-        direct = direct_params(c, groups)
+        run = Run(model, tokenizer, splits, splits.dev[: c.eval_dev_examples], groups, method,
+                  EpochSampler(len(splits.train), c.batch_size, c.shuffle, c.seed), ZOLog(self.run_dir.zo_log),
+                  direct_params(c, groups), total, state)
+        self._start_or_resume(run, ckpt)
+        return run
 
+    def _splits(self) -> Splits:
+        """The task's train/dev/test examples (MeZO's sampling); the last batch of an epoch must shard evenly."""
+        c, comm = self.config, self.comm
+        splits = sample_splits(get_task(c.task), c.seed, c.num_train, c.num_dev, c.num_test)
+        for note in splits.notes:
+            self.log(f"note: {note}")
+        last = len(splits.train) % c.batch_size  # the short last batch of every epoch must split evenly too
+        if comm.world > 1 and last % comm.world:
+            raise HyftError(f"the last batch of each epoch has {last} of the {len(splits.train)} training examples, "
+                            f"which cannot be split over {comm.world} processes; use --num-train or --batch-size "
+                            f"so that {comm.world} divides both the batch size and the remainder")
+        return splits
+
+    def _start_or_resume(self, run: Run, ckpt: dict[str, Any] | None) -> None:
+        """A fresh run starts the ZO log and writes the step-0 checkpoint; a resumed one restores its state."""
+        c, comm = self.config, self.comm
         if comm.rank and ckpt is None:  # rank 0 keeps the one-process stream: own dropout masks per shard
             torch.manual_seed(derive_seed(c.seed, "dropout", comm.rank))
         if ckpt is not None:
-            state = self._resume_from(ckpt, method, sampler, direct, model)
-            self.log(f"resumed {self.run_dir.path} at step {state.step} of {total}")
+            run.state = self._resume_from(ckpt, run.method, run.sampler, run.direct, run.model)
+            self.log(f"resumed {self.run_dir.path} at step {run.state.step} of {run.total}")
         else:
-            if method.engine is not None and comm.is_main:
-                zo_log.start(zo_header(c, method.engine, device))
-            self._save_checkpoint(state, method, sampler, direct)
-        comm.broadcast_([p for _, p in direct])  # replicas start equal, as DDP makes them
+            if run.method.engine is not None and comm.is_main:
+                run.zo_log.start(zo_header(c, run.method.engine, self.device))
+            self._save_checkpoint(run.state, run.method, run.sampler, run.direct)
+        comm.broadcast_([p for _, p in run.direct])  # replicas start equal, as DDP makes them
         if comm.world > 1:
             self.log(f"data parallel: {comm.world} processes ({comm.backend}), {c.batch_size // comm.world} "
                      f"examples each of every batch of {c.batch_size}")
-        sent_before = comm.sent.copy()
-        steps_before = state.step
+        run.sent_before, run.steps_before = self.comm.sent.copy(), run.state.step
 
-        def dev_eval(step: int) -> float:
-            result = evaluate(model, tokenizer, dev, c.eval_batch_size, c.normalize, c.max_length, False, comm=comm)
-            self._log_metrics(state, {"step": step, "dev_accuracy": result.accuracy,
-                                      "eval_seconds": round(result.seconds, 3)})
-            return result.accuracy
-
-        self.reporter = reporter(c.report_to if comm.is_main else "none", self.run_dir.path, c.to_dict())
-        bar = tqdm(total=total, initial=state.step, desc=f"{c.method} {c.task}", disable=not self.progress,
+    # --- the loop --------------------------------------------------------------------------------
+    def _train(self, run: Run) -> None:
+        """step → record → (diverged?) → evaluate → checkpoint → stop on a signal, until the budget is spent."""
+        c, state = self.config, run.state
+        self.reporter = reporter(c.report_to if self.comm.is_main else "none", self.run_dir.path, c.to_dict())
+        bar = tqdm(total=run.total, initial=state.step, desc=f"{c.method} {c.task}", disable=not self.progress,
                    dynamic_ncols=True)
         handlers = self._catch_signals()
         try:
-            while state.step < total:
-                step = state.step
-                start = time.perf_counter()
-                shard = comm.shard(sampler.next_batch())  # every rank walks the same order, takes its slice
-                stats = method.step([splits.train[i] for i in shard], step)
-                seconds = time.perf_counter() - start
-                state.step, state.train_seconds = step + 1, state.train_seconds + seconds
-                before = state.zo_updates
-                for u in stats.zo_updates:
-                    if comm.is_main:
-                        zo_log.append(u)
-                    state.zo_updates += 1
-                # a snapshot holds the base after whole steps (all directions of a step are applied at once)
-                if c.zo_on_base and state.zo_updates // c.snapshot_every > before // c.snapshot_every \
-                        and comm.is_main:
-                    assert method.engine is not None
-                    self.snapshots.write(method.engine, state.zo_updates)
-                state.bad = state.bad + 1 if stats.skipped else 0
-                state.skipped += int(stats.skipped)
-                self._log_metrics(state, {
-                    "step": step + 1, "epoch": sampler.epoch, "loss": stats.loss, "lr_zo": stats.lr_zo,
-                    "lr_fo": stats.lr_fo, "zo_coef": stats.zo_coef, "seconds": round(seconds, 4),
-                    "skipped": stats.skipped,
-                })
-                if state.bad >= c.max_bad_steps:
-                    raise HyftError(
-                        f"training diverged: {state.bad} consecutive non-finite losses or ZO coefficients at step "
-                        f"{step + 1} (no update was applied for them); lower lr_fo/lr_zo or eps. The last good "
-                        f"checkpoint is kept in {self.run_dir.checkpoint}"
-                    )
-                if (c.eval_every and state.step % c.eval_every == 0) or state.step == total:
-                    state.dev_accuracy = dev_eval(state.step)
-                    if state.best is None or state.dev_accuracy > state.best.dev_accuracy:
-                        state.best = Snapshot(state.step, state.dev_accuracy, self._write_best(state.step, direct),
-                                              state.zo_updates)
-                checkpoint_due = (c.checkpoint_every and state.step % c.checkpoint_every == 0) or state.step == total
+            while state.step < run.total:
+                stats = self._step(run)
+                self._check_divergence(state)
+                if (c.eval_every and state.step % c.eval_every == 0) or state.step == run.total:
+                    self._evaluate(run)
+                checkpoint_due = (c.checkpoint_every and state.step % c.checkpoint_every == 0) \
+                    or state.step == run.total
                 if checkpoint_due and state.bad == 0:  # never checkpoint in a streak of skipped steps
-                    self._save_checkpoint(state, method, sampler, direct)
+                    self._save_checkpoint(state, run.method, run.sampler, run.direct)
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.loss:.4f}", dev=f"{state.dev_accuracy:.3f}",
                                 steps_s=f"{state.step / max(state.train_seconds, 1e-9):.2f}", refresh=False)
-                stop = comm.max(self._stop or 0)  # every rank stops after the same step, naming the same signal
-                if stop:
-                    self._save_checkpoint(state, method, sampler, direct)
-                    comm.barrier()  # no rank exits before the checkpoint is written
-                    raise Interrupted(f"{signal.Signals(stop).name} at step {state.step}: checkpoint saved; resume "
-                                      f"with `hyft train --resume {self.run_dir.path}`", stop)
+                self._stop_if_signalled(run)
         except PeerLost as err:
             raise PeerLost(f"{err}. The last checkpoint in {self.run_dir.path} is intact: relaunch with "
                            f"`--resume {self.run_dir.path}`") from err
@@ -252,40 +254,98 @@ class Trainer:
             bar.close()
             self.reporter.close()
             self._restore_signals(handlers)
-        done = max(state.step - steps_before, 1)
-        state.extra["communication"] = {
+
+    def _step(self, run: Run) -> StepStats:
+        """One step of the method on this rank's shard, its ZO updates logged and snapshotted, its row written."""
+        c, comm, state = self.config, self.comm, run.state
+        step, start = state.step, time.perf_counter()
+        shard = comm.shard(run.sampler.next_batch())  # every rank walks the same order, takes its slice
+        stats = run.method.step([run.splits.train[i] for i in shard], step)
+        seconds = time.perf_counter() - start
+        state.step, state.train_seconds = step + 1, state.train_seconds + seconds
+        before = state.zo_updates
+        for u in stats.zo_updates:
+            if comm.is_main:
+                run.zo_log.append(u)
+            state.zo_updates += 1
+        # a snapshot holds the base after whole steps (all directions of a step are applied at once)
+        if c.zo_on_base and state.zo_updates // c.snapshot_every > before // c.snapshot_every and comm.is_main:
+            assert run.method.engine is not None
+            self.snapshots.write(run.method.engine, state.zo_updates)
+        state.bad = state.bad + 1 if stats.skipped else 0
+        state.skipped += int(stats.skipped)
+        self._log_metrics(state, {
+            "step": step + 1, "epoch": run.sampler.epoch, "loss": stats.loss, "lr_zo": stats.lr_zo,
+            "lr_fo": stats.lr_fo, "zo_coef": stats.zo_coef, "seconds": round(seconds, 4), "skipped": stats.skipped,
+        })
+        return stats
+
+    def _check_divergence(self, state: TrainState) -> None:
+        if state.bad >= self.config.max_bad_steps:
+            raise HyftError(
+                f"training diverged: {state.bad} consecutive non-finite losses or ZO coefficients at step "
+                f"{state.step} (no update was applied for them); lower lr_fo/lr_zo or eps. The last good "
+                f"checkpoint is kept in {self.run_dir.checkpoint}"
+            )
+
+    def _evaluate(self, run: Run) -> None:
+        """Dev accuracy now; a new best keeps its direct weights (in a file) and its index into the ZO log."""
+        c, state = self.config, run.state
+        result = evaluate(run.model, run.tokenizer, run.dev, c.eval_batch_size, c.normalize, c.max_length, False,
+                          comm=self.comm)
+        self._log_metrics(state, {"step": state.step, "dev_accuracy": result.accuracy,
+                                  "eval_seconds": round(result.seconds, 3)})
+        state.dev_accuracy = result.accuracy
+        if state.best is None or state.dev_accuracy > state.best.dev_accuracy:
+            state.best = Snapshot(state.step, state.dev_accuracy, self._write_best(state.step, run.direct),
+                                  state.zo_updates)
+
+    def _stop_if_signalled(self, run: Run) -> None:
+        stop = self.comm.max(self._stop or 0)  # every rank stops after the same step, naming the same signal
+        if stop:
+            self._save_checkpoint(run.state, run.method, run.sampler, run.direct)
+            self.comm.barrier()  # no rank exits before the checkpoint is written
+            raise Interrupted(f"{signal.Signals(stop).name} at step {run.state.step}: checkpoint saved; resume "
+                              f"with `hyft train --resume {self.run_dir.path}`", stop)
+
+    # --- the end ---------------------------------------------------------------------------------
+    def _record_communication(self, run: Run) -> None:
+        """What each step sent, by group, and (data parallel) a fingerprint of every replica's weights."""
+        comm = self.comm
+        done = max(run.state.step - run.steps_before, 1)
+        record = {
             "world": comm.world, "backend": comm.backend,
-            "bytes_per_step": {g: round((comm.sent[g] - sent_before[g]) / done, 1) for g in ("zo", "fo", "control")},
+            "bytes_per_step": {g: round((comm.sent[g] - run.sent_before[g]) / done, 1)
+                               for g in ("zo", "fo", "control")},
             # what the same step would send as one all-reduce of a gradient of every weight
-            "full_gradient_bytes_per_step": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "full_gradient_bytes_per_step": sum(p.numel() * p.element_size() for p in run.model.parameters()),
         }
         if comm.world > 1:
-            fingerprints = comm.fingerprints([p for p in model.parameters()])
-            state.extra["communication"]["replica_fingerprints"] = fingerprints
+            fingerprints = comm.fingerprints([p for p in run.model.parameters()])
+            record["replica_fingerprints"] = fingerprints
             if len(set(fingerprints)) > 1:
                 self.log(f"warning: the {comm.world} replicas hold different weights (fingerprints {fingerprints})")
-        results = self._finish(state, total, model, tokenizer, method, groups, direct, splits.test, len(dev), device)
-        comm.close()
-        return results
+        run.state.extra["communication"] = record
 
-    def _finish(self, state: TrainState, total: int, model: nn.Module, tokenizer, method: Method,
-                groups: ParamGroups, direct, test_examples, n_dev: int, device: torch.device) -> dict[str, Any]:
-        c, best, comm = self.config, state.best, self.comm
+    def _finish(self, run: Run) -> dict[str, Any]:
+        """Restore the best-dev state, test it, save the trained weights and write results.json (rank 0)."""
+        c, state, comm, model = self.config, run.state, self.comm, run.model
+        best = state.best
         assert best is not None
         comm.barrier()  # rank 0 has written the best-dev weights and the log the others read
-        self.restore(best, direct, method, model)
-        self.model, self.tokenizer = model, tokenizer  # the best-dev state, for callers of the library
-        test = evaluate(model, tokenizer, test_examples, c.eval_batch_size, c.normalize, c.max_length,
+        self.restore(best, run.direct, run.method, model)
+        self.model, self.tokenizer = model, run.tokenizer  # the best-dev state, for callers of the library
+        test = evaluate(model, run.tokenizer, run.splits.test, c.eval_batch_size, c.normalize, c.max_length,
                         self.progress, "test", comm)
         if not comm.is_main:
             comm.barrier()  # until rank 0 has written the results
-            return self._results(state, total, groups, best, test, n_dev, device)
+            return self._results(state, run.total, run.groups, best, test, len(run.dev), self.device)
         if c.uses_peft:
             model.save_pretrained(self.run_dir.adapter)
         elif c.spec.fo_on_base:  # every weight was trained: keep the best-dev model itself
             model.save_pretrained(self.run_dir.path / "model")
-            tokenizer.save_pretrained(self.run_dir.path / "model")
-        results = self._results(state, total, groups, best, test, n_dev, device)
+            run.tokenizer.save_pretrained(self.run_dir.path / "model")
+        results = self._results(state, run.total, run.groups, best, test, len(run.dev), self.device)  # peak RSS last
         self.run_dir.write_results(results)
         self.log(f"test accuracy: {test.accuracy:.4f} (best dev {best.dev_accuracy:.4f} at step {best.step}); "
                  f"results in {self.run_dir.results}")

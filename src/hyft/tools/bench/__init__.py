@@ -48,6 +48,33 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def _timed_rows(built: list, warmup: int, repeats: int, peaks: dict[str, Any], log=print) -> dict[str, Any]:
+    """Interleaved rounds over the rows (after ``warmup``); each row's medians, totals, RNG sweeps, temporaries."""
+    samples: dict[str, list[dict[str, float]]] = {row.name: [] for row in built}
+    for round_ in range(warmup + repeats):
+        for row in built:
+            before = row.generated()
+            sample = row.timer.measure(row.step)
+            sample["drawn"] = row.generated() - before
+            if round_ >= warmup:
+                samples[row.name].append(sample)
+        log(f"round {round_ + 1}/{warmup + repeats}: " +
+            ", ".join(f"{r.name} {samples[r.name][-1]['total']:.2f}s" for r in built if samples[r.name]))
+    rows: dict[str, Any] = {}
+    for row in built:
+        s = samples[row.name]
+        med = {k: statistics.median(x[k] for x in s) for k in ("total", *CATEGORIES)}
+        drawn = statistics.median(x["drawn"] for x in s)
+        rows[row.name] = {
+            "label": row.label, "seconds": med, "all_totals": [x["total"] for x in s],
+            "rng_sweeps": drawn / row.zo_numel if row.zo_numel else 0.0, "zo_numel": row.zo_numel,
+            "peak_temporary": row.temporary(),
+        }
+        if row.name in peaks:
+            rows[row.name]["memory"] = peaks[row.name]
+    return rows
+
+
 def run_bench(model: str = "smollm2-135m", batch_size: int = 16, seq_len: int = 64, rows: list[str] | None = None,
               repeats: int = 5, warmup: int = 1, dtype: str = "float32", device: str = "auto",
               memory: bool = True, out: str | Path | None = None, log=print, sweeps: bool = False,
@@ -78,28 +105,7 @@ def run_bench(model: str = "smollm2-135m", batch_size: int = 16, seq_len: int = 
             peaks[name] = measure(name, model, batch_size, seq_len, dtype, str(dev))
     log(f"building {len(names)} rows on {dev} ({model}, batch {batch_size} x seq {seq_len}, {dtype})")
     built = [build_row(n, model, batch_size, seq_len, dtype, str(dev)) for n in names]
-    samples: dict[str, list[dict[str, float]]] = {n: [] for n in names}
-    for round_ in range(warmup + repeats):
-        for row in built:
-            before = row.generated()
-            sample = row.timer.measure(row.step)
-            sample["drawn"] = row.generated() - before
-            if round_ >= warmup:
-                samples[row.name].append(sample)
-        log(f"round {round_ + 1}/{warmup + repeats}: " +
-            ", ".join(f"{r.name} {samples[r.name][-1]['total']:.2f}s" for r in built if samples[r.name]))
-    results: dict[str, Any] = {"rows": {}, **extra}
-    for row in built:
-        s = samples[row.name]
-        med = {k: statistics.median(x[k] for x in s) for k in ("total", *CATEGORIES)}
-        drawn = statistics.median(x["drawn"] for x in s)
-        results["rows"][row.name] = {
-            "label": row.label, "seconds": med, "all_totals": [x["total"] for x in s],
-            "rng_sweeps": drawn / row.zo_numel if row.zo_numel else 0.0, "zo_numel": row.zo_numel,
-            "peak_temporary": row.temporary(),
-        }
-        if row.name in peaks:
-            results["rows"][row.name]["memory"] = peaks[row.name]
+    results: dict[str, Any] = {"rows": _timed_rows(built, warmup, repeats, peaks, log), **extra}
     results["setup"] = {"model": model, "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype,
                         "repeats": repeats, "warmup": warmup, "noise_scheme": noise.SCHEME,
                         "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv)}
