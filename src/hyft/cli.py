@@ -14,6 +14,7 @@ from typing import Any
 
 from hyft.config import RunConfig
 from hyft.errors import HyftError
+from hyft.rundir import RunDir
 
 Command = Callable[[argparse.Namespace], int]
 CONFIG_KEYS = set(RunConfig.__dataclass_fields__)
@@ -69,7 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume and (args.config or args.out or args.overwrite):
         raise HyftError("--resume takes the run's own config.yaml; drop --config/--out/--overwrite")
-    source = args.config or (str(Path(args.resume) / "config.yaml") if args.resume else None)
+    source = args.config or (str(RunDir(Path(args.resume)).config) if args.resume else None)
     if args.resume and not Path(source).is_file():
         raise HyftError(f"{args.resume} is not a run directory (no config.yaml)")
     values = RunConfig.from_yaml(source).to_dict() if source else {}
@@ -142,7 +143,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     runs = [Path(r) for r in args.runs]
     for run in runs:
-        if not (run / "metrics.jsonl").is_file():
+        if not RunDir(run).metrics.is_file():
             raise HyftError(f"{run} is not a run directory (no metrics.jsonl)")
     print(plot_runs(runs, Path(args.out)))
     return 0

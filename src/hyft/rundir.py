@@ -17,8 +17,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# Names a run's files have wherever they are written (a CLI run directory, a HybridTrainer output_dir)
+ZO_LOG = "zo_log.jsonl"  # the ZO log: a header, then one line per ZO update
+MASK_FILE = "zo-mask.safetensors"  # the sparse-ZO mask, beside its log
+SNAPSHOTS = "snapshots"  # base snapshots, beside the log
+ZO_STATE_FILE = "hyft_zo_state.pt"  # the ZO part of a HybridTrainer checkpoint folder
+
+
 class RunDir:
-    """``config.yaml``, ``metrics.jsonl``, ``zo_log.jsonl``, ``results.json``, ``adapter/``, ``plots/``."""
+    """A CLI run's directory: ``config.yaml``, ``metrics.jsonl``, ``zo_log.jsonl`` (+ mask, snapshots),
+    ``checkpoint.pt``, ``best-*.safetensors``, ``results.json``, ``adapter/`` or ``model/``, ``probe.json``."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -40,6 +48,16 @@ class RunDir:
     adapter = property(lambda self: self.path / "adapter")
     plots = property(lambda self: self.path / "plots")
     checkpoint = property(lambda self: self.path / "checkpoint.pt")
+    snapshots = property(lambda self: self.path / SNAPSHOTS)
+    mask = property(lambda self: self.path / MASK_FILE)
+    model = property(lambda self: self.path / "model")  # fo-full's trained model
+    probe = property(lambda self: self.path / "probe.json")
+    BEST_GLOB = "best-*.safetensors"
+
+    @staticmethod
+    def best_name(step: int) -> str:
+        """The file of the best-dev direct weights at ``step``."""
+        return f"best-{step:08d}.safetensors"
 
     @classmethod
     def existing(cls, path: str | Path) -> RunDir:

@@ -20,11 +20,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from hyft import rundir
 from hyft.engine.zo import canonical_name
 from hyft.errors import HyftError
 
 Params = list[tuple[str, nn.Parameter]]
-MASK_FILE = "zo-mask.safetensors"
+MASK_FILE = rundir.MASK_FILE
 
 
 def keep(numel: int, density: float) -> int:

@@ -284,7 +284,10 @@ class ZOEngine(EngineState):
         if isinstance(module, nn.Embedding):
             def lookup(ids: Tensor) -> Tensor:
                 used.update(own)
-                needed, inverse = torch.unique(ids, return_inverse=True)
+                if ids.is_meta:  # shapes only (``hyft bench --launches``): every id a row of its own
+                    needed, inverse = ids.reshape(-1), torch.arange(ids.numel(), device=ids.device).view(ids.shape)
+                else:
+                    needed, inverse = torch.unique(ids, return_inverse=True)
                 per = _rows_per_block(cols, lookahead(p.device))  # bounded temporaries for large vocabularies
                 return torch.cat([self._perturbed_lookup(i, step_seed, scale, needed[k:k + per])
                                   for k in range(0, needed.numel(), per)])[inverse]

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
+from hyft import rundir
 from hyft.config import RunConfig
 from hyft.distributed import Communicator, DataParallel
 from hyft.engine import masks, noise
@@ -39,8 +40,6 @@ from hyft.errors import HyftError
 from hyft.methods import METHODS, Method
 from hyft.methods.params import split_groups
 from hyft.training import checkpoint
-
-ZO_LOG = "zo_log.jsonl"
 
 
 @dataclass
@@ -107,7 +106,7 @@ class HybridTrainer(Trainer):
         self.run_config = self._run_config()
         self.comm: Communicator = Communicator()
         self.method: Method | None = None  # built in train(): a sensitivity mask needs the data loader
-        self.zo_log = ZOLog(Path(self.args.output_dir) / ZO_LOG)
+        self.zo_log = ZOLog(Path(self.args.output_dir) / rundir.ZO_LOG)
         self.zo_updates = 0
 
     # --- set-up -----------------------------------------------------------------------------------
@@ -162,7 +161,7 @@ class HybridTrainer(Trainer):
     def _mask(self, resuming: bool) -> list[Tensor]:
         """The sparse-ZO mask: chosen by rank 0 (sensitivity: from the first ``mask_batches`` training batches)
         and saved beside the log, where replay and every other rank read it."""
-        c, path = self.run_config, Path(self.args.output_dir) / masks.MASK_FILE
+        c, path = self.run_config, Path(self.args.output_dir) / rundir.MASK_FILE
         if not resuming and self.is_world_process_zero():
             batches = []
             if c.zo_mask == "sensitivity":
@@ -217,7 +216,7 @@ class HybridTrainer(Trainer):
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         if self.is_world_process_zero() and folder.is_dir() and self.method is not None:
             state = checkpoint.zo_state(self.method, self.zo_updates, store_residuals=not self.spec.zo_on_base)
-            checkpoint.write_atomic(folder / checkpoint.ZO_STATE_FILE, state)
+            checkpoint.write_atomic(folder / rundir.ZO_STATE_FILE, state)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
         """As ``Trainer.train``; resuming also rebuilds the base from the ZO log up to the checkpoint (the
@@ -226,7 +225,7 @@ class HybridTrainer(Trainer):
         if resume_from_checkpoint:
             folder = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True \
                 else resume_from_checkpoint
-            if folder is None or not (Path(folder) / checkpoint.ZO_STATE_FILE).is_file():
+            if folder is None or not (Path(folder) / rundir.ZO_STATE_FILE).is_file():
                 raise HyftError(f"no HybridTrainer checkpoint to resume in {self.args.output_dir}")
         elif self.zo_log.path.is_file():
             if not self.hybrid_args.overwrite_zo_log:
@@ -241,7 +240,7 @@ class HybridTrainer(Trainer):
 
     def _resume_zo(self, folder: Path) -> None:
         assert self.method is not None
-        self.zo_updates = checkpoint.restore_zo_state(self.method, checkpoint.read(folder / checkpoint.ZO_STATE_FILE))
+        self.zo_updates = checkpoint.restore_zo_state(self.method, checkpoint.read(folder / rundir.ZO_STATE_FILE))
         _, updates = ZOLog.read(self.zo_log.path)
         if self.spec.zo_on_base and self.method.engine is not None:  # θ is not in the Trainer's checkpoint
             for u in updates[:self.zo_updates]:

@@ -34,7 +34,7 @@ def export(run_dir: str | Path, out: str | Path, merge: bool = False) -> Path:
         raise HyftError(f"export directory {out} exists and is not empty")
     tokenizer = AutoTokenizer.from_pretrained(model_dir(config.model))
     if config.spec.fo_on_base:
-        shutil.copytree(run.path / "model", out, dirs_exist_ok=True)
+        shutil.copytree(run.model, out, dirs_exist_ok=True)
         return out
     if config.zo_on_base:
         base = replay(config.model, run.zo_log, upto=results["zo_log_best_index"], dtype=config.dtype)

@@ -10,11 +10,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from hyft.rundir import read_jsonl
+from hyft.rundir import RunDir, read_jsonl
 
 
 def _curves(run: Path) -> tuple[list, list, list, list]:
-    rows = read_jsonl(run / "metrics.jsonl")
+    rows = read_jsonl(RunDir(run).metrics)
     steps = [r for r in rows if "loss" in r and r["loss"] is not None]
     evals = [r for r in rows if "dev_accuracy" in r]
     return ([r["step"] for r in steps], [r["loss"] for r in steps],
@@ -22,7 +22,7 @@ def _curves(run: Path) -> tuple[list, list, list, list]:
 
 
 def _label(run: Path) -> str:
-    results = run / "results.json"
+    results = RunDir(run).results
     if results.is_file():
         r = json.loads(results.read_text())
         return f"{r['method']} ({r['task']}, seed {r['seed']})"

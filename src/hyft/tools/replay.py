@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hyft import rundir
 from hyft.engine import masks
 from hyft.engine.factory import make_engine
 from hyft.engine.zo import ZOLog, canonical_name, select_params
@@ -48,11 +49,11 @@ def replay(model_name: str, log_path: str | Path, out: str | Path | None = None,
     if numel != header["numel"] or names[:1] != header["first"] or names[-1:] != header["last"]:
         raise HyftError(f"{log_path} was written for a different model ({header['model']!r}, "
                         f"{header['numel']:,} ZO weights); {model_name!r} has {numel:,}")
-    mask = masks.load(log_path.parent / masks.MASK_FILE, params) if header.get("zo_mask") else None
+    mask = masks.load(log_path.parent / rundir.MASK_FILE, params) if header.get("zo_mask") else None
     engine = make_engine(model, params, ZOConfig.from_header(header), mask)
     check_device(header, torch.device(device), log)
     upto = len(updates) if upto is None else min(upto, len(updates))
-    store = BaseSnapshots(Path(snapshots) if snapshots is not None else log_path.parent / "snapshots")
+    store = BaseSnapshots(Path(snapshots) if snapshots is not None else log_path.parent / rundir.SNAPSHOTS)
     rebuild(engine, store, updates, upto, original=None)  # the model was just loaded: original weights
     if out is not None:
         model.save_pretrained(out)

@@ -20,9 +20,6 @@ if TYPE_CHECKING:
     from hyft.distributed import Communicator
     from hyft.methods import Method
 
-ZO_STATE_FILE = "hyft_zo_state.pt"  # the ZO part of a HybridTrainer checkpoint folder
-
-
 def write_atomic(path: Path, payload: dict[str, Any]) -> None:
     """``torch.save`` through a temporary file and a rename: an interrupted write never replaces the
     previous checkpoint."""

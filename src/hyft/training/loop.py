@@ -136,7 +136,7 @@ class Trainer:
         self.run_dir = RunDir(Path(out))
         self._stop: int | None = None
         self.reporter: Reporter = Reporter()
-        self.snapshots = BaseSnapshots(self.run_dir.path / "snapshots")
+        self.snapshots = BaseSnapshots(self.run_dir.snapshots)
 
     def log(self, message: str) -> None:
         if self.comm.is_main:
@@ -343,8 +343,8 @@ class Trainer:
         if c.uses_peft:
             model.save_pretrained(self.run_dir.adapter)
         elif c.spec.fo_on_base:  # every weight was trained: keep the best-dev model itself
-            model.save_pretrained(self.run_dir.path / "model")
-            run.tokenizer.save_pretrained(self.run_dir.path / "model")
+            model.save_pretrained(self.run_dir.model)
+            run.tokenizer.save_pretrained(self.run_dir.model)
         results = self._results(state, run.total, run.groups, best, test, len(run.dev), self.device)  # peak RSS last
         self.run_dir.write_results(results)
         self.log(f"test accuracy: {test.accuracy:.4f} (best dev {best.dev_accuracy:.4f} at step {best.step}); "
@@ -400,12 +400,12 @@ class Trainer:
         self.log(result.describe())
         self.log(f"--auto-lr: {', '.join(apply(self.config, result)) or 'nothing measurable; defaults kept'}")
         self.config.validate().to_yaml(self.run_dir.config)
-        (self.run_dir.path / "probe.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        self.run_dir.probe.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
 
     def _zo_mask(self, groups: ParamGroups, objective: Objective, train: list) -> list[torch.Tensor]:
         """The sparse-ZO mask: chosen by rank 0 (sensitivity: on the first ``mask_batches`` training batches)
         and written to the run directory before the first step; read back by the other ranks and on resume."""
-        c, path = self.config, self.run_dir.path / masks.MASK_FILE
+        c, path = self.config, self.run_dir.mask
 
         def loss(b: int) -> torch.Tensor:
             examples = [train[(b * c.batch_size + j) % len(train)] for j in range(c.batch_size)]
@@ -424,7 +424,7 @@ class Trainer:
 
     def _write_best(self, step: int, direct) -> str:
         """The best-dev direct weights in their own file (not in memory, not in every checkpoint)."""
-        name = f"best-{step:08d}.safetensors"
+        name = RunDir.best_name(step)
         if not self.comm.is_main:
             return name
         tmp = self.run_dir.path / f".{name}.tmp"
@@ -435,7 +435,7 @@ class Trainer:
     def _prune(self, state: TrainState) -> None:
         """After a checkpoint: drop best-dev files and base snapshots that neither it nor the run needs."""
         keep = state.best.weights if state.best else None
-        for f in self.run_dir.path.glob("best-*.safetensors"):
+        for f in self.run_dir.path.glob(RunDir.BEST_GLOB):
             if f.name != keep:
                 f.unlink(missing_ok=True)
         if self.config.zo_on_base:

@@ -1,6 +1,6 @@
-"""Kernel launches of the ZO engine on an accelerator, counted on the CPU machine: the engine runs on a
-``meta`` copy of the model (shapes only, no memory, the accelerator's piece and lookahead sizes) under a
-dispatch mode that counts every ATen op that would launch a kernel (views and allocations excluded)."""
+"""Kernel launches of the ZO engine on an accelerator, counted on the CPU machine: the engine itself runs
+on a ``meta`` copy of the model (shapes only, no memory, the accelerator's piece and lookahead sizes) under
+a dispatch mode that counts every ATen op that would launch a kernel (views and allocations excluded)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hyft.engine import noise
-from hyft.engine.zo import ZOEngine, ZOUpdate, _rows_per_block, lookahead, select_params
+from hyft.engine.zo import ZOEngine, ZOUpdate, select_params
 
 NO_KERNEL = ("view", "_unsafe_view", "slice", "select", "as_strided", "expand", "t", "transpose", "unsqueeze",
              "squeeze", "permute", "alias", "detach", "empty", "empty_like", "empty_strided", "lift_fresh")
@@ -37,34 +37,21 @@ def count(fn: Callable[[], Any]) -> int:
     return counter.launches
 
 
-def perturbed_forward_launches(engine: ZOEngine, tokens: int, seed: int = 1, scale: float = 1e-3) -> int:
-    """The noise work of one perturbed forward, as :meth:`ZOEngine.perturbed` does it module by module:
-    lookahead batches of temporaries, row blocks of streamed linear layers, one lookup of ``tokens`` rows."""
-    total = 0
-    ready: dict[int, torch.Tensor] = {}
-    used: set[int] = set()
+def perturbed_forward_launches(engine: ZOEngine, model: nn.Module, tokens: int, seed: int = 1,
+                               scale: float = 1e-3) -> int:
+    """The engine's own launches in one perturbed forward of ``tokens`` tokens: a forward of ``model`` inside
+    :meth:`ZOEngine.perturbed` (the engine's hooks, batches and row blocks, not a copy of them) minus the
+    same forward without it."""
     device = engine.params[0][1].device
-    for module in engine.order:
-        if any(i not in ready for _, i in engine.owners[module]):
-            batch = engine._batch(module, ready, used, lookahead(device))
-            with LaunchCounter() as counter:
-                values = engine._perturbed_values(batch, seed, scale)
-            total += counter.launches
-            ready.update(zip(batch, values, strict=True))
-        for _, i in engine.owners[module]:
-            ready.get(i) if i in engine.shared else ready.pop(i, None)
-            used.add(i)
-    for module, i in engine.streamed.items():
-        rows, cols = engine.params[i][1].shape
-        if isinstance(module, nn.Embedding):
-            ids = torch.arange(min(tokens, rows), device=device)
-            total += count(lambda i=i, ids=ids: engine._perturbed_lookup(i, seed, scale, ids))
-            continue
-        per = _rows_per_block(cols, lookahead(device))
-        for r0 in range(0, rows, per):
-            r1 = min(r0 + per, rows)
-            total += count(lambda i=i, r0=r0, r1=r1: engine._perturbed_rows(i, seed, scale, r0, r1))
-    return total
+    ids = torch.zeros(1, tokens, dtype=torch.long, device=device)
+
+    def perturbed() -> None:
+        with engine.perturbed(seed, scale):
+            model(input_ids=ids)
+
+    with torch.no_grad():
+        plain = count(lambda: model(input_ids=ids))
+        return count(perturbed) - plain
 
 
 def zo_launches(model: nn.Module, tokens: int = 1024) -> dict[str, Any]:
@@ -72,7 +59,7 @@ def zo_launches(model: nn.Module, tokens: int = 1024) -> dict[str, Any]:
     params = select_params(model)
     engine = ZOEngine(model, params, eps=1e-3, two_sided=True)
     update = count(lambda: engine.update(ZOUpdate(step=0, seed=1, coef=1.0, lr=1e-6)))
-    forward = perturbed_forward_launches(engine, tokens)
+    forward = perturbed_forward_launches(engine, model, tokens)
     device = params[0][1].device
     pieces = sum(len(list(noise.pieces(0, p.numel(), device))) for _, p in params)
     previous_chunks = sum(-(-p.numel() // (1 << 18)) for _, p in params)
