@@ -192,3 +192,31 @@ def test_hybrid_trainer_refuses_in_one_line(kw, hybrid, message, tiny_dir, tmp_p
     with pytest.raises(HyftError, match=message) as err:
         hyft.HybridTrainer(model=model, args=args, train_dataset=[], hybrid_args=hyft.HybridArguments(**hybrid))
     assert "\n" not in str(err.value)
+
+
+def test_a_first_order_method_resumes_in_the_trainer(tiny_dir, tmp_path):
+    """fo-peft writes no ZO log: its checkpoints still carry the method's state and resume."""
+    def run(resume=None):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                               LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                                 learning_rate=1e-3, save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True)
+        t = hyft.HybridTrainer(model=model, args=args, train_dataset=dataset(tokenizer_of(tiny_dir)),
+                               hybrid_args=hyft.HybridArguments(method="fo-peft"))
+        t.train(resume_from_checkpoint=resume)
+        return model
+
+    full = run()
+    again = run(resume=str(tmp_path / "checkpoint-2"))
+    assert not (tmp_path / "zo_log.jsonl").exists()
+    for (n, p), (_, q) in zip(full.named_parameters(), again.named_parameters(), strict=True):
+        assert torch.equal(p, q), n
+
+
+def test_load_best_model_at_end_is_refused(tiny_dir, tmp_path):
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, load_best_model_at_end=True,
+                             eval_strategy="steps", save_strategy="steps")
+    with pytest.raises(HyftError, match="load_best_model_at_end"):
+        hyft.HybridTrainer(model=model, args=args, train_dataset=[], eval_dataset=[])

@@ -21,7 +21,7 @@ def make_engine(model: nn.Module, params: list[tuple[str, nn.Parameter]], zo: ZO
         return ZOEngine(model, params, zo.dist, eps=zo.eps, two_sided=zo.two_sided, compensate=zo.compensate,
                         rounding=zo.rounding)
     return SparseEngine(model, params, mask, zo.dist, compensate=zo.compensate,
-                        applied=Applied(zo.eps, zo.two_sided))
+                        applied=Applied(zo.eps, zo.two_sided) if zo.sparse_applied else None)
 
 
 def describe(engine: Engine) -> dict[str, Any]:

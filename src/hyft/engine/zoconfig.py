@@ -22,10 +22,11 @@ ROUNDINGS = ("nearest", "stochastic")
 # ZOConfig field -> ZO-log header key
 _HEADER_KEYS = {"eps": "eps", "dist": "dist", "estimator": "estimator", "q": "zo_q", "combine": "zo_combine",
                 "mask": "zo_mask", "density": "zo_density", "compensate": "zo_compensate",
-                "rounding": "zo_rounding", "params": "zo_params"}
+                "rounding": "zo_rounding", "params": "zo_params", "sparse_applied": "zo_sparse_applied"}
 # what a header written before a field existed meant by its absence
 _HEADER_DEFAULTS = {"zo_q": 1, "zo_combine": "mean", "zo_mask": None, "zo_density": None, "zo_compensate": True,
-                    "zo_rounding": "nearest", "zo_params": None}
+                    "zo_rounding": "nearest", "zo_params": None,
+                    "zo_sparse_applied": False}  # before it, sparse bf16 updates moved along z
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class ZOConfig:
     compensate: bool = True
     rounding: str = "nearest"
     params: str | None = None  # regex on parameter names; None: the method's whole ZO group
-
+    sparse_applied: bool = True  # sparse bf16/fp16 updates move along the applied direction, as dense ones
     def problems(self) -> list[str]:
         """What is wrong with these values, one phrase each (empty when valid)."""
         checks = [

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -36,6 +37,7 @@ from hyft.distributed import Communicator, DataParallel
 from hyft.engine import masks, noise
 from hyft.engine.factory import describe
 from hyft.engine.zo import ZOLog
+from hyft.engine.zoconfig import ZOConfig
 from hyft.errors import HyftError
 from hyft.methods import METHODS, Method
 from hyft.methods.params import split_groups
@@ -70,8 +72,8 @@ class TokenObjective:
     world / (label tokens on all ranks), so that the mean over ranks (what the method's reduction and DDP's
     gradient averaging compute) is the global batch's mean token loss."""
 
-    def __init__(self, trainer: Trainer, comm: Communicator):
-        self.trainer, self.comm = trainer, comm
+    def __init__(self, trainer: Trainer, comm: Communicator, wrapped: bool = True):
+        self.trainer, self.comm, self.wrapped = trainer, comm, wrapped  # wrapped: DDP's gradient sync
 
     def encode(self, inputs: dict[str, Any]) -> dict[str, Any]:
         labels = inputs["labels"]
@@ -81,7 +83,8 @@ class TokenObjective:
 
     def __call__(self, batch: dict[str, Any]) -> Tensor:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "_scale")}
-        model = self.trainer.model_wrapped if self.trainer.model_wrapped is not None else self.trainer.model
+        wrapped = self.trainer.model_wrapped
+        model = wrapped if self.wrapped and wrapped is not None else self.trainer.model
         logits = model(**inputs).logits
         labels = batch["labels"]
         if labels.dim() > 1:  # causal LM: token t predicts label t + 1
@@ -121,7 +124,11 @@ class HybridTrainer(Trainer):
         if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
             raise HyftError("HybridTrainer does not support FSDP or DeepSpeed yet (the ZO engine perturbs whole "
                             "weights); use plain data parallel (torchrun) or hyft train")
-        if args.bf16 or args.fp16:
+        if getattr(args, "load_best_model_at_end", False):
+            raise HyftError("HybridTrainer: load_best_model_at_end would roll back the adapter but not the base "
+                            "(θ lives in the ZO log); pick the best checkpoint afterwards and replay its zo_updates")
+        zo_group = METHODS[hybrid.method].zo is not None if hybrid.method in METHODS else True
+        if (args.bf16 or args.fp16) and zo_group:
             raise HyftError("HybridTrainer: bf16/fp16 autocast over float32 weights makes L(θ+εz) − L(θ−εz) mostly "
                             "rounding noise; load the model in bfloat16 (dtype=torch.bfloat16) and turn "
                             "TrainingArguments bf16/fp16 off")
@@ -164,12 +171,14 @@ class HybridTrainer(Trainer):
         c, path = self.run_config, Path(self.args.output_dir) / rundir.MASK_FILE
         if not resuming and self.is_world_process_zero():
             batches = []
-            if c.zo_mask == "sensitivity":
-                for inputs in self.get_train_dataloader():
+            if c.zo_mask == "sensitivity":  # a plain loader on rank 0 alone (the Trainer's syncs every rank)
+                loader = DataLoader(self.train_dataset, batch_size=self.args.per_device_train_batch_size,
+                                    collate_fn=self.data_collator)
+                for inputs in loader:
                     batches.append(self._prepare_inputs(inputs))
                     if len(batches) == c.mask_batches:
                         break
-            objective = TokenObjective(self, Communicator())
+            objective = TokenObjective(self, Communicator(), wrapped=False)
 
             def loss(b: int) -> Tensor:
                 self.model.train()
@@ -198,6 +207,7 @@ class HybridTrainer(Trainer):
             if self.is_world_process_zero():
                 self.zo_log.append(update)
             self.zo_updates += 1
+        model.train()  # the SPSA points ran in eval mode
         if stats.skipped and not math.isfinite(stats.loss):
             return torch.tensor(float("nan"), device=self.args.device)
         return torch.tensor(stats.loss, device=self.args.device)
@@ -239,16 +249,28 @@ class HybridTrainer(Trainer):
         return super().train(resume_from_checkpoint=folder, **kwargs)
 
     def _resume_zo(self, folder: Path) -> None:
+        """The ZO state of ``folder``: seeds restored, θ rebuilt from the original weights and the log up to the
+        checkpoint, and the log cut there. Refused when it cannot give the checkpoint's weights."""
         assert self.method is not None
+        if self.zo_updates:
+            raise HyftError("this HybridTrainer has already trained: resume on a fresh model that holds the "
+                            "original base weights")
         self.zo_updates = checkpoint.restore_zo_state(self.method, checkpoint.read(folder / rundir.ZO_STATE_FILE))
-        _, updates = ZOLog.read(self.zo_log.path)
-        if self.spec.zo_on_base and self.method.engine is not None:  # θ is not in the Trainer's checkpoint
+        if self.method.engine is None:  # first-order only: the Trainer's checkpoint is the whole state
+            return
+        header, updates = ZOLog.read(self.zo_log.path)
+        written = ZOConfig.from_header(header)
+        if written != self.run_config.zo or len(updates) < self.zo_updates:
+            raise HyftError(f"{self.zo_log.path} does not continue this run (its ZO config {written} against "
+                            f"{self.run_config.zo}, {len(updates)} updates for a checkpoint after "
+                            f"{self.zo_updates}); resume with the run's own HybridArguments")
+        if self.spec.zo_on_base:  # θ is not in the Trainer's checkpoint
             for u in updates[:self.zo_updates]:
                 self.method.engine.update(u)
         self.comm.barrier()
         if self.is_world_process_zero():  # lines after the checkpoint belong to steps that will run again
             lines = self.zo_log.path.read_text().splitlines(keepends=True)
-            self.zo_log.path.write_text("".join(lines[:1 + self.zo_updates]))
+            rundir.atomic_write_text(self.zo_log.path, "".join(lines[:1 + self.zo_updates]))
 
 
 def _model_name(model: nn.Module) -> str:

@@ -75,7 +75,10 @@ _SIMPLE = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
 def _field_type_problem(cls: type, key: str, value: Any) -> str | None:
     """``key: value`` against the peft config class's annotation, for the simple types (int, float, bool, str,
     optionally None) that peft itself does not check: "r must be int, got 'eight'"; None when it fits."""
-    hints = typing.get_type_hints(cls)
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation peft's module cannot resolve: leave the check to peft
+        return None
     if key not in hints:
         return None  # peft's own constructor names unknown fields
     kinds = typing.get_args(hints[key]) if typing.get_origin(hints[key]) in (typing.Union, types.UnionType) \

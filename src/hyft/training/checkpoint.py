@@ -9,6 +9,8 @@ original weights plus the first ``zo_updates`` lines of the ZO log (and the near
 from __future__ import annotations
 
 import os
+import pickle
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,21 @@ if TYPE_CHECKING:
     from hyft.distributed import Communicator
     from hyft.methods import Method
 
+# Modules of classes pickled into checkpoints before the layered layout (TrainState, Snapshot): such a
+# checkpoint still resumes.
+MOVED = {"hyft.trainer": "hyft.training.loop"}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> object:
+        return super().find_class(MOVED.get(module, module), name)
+
+
+_PICKLE = types.ModuleType("hyft_checkpoint_pickle")
+_PICKLE.Unpickler = _Unpickler  # type: ignore[attr-defined]
+_PICKLE.load = pickle.load  # type: ignore[attr-defined]
+
+
 def write_atomic(path: Path, payload: dict[str, Any]) -> None:
     """``torch.save`` through a temporary file and a rename: an interrupted write never replaces the
     previous checkpoint."""
@@ -27,14 +44,14 @@ def write_atomic(path: Path, payload: dict[str, Any]) -> None:
     try:
         torch.save(payload, tmp)
         os.replace(tmp, path)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch's writer reports a full disk or a missing folder as RuntimeError
         tmp.unlink(missing_ok=True)
         raise HyftError(f"cannot write checkpoint {path} ({err}); the previous one is kept") from err
 
 
 def read(path: Path) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE)
     except Exception as err:  # a truncated or foreign file
         raise HyftError(f"cannot read checkpoint {path} ({err})") from err
 
@@ -57,7 +74,7 @@ def restore_zo_state(method: Method, state: dict[str, Any]) -> int:
             for r, saved in zip(method.engine.residuals, state["residuals"], strict=True):
                 if r is not None:
                     r.copy_(saved)
-    return int(state["zo_updates"])
+    return int(state["zo_updates"] if "zo_updates" in state else state["state"].zo_updates)  # older: in the state
 
 
 def rng_states(comm: Communicator, device: torch.device) -> dict[str, Any]:
