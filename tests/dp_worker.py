@@ -13,15 +13,19 @@ from safetensors.torch import save_file
 from hyft.config import RunConfig
 from hyft.training.loop import Trainer
 
-METHODS = ("hybrid", "zo-full", "fo-peft")
+# case -> RunConfig values; hybrid-lm: the LM loss on COPA's continuations, whose token counts differ by rank
+CASES = {"hybrid": {"method": "hybrid"}, "zo-full": {"method": "zo-full"}, "fo-peft": {"method": "fo-peft"},
+         "hybrid-lm": {"method": "hybrid", "task": "copa", "loss": "lm"}}
+METHODS = tuple(CASES)
 
 
-def config(model: str, method: str) -> RunConfig:
+def config(model: str, case: str) -> RunConfig:
     """The run the test also trains in one process; a global batch of 4 is 2 examples per rank."""
-    return RunConfig(model=model, method=method, task="sst2", num_train=24, num_dev=8, num_test=8, steps=6,
+    values = {"task": "sst2", **CASES[case]}
+    return RunConfig(model=model, num_train=24, num_dev=8, num_test=8, steps=6,
                      batch_size=4, eval_every=6, checkpoint_every=3, lr_fo=0.05, lr_zo=1e-4, eps=1e-2,
                      optimizer_fo="sgd",  # AdamW divides by √v: rounding in near-zero gradients moves φ by ~lr
-                     zero_shot=False)
+                     zero_shot=False, **values)
 
 
 def main(model: str, out: Path) -> None:

@@ -105,7 +105,8 @@ def test_two_processes_match_one_and_replicas_are_bitwise_equal(method, two_proc
     assert sent["zo"] == (16 if method != "fo-peft" else 0)
     assert sent["fo"] == (4 * n_fo + 8 if method == "fo-peft" else 4 * n_fo)
     # plus, once per run with a ZO group, the all-reduce that makes every rank agree on whether dropout is on
-    assert sent["control"] == round(4 + (4 / 6 if method != "fo-peft" else 0), 1)
+    # and, with the LM loss, a float64 count of the scored tokens per step
+    assert sent["control"] == round(4 + (4 / 6 if method != "fo-peft" else 0) + (8 if method == "hybrid-lm" else 0), 1)
     assert results["test_accuracy"] == json.loads((one / "results.json").read_text())["test_accuracy"]
 
 

@@ -44,10 +44,16 @@ class Objective:
     With ``micro_batch_size`` below the batch size a minibatch is encoded as length-sorted :class:`Pieces`
     whose weighted losses add up to the whole batch's: the same loss and update up to float rounding (with
     dropout, other masks), with less padding, and :meth:`backward` holds one piece's activations at a time.
+
+    The LM loss under data parallel is the global batch's token mean: this rank's token mean is weighted by
+    its share of the scored tokens (one all-reduce of a count), so the mean over ranks, which the methods
+    and the gradient averaging take, is Σ token losses / Σ tokens whatever each rank's token count.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RunConfig):
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, config: RunConfig,
+                 comm: Communicator | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.comm = comm or Communicator()
         self.device = next(model.parameters()).device
 
     def encode(self, examples: Sequence[Example]) -> Encoded:
@@ -55,8 +61,20 @@ class Objective:
         args = (self.tokenizer, examples)
         kwargs = {"max_length": c.max_length, "padding_side": padding_for(self.model), "gold_only": c.loss == "lm"}
         if c.micro_batch_size is not None and c.micro_batch_size < len(examples):
-            return encode_pieces(*args, c.micro_batch_size, **kwargs).to(self.device)
-        return encode(*args, **kwargs).to(self.device)
+            encoded: Encoded = encode_pieces(*args, c.micro_batch_size, **kwargs).to(self.device)
+        else:
+            encoded = encode(*args, **kwargs).to(self.device)
+        if c.loss == "lm" and self.comm.world > 1:
+            return self._token_weighted(encoded)
+        return encoded
+
+    def _token_weighted(self, encoded: Encoded) -> Pieces:
+        """This rank's LM loss times (its scored tokens / the mean over ranks of scored tokens)."""
+        pieces = encoded if isinstance(encoded, Pieces) else Pieces([encoded], [1.0])
+        local = float(sum(int(b.target_mask.sum()) for b in pieces.batches))
+        (mean,) = self.comm.mean([local], group="control")
+        share = local / mean if mean else 0.0
+        return Pieces(pieces.batches, [w * share for w in pieces.weights])
 
     def __call__(self, batch: Encoded) -> Tensor:
         if isinstance(batch, Pieces):

@@ -181,7 +181,7 @@ class Trainer:
         model, groups = prepare(model, c)
         self.log(f"{c.method}: {groups.describe()}")
         total = c.steps if c.epochs is None else math.ceil(c.epochs * len(splits.train) / c.batch_size)
-        objective = Objective(model, tokenizer, c)
+        objective = Objective(model, tokenizer, c, comm)
         if c.auto_lr and ckpt is None:
             self.on_main(lambda: self._auto_lr(model, groups, objective, splits.train))
             for key, value in comm.broadcast_object(c.to_dict()).items():  # rank 0's suggestions
