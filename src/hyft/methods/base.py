@@ -139,9 +139,12 @@ class Method(ABC):
     def step(self, examples: Sequence[Example], step: int) -> StepStats:
         """One update from one minibatch (this rank's shard of it)."""
         self._batch = batch = self.objective.encode(examples)
-        if self.engine is not None:
-            _ = self.train_loss_is_eval_loss  # measured before the step's first forward, once per run
-        return self.update(batch, step)
+        try:
+            if self.engine is not None:
+                _ = self.train_loss_is_eval_loss  # measured before the step's first forward, once per run
+            return self.update(batch, step)
+        finally:
+            self._batch = None  # no reference to the batch's tensors outlives its step
 
     @abstractmethod
     def update(self, batch: Encoded, step: int) -> StepStats:
