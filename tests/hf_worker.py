@@ -42,7 +42,7 @@ def main(tiny_dir: str, out: str, per_device: int, steps: int) -> None:
                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=per_device,
                              learning_rate=5e-3, logging_steps=1, save_strategy="no", report_to=[], seed=0,
-                             lr_scheduler_type="constant", use_cpu=True, disable_tqdm=True,
+                             lr_scheduler_type="constant", use_cpu=True, disable_tqdm=True, optim="sgd",
                              ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None)
     trainer = InOrder(model=model, args=args, train_dataset=rows(AutoTokenizer.from_pretrained(tiny_dir)),
                       hybrid_args=hyft.HybridArguments(lr_zo=1e-3, eps=1e-2))
@@ -50,6 +50,7 @@ def main(tiny_dir: str, out: str, per_device: int, steps: int) -> None:
     base = b"".join(p.detach().numpy().tobytes() for n, p in sorted(model.named_parameters()) if "lora_" not in n)
     lora = b"".join(p.detach().numpy().tobytes() for n, p in sorted(model.named_parameters()) if "lora_" in n)
     rank = int(os.environ.get("RANK", "0"))
+    torch.save({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}, Path(out, f"phi{rank}.pt"))
     Path(out, f"rank{rank}.json").write_text(json.dumps({
         "theta": hashlib.sha256(base).hexdigest(), "phi": hashlib.sha256(lora).hexdigest(),
         "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r],

@@ -131,6 +131,11 @@ def test_hybrid_trainer_under_torchrun_equals_one_process(tiny_dir, tmp_path):
     one_coefs = [json.loads(x)["coef"] for x in (tmp_path / "one" / "zo_log.jsonl").read_text().splitlines()[1:]]
     assert r0["losses"] == pytest.approx(one["losses"], rel=1e-5, abs=1e-6)
     assert dp_coefs == pytest.approx(one_coefs, rel=1e-5, abs=1e-5)
+    # φ's gradient is the global token mean too (DDP's average of each rank's share): φ as one process's
+    phi_dp, phi_one = torch.load(tmp_path / "dp" / "phi0.pt"), torch.load(tmp_path / "one" / "phi0.pt")
+    gap = max((phi_dp[n] - phi_one[n]).abs().max().item() for n in phi_one)
+    print(f"largest |2 processes - 1 process| φ gap {gap:.2e}")
+    assert gap <= 1e-6
 
 
 @pytest.mark.parametrize("zo", [dict(zo_mask="magnitude", zo_density=0.1), dict(zo_q=2)])
@@ -149,6 +154,9 @@ def test_hybrid_trainer_resumes_masks_and_q_bitwise(zo, tiny_dir, tmp_path):
         return model
 
     full = run(tmp_path / "a")
+    # the ZO rate follows the Trainer's linear schedule: lr_zo × (1 − step / max_steps), read before each step
+    log = [json.loads(x) for x in (tmp_path / "a" / "zo_log.jsonl").read_text().splitlines()[1:]]
+    assert [u["lr"] for u in log] == pytest.approx([1e-3 * (1 - u["step"] / 10) for u in log], rel=1e-9)
     resumed = run(tmp_path / "a", resume=str(tmp_path / "a" / "checkpoint-6"))
     for (n, p), (_, q) in zip(full.named_parameters(), resumed.named_parameters(), strict=True):
         assert torch.equal(p, q), n
