@@ -18,7 +18,6 @@ weights, and each Trainer checkpoint holds the ZO state (:mod:`hyft.training.che
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,13 +126,12 @@ class HybridTrainer(Trainer):
         if getattr(args, "load_best_model_at_end", False):
             raise HyftError("HybridTrainer: load_best_model_at_end would roll back the adapter but not the base "
                             "(θ lives in the ZO log); pick the best checkpoint afterwards and replay its zo_updates")
-        zo_group = METHODS[hybrid.method].zo is not None if hybrid.method in METHODS else True
-        if (args.bf16 or args.fp16) and zo_group:
+        spec = METHODS[hybrid.method]
+        if (args.bf16 or args.fp16) and spec.zo is not None:
             raise HyftError("HybridTrainer: bf16/fp16 autocast over float32 weights makes L(θ+εz) − L(θ−εz) mostly "
                             "rounding noise; load the model in bfloat16 (dtype=torch.bfloat16) and turn "
                             "TrainingArguments bf16/fp16 off")
-        zo_only = METHODS[hybrid.method].fo is None
-        if zo_only and args.world_size > 1:
+        if spec.fo is None and args.world_size > 1:
             raise HyftError(f"{hybrid.method} in HybridTrainer runs on one process (DDP needs a gradient to "
                             "synchronise); for data parallel ZO use torchrun ... hyft train")
 
@@ -208,9 +206,7 @@ class HybridTrainer(Trainer):
                 self.zo_log.append(update)
             self.zo_updates += 1
         model.train()  # the SPSA points ran in eval mode
-        if stats.skipped and not math.isfinite(stats.loss):
-            return torch.tensor(float("nan"), device=self.args.device)
-        return torch.tensor(stats.loss, device=self.args.device)
+        return torch.tensor(stats.loss, device=self.args.device)  # non-finite when skipped: the Trainer filters it
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """ZO-only methods have no first-order group: a placeholder the Trainer can step and schedule."""
