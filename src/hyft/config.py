@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from hyft.engine.factory import Engine, describe
 from hyft.engine.zoconfig import ZOConfig
 from hyft.errors import HyftError
 from hyft.files import read_mapping
@@ -177,6 +178,11 @@ class RunConfig:
         return ZOConfig(eps=self.eps, dist=self.zo_dist, estimator=self.estimator, q=self.zo_q,
                         combine=self.zo_combine, mask=self.zo_mask, density=self.zo_density if self.zo_mask else None,
                         compensate=self.zo_compensate, rounding=self.zo_rounding, params=self.zo_params)
+
+    def zo_header(self, engine: Engine, device: str, **extra: Any) -> dict[str, Any]:
+        """The ZO log's header of this run: its :class:`ZOConfig`, and what replay checks the model against."""
+        return self.zo.header(model=self.model, method=self.method, dtype=self.dtype, device=device,
+                              **describe(engine), **extra)
 
     @property
     def spec(self) -> MethodSpec:

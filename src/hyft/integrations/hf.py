@@ -34,7 +34,6 @@ from hyft import rundir
 from hyft.config import RunConfig
 from hyft.distributed import Communicator, DataParallel
 from hyft.engine import masks, noise
-from hyft.engine.factory import describe
 from hyft.engine.zo import ZOLog
 from hyft.engine.zoconfig import ZOConfig
 from hyft.errors import HyftError
@@ -196,10 +195,8 @@ class HybridTrainer(Trainer):
         if self.zo_updates == 0 and self.method.engine is not None and self.is_world_process_zero() \
                 and not self.zo_log.path.is_file():
             self.zo_log.path.parent.mkdir(parents=True, exist_ok=True)
-            header = self.run_config.zo.header(model=self.run_config.model, method=self.run_config.method,
-                                               dtype=self.run_config.dtype, device=self.args.device.type,
-                                               trainer="transformers", **describe(self.method.engine))
-            self.zo_log.start(header)
+            self.zo_log.start(self.run_config.zo_header(self.method.engine, self.args.device.type,
+                                                        trainer="transformers"))
         stats = self.method.step(self._prepare_inputs(inputs), self.state.global_step)
         for update in stats.zo_updates:
             if self.is_world_process_zero():

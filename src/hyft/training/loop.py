@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from hyft.config import RunConfig
 from hyft.distributed import Communicator, PeerLost, connect, rank_device
 from hyft.engine import masks
-from hyft.engine.factory import Engine, describe
+from hyft.engine.factory import Engine
 from hyft.engine.zo import ZOLog, ZOUpdate, canonical_name
 from hyft.errors import HyftError
 from hyft.memory import peak_memory_mb
@@ -217,7 +217,7 @@ class Trainer:
             self.log(f"resumed {self.run_dir.path} at step {run.state.step} of {run.total}")
         else:
             if run.method.engine is not None and comm.is_main:
-                run.zo_log.start(zo_header(c, run.method.engine, self.device))
+                run.zo_log.start(c.zo_header(run.method.engine, self.device.type))
             self._save_checkpoint(run.state, run.method, run.sampler, run.direct)
         comm.broadcast_([p for _, p in run.direct])  # replicas start equal, as DDP makes them
         if comm.world > 1:
@@ -556,12 +556,6 @@ def original_weights(config: RunConfig, model: nn.Module, names: list[str]) -> L
     original, _ = load_model(config.model, config.dtype)
     tensors = {canonical_name(n): p.detach() for n, p in original.named_parameters()}
     return tensors.get
-
-
-def zo_header(config: RunConfig, engine: Engine, device: torch.device) -> dict[str, Any]:
-    """The ZO log's header: the run's :class:`ZOConfig` and what replay checks the model against."""
-    return config.zo.header(model=config.model, method=config.method, dtype=config.dtype, device=device.type,
-                            **describe(engine))
 
 
 def train(config: RunConfig, out: str | Path, overwrite: bool = False, progress: bool = True,
