@@ -138,7 +138,9 @@ def test_hybrid_trainer_under_torchrun_equals_one_process(tiny_dir, tmp_path):
     assert gap <= 1e-6
 
 
-@pytest.mark.parametrize("zo", [dict(zo_mask="magnitude", zo_density=0.1), dict(zo_q=2)])
+@pytest.mark.parametrize("zo", [dict(zo_mask="magnitude", zo_density=0.1), dict(zo_q=2),
+                                dict(zo_dist="lowrank", zo_lazy=4),  # checkpoint-6: updates pending since step 4
+                                dict(method="zo-peft", zo_dist="lowrank", zo_lazy=4)])  # A in hyft_zo_state.pt
 def test_hybrid_trainer_resumes_masks_and_q_bitwise(zo, tiny_dir, tmp_path):
     """A hybrid run with a sparse mask, or with two directions per step (the separate step), resumed from
     its step-6 checkpoint on a fresh model, ends with bitwise the uninterrupted run's weights and log."""

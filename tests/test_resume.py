@@ -21,11 +21,15 @@ from hyft.cli import main
 STEPS = 40
 
 
-def command(model: str, out: Path) -> list[str]:
+def command(model: str, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "hyft.cli", "train", "--model", model, "--method", "hybrid", "--task", "sst2",
             "--num-train", "24", "--num-dev", "8", "--num-test", "8", "--steps", str(STEPS), "--batch-size", "4",
             "--eval-every", "7", "--checkpoint-every", "3", "--lr-fo", "0.3", "--lr-zo", "1e-3",
-            "--no-zero-shot", "--no-progress", "--out", str(out)]
+            "--no-zero-shot", "--no-progress", "--out", str(out), *extra]
+
+
+# low-rank directions with V held 5 steps: checkpoints every 3 fall inside fold periods (updates pending)
+LOWRANK = ("--zo-dist", "lowrank", "--zo-lazy", "5", "--snapshot-every", "4")
 
 
 def resume(out: Path) -> None:
@@ -74,10 +78,24 @@ def reference(reference_run) -> dict:
     return comparable(reference_run)
 
 
-@pytest.mark.parametrize("kill_after", [1, 26])  # before the first checkpoint; after checkpoints and a best dev
-def test_sigkill_and_resume_matches_uninterrupted_run(kill_after, tiny_dir, tmp_path, reference):
+@pytest.fixture(scope="module")
+def lowrank_reference(tiny_dir, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ref-lowrank") / "run"
+    proc = subprocess.run(command(tiny_dir, out, *LOWRANK), capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return comparable(out)
+
+
+@pytest.mark.parametrize(("kill_after", "extra"), [
+    (1, ()),  # before the first checkpoint
+    (26, ()),  # after checkpoints and a best dev
+    (23, LOWRANK),  # mid fold period, with a snapshot that holds pending low-rank updates
+])
+def test_sigkill_and_resume_matches_uninterrupted_run(kill_after, extra, tiny_dir, tmp_path, request):
+    reference = request.getfixturevalue("lowrank_reference" if extra else "reference")
     out = tmp_path / "run"
-    proc = subprocess.Popen(command(tiny_dir, out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command(tiny_dir, out, *extra), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while step_rows(out) < kill_after and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)

@@ -96,9 +96,11 @@ def test_same_command_twice_gives_identical_metrics(tiny_dir, tmp_path):
     assert (tmp_path / "a" / "zo_log.jsonl").read_text() == (tmp_path / "b" / "zo_log.jsonl").read_text()
 
 
-@pytest.mark.parametrize("method", ["hybrid", "zo-full"])
-def test_replay_rebuilds_the_final_base_bitwise(method, tiny_dir, tmp_path):
-    trainer = Trainer(tiny_config(tiny_dir, method=method), tmp_path / "run", progress=False)
+@pytest.mark.parametrize(("method", "zo"), [("hybrid", {}), ("zo-full", {}),
+                                            ("hybrid", dict(zo_dist="lowrank", zo_lazy=4)),  # folded at 4, 2 pending
+                                            ("zo-full", dict(zo_dist="lowrank", zo_lazy=4, fused=False))])
+def test_replay_rebuilds_the_final_base_bitwise(method, zo, tiny_dir, tmp_path):
+    trainer = Trainer(tiny_config(tiny_dir, method=method, **zo), tmp_path / "run", progress=False)
     trainer.run()  # eval only at the end: the best state is the final state
     rebuilt = replay(tiny_dir, tmp_path / "run" / "zo_log.jsonl", out=tmp_path / "replayed")
     trained = {canonical_name(n): p for n, p in trainer.model.named_parameters() if "lora_" not in n}

@@ -15,6 +15,7 @@ from hyft.errors import HyftError
 from hyft.files import read_mapping
 from hyft.methods import METHODS, MethodSpec
 from hyft.methods.params import peft_config
+from hyft.seeds import derive_seed
 
 
 def methods() -> dict[str, MethodSpec]:
@@ -89,8 +90,10 @@ class RunConfig:
     lr_zo: float = field(default=1e-6, metadata={"help": "learning rate of the ZO group"})
     eps: float = field(default=1e-3, metadata={"help": "ZO perturbation size epsilon"})
     estimator: str = field(default="two-sided", metadata={"help": "two-sided or one-sided SPSA"})
-    zo_dist: str = field(default="rademacher", metadata={"help": "directions: rademacher (±1, cheap to draw) or "
-                                                                   "gaussian (MeZO)"})
+    zo_dist: str = field(default="rademacher", metadata={
+        "help": "directions: rademacher (±1, cheap to draw), gaussian (MeZO) or lowrank (LOZO: U Vᵀ per matrix)"})
+    zo_rank: int = field(default=2, metadata={"help": "lowrank directions: the rank R of U Vᵀ"})
+    zo_lazy: int = field(default=50, metadata={"help": "lowrank directions: steps V is held (updates fold then)"})
     zo_params: str | None = field(default=None, metadata={"help": "regex: ZO-train only matching base params"})
     zo_q: int = field(default=1, metadata={"help": "random directions per step, estimated at the same weights"})
     zo_combine: str = field(default="mean", metadata={"help": "how the q estimates combine: mean (q-SPSA) or "
@@ -156,6 +159,11 @@ class RunConfig:
             (self.zo_rounding == "nearest" or self.dtype != "float16",
              "zo_rounding stochastic needs bfloat16 (or float32, where it changes nothing), not float16"),
             (self.zo_rounding == "nearest" or not self.zo_mask, "zo_rounding stochastic does not support zo_mask"),
+            (self.zo_dist != "lowrank" or not self.zo_mask, "zo_dist lowrank does not support zo_mask"),
+            (self.zo_dist != "lowrank" or self.zo_rounding == "nearest",
+             "zo_dist lowrank folds with the residual: use zo_rounding nearest"),
+            (self.zo_dist != "lowrank" or self.weight_decay_zo == 0,
+             "zo_dist lowrank does not support weight_decay_zo (it would need a dense sweep every step)"),
             (self.mask_batches > 0, "mask_batches must be > 0"),
             (self.shuffle in ("reshuffle", "once", "none"), "shuffle must be reshuffle, once or none"),
             (self.loss in ("classification", "lm"), "loss must be classification or lm"),
@@ -177,7 +185,9 @@ class RunConfig:
         """The ZO half of this config: the ZO log's header, and what replay reads back."""
         return ZOConfig(eps=self.eps, dist=self.zo_dist, estimator=self.estimator, q=self.zo_q,
                         combine=self.zo_combine, mask=self.zo_mask, density=self.zo_density if self.zo_mask else None,
-                        compensate=self.zo_compensate, rounding=self.zo_rounding, params=self.zo_params)
+                        compensate=self.zo_compensate, rounding=self.zo_rounding, params=self.zo_params,
+                        **({"rank": self.zo_rank, "lazy": self.zo_lazy, "root": derive_seed(self.seed, "lowrank")}
+                           if self.zo_dist == "lowrank" else {}))
 
     def zo_header(self, engine: Engine, device: str, **extra: Any) -> dict[str, Any]:
         """The ZO log's header of this run: its :class:`ZOConfig`, and what replay checks the model against."""

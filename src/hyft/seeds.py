@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 from typing import Literal
 
-Stream = Literal["directions", "sampler", "dropout", "dropout-resharded"]
-STREAMS: tuple[Stream, ...] = ("directions", "sampler", "dropout", "dropout-resharded")
+Stream = Literal["directions", "sampler", "dropout", "dropout-resharded", "lowrank"]
+STREAMS: tuple[Stream, ...] = ("directions", "sampler", "dropout", "dropout-resharded", "lowrank")
 
 # closed forms kept from before this module: the recorded runs depend on them
 _LEGACY = {"directions": (1_000_003, 17), "sampler": (7919, 1)}
@@ -25,13 +25,16 @@ def derive_seed(root: int, stream: Stream, rank: int = 0, index: int = 0) -> int
 
     ``directions`` and ``sampler`` are shared by every rank (rank and index are ignored: every replica must
     draw the same z and walk the same order); ``dropout`` is per rank; ``dropout-resharded`` is per rank and
-    per ``index`` (the step a run resumed at with a different number of processes).
+    per ``index`` (the step a run resumed at with a different number of processes); ``lowrank`` is the root of
+    the low-rank directions' V factors (shared by every rank).
     """
     if stream not in STREAMS:
         raise ValueError(f"unknown seed stream {stream!r}; streams: {', '.join(STREAMS)}")
     if stream in _LEGACY:
         multiplier, offset = _LEGACY[stream]
         return root * multiplier + offset
+    if stream == "lowrank":
+        rank = 0
     if stream == "dropout" and rank == 0:
         return root
     digest = hashlib.sha256(f"hyft/{stream}/{root}/{rank}/{index}".encode()).digest()

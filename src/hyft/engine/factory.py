@@ -1,4 +1,5 @@
-"""The ZO engine of a parameter group: dense (every element) or sparse (a fixed mask), one interface."""
+"""The ZO engine of a parameter group: dense (every element), sparse (a fixed mask) or low-rank (U Vᵀ per
+matrix), one interface."""
 
 from __future__ import annotations
 
@@ -6,17 +7,24 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from hyft.engine.lowrank import LowRankEngine
 from hyft.engine.sparse import SparseEngine
 from hyft.engine.zmath import Applied
 from hyft.engine.zo import ZOEngine, canonical_name
 from hyft.engine.zoconfig import ZOConfig
 
-Engine = ZOEngine | SparseEngine
+Engine = ZOEngine | SparseEngine | LowRankEngine
 
 
 def make_engine(model: nn.Module, params: list[tuple[str, nn.Parameter]], zo: ZOConfig,
                 mask: list[Tensor] | None = None) -> Engine:
     """``mask``: flat positions per tensor (see :mod:`hyft.engine.masks`), or None for dense directions."""
+    if zo.dist == "lowrank":
+        if mask is not None:
+            raise ValueError("low-rank directions take no sparse mask")
+        assert zo.rank is not None and zo.lazy is not None and zo.root is not None
+        return LowRankEngine(model, params, zo.rank, zo.lazy, zo.root, eps=zo.eps, two_sided=zo.two_sided,
+                             compensate=zo.compensate)
     if mask is None:
         return ZOEngine(model, params, zo.dist, eps=zo.eps, two_sided=zo.two_sided, compensate=zo.compensate,
                         rounding=zo.rounding)

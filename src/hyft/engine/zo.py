@@ -87,14 +87,28 @@ class EngineState:
     params: list[tuple[str, nn.Parameter]]
     residuals: list[Tensor | None]
 
+    def begin(self, step: int) -> None:
+        """Called before a step's first forward (engines whose directions depend on the step use it)."""
+
+    def materialize(self) -> None:
+        """Put any pending update into the weights themselves (the dense and sparse engines keep none)."""
+
+    def extra_tensors(self) -> dict[str, Tensor]:
+        """State beyond the weights and residuals that a snapshot or checkpoint must keep (none here)."""
+        return {}
+
+    def load_extra_tensors(self, tensors: Callable[[str], Tensor | None]) -> None:
+        """Set :meth:`extra_tensors` from ``tensors(name)`` (absent: the state of a fresh engine)."""
+
     def state_tensors(self) -> dict[str, Tensor]:
-        """The ZO tensors by canonical name, with their residuals (``NAME#residual``) where kept."""
+        """The ZO tensors by canonical name, with their residuals (``NAME#residual``) where kept, and any
+        extra state (:meth:`extra_tensors`)."""
         out = {}
         for (name, p), r in zip(self.params, self.residuals, strict=True):
             out[canonical_name(name)] = p.detach()
             if r is not None:
                 out[canonical_name(name) + RESIDUAL] = r
-        return out
+        return {**out, **self.extra_tensors()}
 
     @torch.no_grad()
     def load_state_tensors(self, tensors: Callable[[str], Tensor | None]) -> None:
@@ -108,6 +122,7 @@ class EngineState:
             if r is not None:
                 saved = tensors(key + RESIDUAL)
                 r.zero_() if saved is None else r.copy_(saved)
+        self.load_extra_tensors(tensors)
 
 
 class ZOEngine(EngineState):

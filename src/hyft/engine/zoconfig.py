@@ -15,18 +15,20 @@ from hyft.engine import noise
 from hyft.engine.estimators import ESTIMATORS
 from hyft.engine.masks import MASKS
 
-DISTS = ("rademacher", "gaussian")
+DISTS = ("rademacher", "gaussian", "lowrank")
 ESTIMATOR_KINDS = ("two-sided", "one-sided")
 ROUNDINGS = ("nearest", "stochastic")
 
 # ZOConfig field -> ZO-log header key
 _HEADER_KEYS = {"eps": "eps", "dist": "dist", "estimator": "estimator", "q": "zo_q", "combine": "zo_combine",
                 "mask": "zo_mask", "density": "zo_density", "compensate": "zo_compensate",
-                "rounding": "zo_rounding", "params": "zo_params", "sparse_applied": "zo_sparse_applied"}
+                "rounding": "zo_rounding", "params": "zo_params", "sparse_applied": "zo_sparse_applied",
+                "rank": "zo_rank", "lazy": "zo_lazy", "root": "zo_lowrank_root"}
 # what a header written before a field existed meant by its absence
 _HEADER_DEFAULTS = {"zo_q": 1, "zo_combine": "mean", "zo_mask": None, "zo_density": None, "zo_compensate": True,
                     "zo_rounding": "nearest", "zo_params": None,
-                    "zo_sparse_applied": False}  # before it, sparse bf16 updates moved along z
+                    "zo_sparse_applied": False,  # before it, sparse bf16 updates moved along z
+                    "zo_rank": None, "zo_lazy": None, "zo_lowrank_root": None}
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ class ZOConfig:
     rounding: str = "nearest"
     params: str | None = None  # regex on parameter names; None: the method's whole ZO group
     sparse_applied: bool = True  # sparse bf16/fp16 updates move along the applied direction, as dense ones
+    rank: int | None = None  # lowrank: the rank R of z = U Vᵀ/√R (None for dense directions)
+    lazy: int | None = None  # lowrank: steps each V is held
+    root: int | None = None  # lowrank: the seed root of the V factors
+
     def problems(self) -> list[str]:
         """What is wrong with these values, one phrase each (empty when valid)."""
         checks = [
@@ -56,6 +62,8 @@ class ZOConfig:
             (self.mask is None or self.mask in MASKS, f"zo_mask must be one of {', '.join(MASKS)}, got {self.mask!r}"),
             (self.density is None or 0 < self.density <= 1, f"zo_density must be in (0, 1], got {self.density}"),
             (self.rounding in ROUNDINGS, f"zo_rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}"),
+            (self.dist != "lowrank" or (self.rank or 0) >= 1, f"zo_rank must be >= 1, got {self.rank}"),
+            (self.dist != "lowrank" or (self.lazy or 0) >= 1, f"zo_lazy must be >= 1, got {self.lazy}"),
         ]
         return [message for ok, message in checks if not ok]
 

@@ -50,7 +50,9 @@ class HybridArguments:
     lr_zo: float = 1e-6  # follows the Trainer's schedule: lr_zo × (current lr / learning_rate)
     eps: float = 1e-3
     estimator: str = "two-sided"
-    zo_dist: str = "rademacher"
+    zo_dist: str = "rademacher"  # or gaussian, or lowrank (U Vᵀ per matrix: zo_rank, zo_lazy)
+    zo_rank: int = 2
+    zo_lazy: int = 50
     zo_q: int = 1
     zo_combine: str = "mean"
     zo_mask: str | None = None  # magnitude or sensitivity (chosen from the first mask_batches batches)
@@ -239,7 +241,10 @@ class HybridTrainer(Trainer):
         self.method = self._build_method(resuming=folder is not None)
         if folder is not None:
             self._resume_zo(Path(folder))
-        return super().train(resume_from_checkpoint=folder, **kwargs)
+        output = super().train(resume_from_checkpoint=folder, **kwargs)
+        if self.method.engine is not None:
+            self.method.engine.materialize()  # low-rank directions: the model holds its trained weights itself
+        return output
 
     def _resume_zo(self, folder: Path) -> None:
         """The ZO state of ``folder``: seeds restored, θ rebuilt from the original weights and the log up to the

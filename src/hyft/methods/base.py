@@ -142,6 +142,7 @@ class Method(ABC):
         try:
             if self.engine is not None:
                 _ = self.train_loss_is_eval_loss  # measured before the step's first forward, once per run
+                self.engine.begin(step)  # low-rank directions: a new period folds and redraws V
             return self.update(batch, step)
         finally:
             self._batch = None  # no reference to the batch's tensors outlives its step

@@ -55,6 +55,7 @@ def replay(model_name: str, log_path: str | Path, out: str | Path | None = None,
     upto = len(updates) if upto is None else min(upto, len(updates))
     store = BaseSnapshots(Path(snapshots) if snapshots is not None else log_path.parent / rundir.SNAPSHOTS)
     rebuild(engine, store, updates, upto, original=None)  # the model was just loaded: original weights
+    engine.materialize()  # low-rank directions: the pending updates into the weights, as at the end of a run
     if out is not None:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)

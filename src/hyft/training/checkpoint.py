@@ -58,12 +58,14 @@ def read(path: Path) -> dict[str, Any]:
 
 def zo_state(method: Method, zo_updates: int, store_residuals: bool) -> dict[str, Any]:
     """The method's side of a checkpoint: its direction-seed stream and FO optimizer, how many ZO-log lines
-    it covers, and (``store_residuals``: a ZO group no base snapshot holds) the low-precision residuals."""
+    it covers, and (``store_residuals``: a ZO group no base snapshot holds) the low-precision residuals and the
+    engine's extra state (low-rank: the pending updates A and V's period)."""
     engine = method.engine
-    residuals = None
+    residuals, extra = None, None
     if store_residuals and engine is not None:
         residuals = [None if r is None else r.to("cpu", copy=True) for r in engine.residuals]
-    return {"method": method.state_dict(), "zo_updates": zo_updates, "residuals": residuals}
+        extra = {k: v.to("cpu", copy=True) for k, v in engine.extra_tensors().items()}  # low-rank: A, period
+    return {"method": method.state_dict(), "zo_updates": zo_updates, "residuals": residuals, "extra": extra}
 
 
 def restore_zo_state(method: Method, state: dict[str, Any]) -> int:
@@ -74,6 +76,8 @@ def restore_zo_state(method: Method, state: dict[str, Any]) -> int:
             for r, saved in zip(method.engine.residuals, state["residuals"], strict=True):
                 if r is not None:
                     r.copy_(saved)
+    if state.get("extra") and method.engine is not None:
+        method.engine.load_extra_tensors(state["extra"].get)
     return int(state["zo_updates"] if "zo_updates" in state else state["state"].zo_updates)  # older: in the state
 
 

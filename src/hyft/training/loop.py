@@ -337,6 +337,8 @@ class Trainer:
         self.model, self.tokenizer = model, run.tokenizer  # the best-dev state, for callers of the library
         test = evaluate(model, run.tokenizer, run.splits.test, c.eval_batch_size, c.normalize, c.max_length,
                         self.progress, "test", comm)
+        if run.method.engine is not None:
+            run.method.engine.materialize()  # low-rank directions: the saved (and returned) weights are complete
         if not comm.is_main:
             comm.barrier()  # until rank 0 has written the results
             return self._results(state, run.total, run.groups, best, test, len(run.dev), self.device)
