@@ -34,11 +34,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hyft.engine import noise
-from hyft.engine.zo import LOOKAHEAD, EngineState, ZOUpdate, direction_seed, refuse_outside_readers
+from hyft.engine.zo import EngineState, ZOUpdate, direction_seed, lookahead, refuse_outside_readers
 from hyft.errors import HyftError
 
 _U, _V, _Z = "#lowrank.U", "#lowrank.V", "#lowrank.vectors"  # the streams of the factors and of the vectors
-ACCUMULATOR, PERIOD = "#lowrank.A", "#lowrank.period"  # the extra state tensors (snapshots, checkpoints)
+# the extra state tensors (snapshots, checkpoints): pending updates, V's period, the vectors' float32 values
+ACCUMULATOR, PERIOD, VECTORS = "#lowrank.A", "#lowrank.period", "#lowrank.vectors"
 
 
 def factored(module: nn.Module) -> bool:
@@ -80,9 +81,15 @@ class LowRankEngine(EngineState):
             _offsets([params[i][1].shape[1] * rank for i in self.matrices]), \
             _offsets([params[i][1].numel() for i in self.vectors])
         self.A = torch.zeros(self.u_off[-1], dtype=torch.float32, device=device)  # pending updates, fp32
+        # matrices keep a residual in bf16/fp16 (folds round once per period); the vectors' true values live in
+        # one float32 buffer, so that perturbing or updating all of them is a few ops, not a few per tensor
         self.residuals: list[Tensor | None] = [
             torch.zeros_like(p, memory_format=torch.contiguous_format)
-            if compensate and p.dtype not in noise.FULL_PRECISION else None for _, p in params]
+            if compensate and p.dtype not in noise.FULL_PRECISION and i in self._k else None
+            for i, (_, p) in enumerate(params)]
+        self.compensate = compensate
+        self.master = torch.cat([params[i][1].detach().reshape(-1).float() for i in self.vectors]) \
+            if self.vectors else torch.zeros(0, device=device)
         self.period = -1  # V's period; -1: none drawn yet
         self.V: Tensor | None = None
         self._dirty = False  # A holds updates not folded yet
@@ -173,7 +180,7 @@ class LowRankEngine(EngineState):
             if p.dtype in noise.FULL_PRECISION:
                 p.addmm_(a.to(p.dtype), v.T.to(p.dtype))
                 continue
-            per = max(1, LOOKAHEAD // p.shape[1])  # bounded fp32 temporaries
+            per = max(1, lookahead(p.device) // p.shape[1])  # bounded fp32 temporaries
             for r0 in range(0, p.shape[0], per):
                 rows = slice(r0, min(r0 + per, p.shape[0]))
                 true = p[rows].float() if r is None else p[rows].float().add_(r[rows].float())
@@ -209,12 +216,15 @@ class LowRankEngine(EngineState):
         self._M = None if m is None or self.V is None or not self.matrices else m.to(self._dtype)
         self._temps = {}
         if scale and self.vectors:
-            z = self._draw(_Z, seed, self.z_off[-1])
-            for k, i in enumerate(self.vectors):
-                p, r = self.params[i][1].detach(), self.residuals[i]
-                zi = z[self.z_off[k]:self.z_off[k + 1]].view(p.shape)
-                true = p if r is None else p.float() + r.float()  # a new tensor: p itself is never written
-                self._temps[i] = torch.add(true, zi.to(true.dtype), alpha=scale).to(p.dtype)
+            perturbed = torch.add(self.master, self._draw(_Z, seed, self.z_off[-1]), alpha=scale)
+            self._temps = dict(zip(self.vectors, self._views(perturbed), strict=True))
+
+    def _views(self, flat: Tensor) -> list[Tensor]:
+        """The vectors' pieces of a flat float32 buffer, each in its parameter's dtype and shape."""
+        dtypes = {self.params[i][1].dtype for i in self.vectors}
+        cast = flat.to(dtypes.pop()) if len(dtypes) == 1 else flat
+        return [cast[self.z_off[k]:self.z_off[k + 1]].view(self.params[i][1].shape).to(self.params[i][1].dtype)
+                for k, i in enumerate(self.vectors)]
 
     def _add_term(self, i: int, module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
         self._used.add(i)
@@ -225,10 +235,11 @@ class LowRankEngine(EngineState):
         m = self._factor(self._M, self.u_off, k, p.shape[0])
         assert self._Vc is not None
         v = self._factor(self._Vc, self.v_off, k, p.shape[1])
-        if isinstance(module, nn.Embedding):
-            return out + F.embedding(args[0], m).to(out.dtype) @ v.T.to(out.dtype)
-        x = args[0]
-        return out + ((x @ v.to(x.dtype)) @ m.T.to(x.dtype)).to(out.dtype)
+        rows = out.reshape(-1, out.shape[-1])
+        if isinstance(module, nn.Embedding):  # W[ids] + M[ids] Vᵀ
+            return torch.addmm(rows, F.embedding(args[0], m).reshape(-1, m.shape[1]), v.T).view_as(out)
+        x = args[0]  # x Wᵀ + (x V) Mᵀ
+        return torch.addmm(rows, x.reshape(-1, x.shape[-1]).to(v.dtype) @ v, m.T).view_as(out)
 
     def _swap_in(self, module: nn.Module, _args: object) -> None:
         for attr, i in self._vector_owners[module]:
@@ -290,30 +301,37 @@ class LowRankEngine(EngineState):
         self._refresh()
 
     def _update_vectors(self, seed: int, step: float) -> None:
-        z = self._draw(_Z, seed, self.z_off[-1])
-        for k, i in enumerate(self.vectors):
-            p, r = self.params[i][1].detach(), self.residuals[i]
-            zi = z[self.z_off[k]:self.z_off[k + 1]].view(p.shape)
-            if p.dtype in noise.FULL_PRECISION:
-                p.add_(zi.to(p.dtype), alpha=-step)
-                continue
-            true = p.float() if r is None else p.float().add_(r.float())
-            v = zi
-            if self.eps is not None:  # the direction the perturbed forwards applied (see hyft.engine.zmath)
-                up = torch.add(true, zi, alpha=self.eps).to(p.dtype).float()
-                down = torch.add(true, zi, alpha=-self.eps).to(p.dtype).float() if self.two_sided else p.float()
-                v = up.sub_(down).mul_(1.0 / (self.eps * (2.0 if self.two_sided else 1.0)))
-            true.add_(v, alpha=-step)
-            p.copy_(true)
-            if r is not None:
-                r.copy_(true.sub_(p.float()))
+        """master ← master − step·v for all vectors at once, then each stored vector ← master rounded."""
+        v = self._draw(_Z, seed, self.z_off[-1])
+        low = [self.params[i][1].dtype for i in self.vectors if self.params[i][1].dtype not in noise.FULL_PRECISION]
+        if low and self.eps is not None:  # the direction the perturbed forwards applied (see hyft.engine.zmath)
+            dtype, e = low[0], self.eps
+            up = torch.add(self.master, v, alpha=e).to(dtype).float()
+            down = torch.add(self.master, v, alpha=-e).to(dtype).float() if self.two_sided \
+                else self.master.to(dtype).float()
+            v = up.sub_(down).mul_(1.0 / (e * (2.0 if self.two_sided else 1.0)))
+        self.master.add_(v, alpha=-step)
+        if low and not self.compensate:  # no residual: the true value is the rounded one
+            self.master.copy_(self.master.to(low[0]))
+        self._write_vectors()
+
+    def _write_vectors(self) -> None:
+        ps = [self.params[i][1].detach() for i in self.vectors]
+        torch._foreach_copy_(ps, self._views(self.master))
 
     # --- state --------------------------------------------------------------------------------------
     def extra_tensors(self) -> dict[str, Tensor]:
-        return {ACCUMULATOR: self.A, PERIOD: torch.tensor(self.period, dtype=torch.int64)}
+        return {ACCUMULATOR: self.A, PERIOD: torch.tensor(self.period, dtype=torch.int64), VECTORS: self.master}
 
     @torch.no_grad()
     def load_extra_tensors(self, tensors: Callable[[str], Tensor | None]) -> None:
+        """After the weights were set: A, the period (V redrawn) and the vectors' float32 values (absent:
+        the stored vectors, as at the start of a run)."""
+        vectors = tensors(VECTORS)
+        if vectors is not None:
+            self.master.copy_(vectors)
+        elif self.vectors:
+            self.master.copy_(torch.cat([self.params[i][1].detach().reshape(-1).float() for i in self.vectors]))
         saved = tensors(ACCUMULATOR)
         self.A.zero_() if saved is None else self.A.copy_(saved)
         self._dirty = bool(self.A.any()) if saved is not None else False

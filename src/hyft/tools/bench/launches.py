@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hyft.engine import noise
+from hyft.engine.lowrank import LowRankEngine
 from hyft.engine.zo import ZOEngine, ZOUpdate, select_params
 
 NO_KERNEL = ("view", "_unsafe_view", "slice", "select", "as_strided", "expand", "t", "transpose", "unsqueeze",
@@ -37,7 +38,7 @@ def count(fn: Callable[[], Any]) -> int:
     return counter.launches
 
 
-def perturbed_forward_launches(engine: ZOEngine, model: nn.Module, tokens: int, seed: int = 1,
+def perturbed_forward_launches(engine: ZOEngine | LowRankEngine, model: nn.Module, tokens: int, seed: int = 1,
                                scale: float = 1e-3) -> int:
     """The engine's own launches in one perturbed forward of ``tokens`` tokens: a forward of ``model`` inside
     :meth:`ZOEngine.perturbed` (the engine's hooks, batches and row blocks, not a copy of them) minus the
@@ -79,4 +80,34 @@ def llama_7b_launches(dtype: torch.dtype = torch.bfloat16, tokens: int = 1024) -
                          num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False)
     with torch.device("meta"):
         model = LlamaForCausalLM(config).to(dtype)
-    return {"model": "llama-2-7b shape (meta)", **zo_launches(model, tokens)}
+    return {"model": "llama-2-7b shape (meta)", **zo_launches(model, tokens),
+            "lowrank": lowrank_launches(model, tokens)}
+
+
+def lowrank_launches(model: nn.Module, tokens: int = 1024, rank: int = 2, lazy: int = 50) -> dict[str, Any]:
+    """Launches of a two-sided step with low-rank directions (both perturbed forwards, the update, and a fold
+    every ``lazy`` steps), beyond those of two plain forwards; the engine's hooks are removed after."""
+    params = select_params(model)
+    device = params[0][1].device
+    ids = torch.zeros(1, tokens, dtype=torch.long, device=device)
+    engine = LowRankEngine(model, params, rank, lazy, root=0, eps=1e-3)
+    engine.begin(0)
+
+    def step(seed: int) -> None:
+        with engine.perturbed(seed, 1e-3):
+            model(input_ids=ids)
+        with engine.perturbed(seed, -1e-3):
+            model(input_ids=ids)
+        engine.update(ZOUpdate(step=0, seed=seed, coef=1.0, lr=1e-6))
+
+    try:
+        with torch.no_grad():
+            plain = count(lambda: model(input_ids=ids))
+            first = count(lambda: step(1)) - 2 * plain  # no update pending yet
+            pending = count(lambda: step(2)) - 2 * plain  # the forwards also carry the pending updates
+            fold = count(engine.materialize)
+    finally:
+        engine.close()
+    return {"rank": rank, "lazy": lazy, "matrices": len(engine.matrices), "vectors": len(engine.vectors),
+            "first_step": first, "two_sided_step": pending, "fold": fold,
+            "two_sided_step_amortised": round(pending + fold / lazy, 1)}

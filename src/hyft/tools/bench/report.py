@@ -63,7 +63,22 @@ def _launches(results: dict[str, Any]) -> list[str]:
             f"| update sweep ({la['pieces_per_sweep']} pieces) | {la['update_sweep']:,} |",
             f"| perturbed forward ({la['streamed_modules']} streamed modules) | {la['perturbed_forward']:,} |",
             f"| two-sided step (2 forwards + update) | {la['two_sided_step']:,} |",
-            f"| previous scheme: chunks per sweep (each ≥ 2 launches) | {la['previous_scheme_chunks_per_sweep']:,} |"]
+            f"| previous scheme: chunks per sweep (each ≥ 2 launches) | {la['previous_scheme_chunks_per_sweep']:,} |",
+            *_lowrank_launches(la.get("lowrank"))]
+
+
+LOWRANK_LAUNCH_TARGET = 2300  # MeZO's per-tensor torch.normal on the same model: roughly 2.3 k per step
+
+
+def _lowrank_launches(lr: dict[str, Any] | None) -> list[str]:
+    if not lr:
+        return []
+    met = "met" if lr["two_sided_step_amortised"] <= LOWRANK_LAUNCH_TARGET else "missed"
+    return [f"| low-rank (rank {lr['rank']}, V held {lr['lazy']}): two-sided step, updates pending "
+            f"({lr['matrices']} matrices, {lr['vectors']} vectors) | {lr['two_sided_step']:,} |",
+            f"| low-rank: fold (every {lr['lazy']} steps) | {lr['fold']:,} |",
+            f"| low-rank: two-sided step, fold amortised (target ≤ {LOWRANK_LAUNCH_TARGET:,}: {met}) | "
+            f"{lr['two_sided_step_amortised']:,} |"]
 
 
 def markdown(results: dict[str, Any]) -> str:
