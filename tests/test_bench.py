@@ -68,6 +68,11 @@ def test_rng_sweeps_per_step(results, tiny_dir):
     _, groups = prepare(AutoModelForCausalLM.from_pretrained(tiny_dir), RunConfig(method="zo-peft"))
     lora = sum(p.numel() for _, p in groups.zo)
     assert rows["zo-peft"]["rng_sweeps"] == pytest.approx(3 * sum(_padded(p.numel()) for _, p in groups.zo) / lora)
+    # low-rank: one draw of every matrix's U (m×R) and one of the vectors' z per step (V once per 50 steps)
+    matrices = [p for _, p in params if p.dim() == 2]
+    per_step = _padded(sum(p.shape[0] * 2 for p in matrices)) + _padded(sum(p.numel() for _, p in params
+                                                                          if p.dim() == 1))
+    assert rows["zo-lowrank"]["rng_sweeps"] == pytest.approx(per_step / numel)
     assert rows["fo-peft"]["rng_sweeps"] == rows["fo-full"]["rng_sweeps"] == rows["forward"]["rng_sweeps"] == 0
     assert rows["zo-peft"]["zo_numel"] < rows["zo-full"]["zo_numel"] == rows["mezo"]["zo_numel"]
 
@@ -99,4 +104,5 @@ def test_sweeps_and_launch_counts_are_reported(tiny_dir, tmp_path):
     la = res["launches"]
     assert la["numel"] > 6.5e9 and la["pieces_per_sweep"] < la["previous_scheme_chunks_per_sweep"] / 20
     assert la["update_sweep"] < 2 * la["previous_scheme_chunks_per_sweep"]
+    assert la["lowrank"]["two_sided_step_amortised"] < la["two_sided_step"] / 20  # no per-weight sweeps
     assert "Kernel launches" in (tmp_path / "bench.md").read_text()

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from hyft.config import RunConfig
 from hyft.engine import masks, noise
+from hyft.engine.lowrank import LowRankEngine
 from hyft.engine.zo import ZOEngine
 from hyft.methods import Objective
 from hyft.methods.params import prepare
@@ -40,6 +41,9 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "hybrid-stochastic": ("hybrid, two-sided, stochastic rounding (bf16: no residual)",
                           {"method": "hybrid", "zo_rounding": "stochastic", "zo_compensate": False}),
     "hybrid-sparse": ("hybrid, two-sided, fused, 1 % magnitude mask", {"method": "hybrid", "zo_mask": "magnitude"}),
+    "zo-lowrank": ("zo-full, low-rank directions (rank 2, V held 50)", {"method": "zo-full", "zo_dist": "lowrank"}),
+    "hybrid-lowrank": ("hybrid, fused, low-rank directions (rank 2, V held 50)",
+                       {"method": "hybrid", "zo_dist": "lowrank"}),
 }
 
 
@@ -132,6 +136,9 @@ def build_row(name: str, model_name: str, batch_size: int, seq_len: int, dtype: 
             engine._perturbed_rows = timer.timed(temporaries.wrap(engine._perturbed_rows), "perturb")
             engine._perturbed_lookup = timer.timed(engine._perturbed_lookup, "perturb")  # batch-sized rows
             engine.shift_ = timer.timed(engine.shift_, "perturb")  # the fused step's in-place shifts
+        elif isinstance(engine, LowRankEngine):  # M = A + s·U/√R and the perturbed vectors; folds at new periods
+            engine._refresh = timer.timed(engine._refresh, "perturb")
+            engine.begin = timer.timed(engine.begin, "update")
         else:  # in place at the masked positions (shifts included)
             engine._set = timer.timed(engine._set, "perturb")
             engine._restore = timer.timed(engine._restore, "perturb")
