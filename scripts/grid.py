@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from hyft.tools import stats
+
 
 def load_results(path: Path) -> dict[str, dict[str, Any]]:
     if not path.is_file():
@@ -223,11 +225,11 @@ def run_grid(grid: dict[str, Any], only: str | None, reuse: bool = False) -> Non
 
 # --- the report ------------------------------------------------------------------------------------
 def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def pm(values: list[float], fmt: str = ".3f") -> str:
-    """Mean ± (population) std over seeds; a single seed shows its value alone, since it has no spread."""
+    """Mean ± sample std (n − 1) over seeds; a single seed shows its value alone, since it has no spread."""
     mean, sd = mean_std(values)
     return f"{mean:{fmt}} ± {sd:.3f}" if len(values) > 1 else f"{mean:{fmt}}"
 
@@ -262,15 +264,16 @@ def render(grid: dict[str, Any]) -> str:
             hits = [(reach(r["curve"], bar[(task, r["seed"])]), ref_secs[(task, r["seed"])])
                     for r in rs if (task, r["seed"]) in bar]
             got = [(h, ref) for h, ref in hits if h is not None]
-            steps = f"{statistics.fmean(h[0] for h, _ in got):.0f} ({len(got)}/{len(hits)} seeds)" if got else \
-                f"not reached (0/{len(hits)})"
-            secs = (f"{statistics.fmean(h[1] for h, _ in got):.0f} "
-                    f"({statistics.fmean(h[1] / ref for h, ref in got):.1f}×)") if got else "—"
+            # medians over every seed, a seed that never reached the bar counted as beyond the budget
+            steps = f"{_median_reached([h and h[0] for h, _ in hits])} ({len(got)}/{len(hits)} reached)"
+            secs = _median_reached([h and h[1] for h, _ in hits])
+            if secs != "> budget":
+                secs += f" ({_median_reached([h and h[1] / ref for h, ref in hits], '.1f')}×)"
             acc = pm([r["test_accuracy"] for r in rs])
             lines.append(f"| {task} | {label} | {len(rs)} | {acc} | {dev:.3f} | {steps} | {secs} | "
                          f"{statistics.fmean(r['median_step_seconds'] for r in rs):.2f} | "
                          f"{max(r['peak_rss_mb'] for r in rs):,.0f} |")
-    lines += ["", *paired(records, grid, bar)]
+    lines += ["", COLUMNS.format(ref=grid["reference"]), "", *paired(records, grid, bar)]
     sweeps = [r for r in results.values() if r.get("sweep") and not r.get("reused")]
     lines += ["", "Dev sweeps (seed 0; the best dev accuracy picks the values the cells use):", "",
               "| sweep | values | best dev | test |", "|---|---|---|---|"]
@@ -296,6 +299,26 @@ def render(grid: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+COLUMNS = ("Columns: *test acc* is the mean ± sample std (n − 1) over seeds of each run's test accuracy at its "
+           "best-dev step; *best dev* the mean of the runs' best dev accuracies; *steps to {ref}'s final dev* the "
+           "median over seeds of the first evaluated step at or above {ref}'s final dev accuracy on the same task and "
+           "seed, a seed that never reached it counted as beyond the budget (\"> budget\" when that is the median), "
+           "with how many reached it; *seconds to it* the median of the same runs' seconds and of their ratios to "
+           "{ref}'s own seconds to the bar; *s/step* the mean over seeds of each run's median step time; *peak RSS* "
+           "the largest over seeds.")
+
+
+def _median_reached(values: list[float | None], fmt: str = ".0f") -> str:
+    """The median with None (never reached) sorted last: "> budget" when it falls there (an even count whose
+    two middle values include one)."""
+    ordered = sorted(values, key=lambda v: (v is None, v or 0.0))
+    n = len(ordered)
+    middle = ordered[(n - 1) // 2: n // 2 + 1]
+    if any(v is None for v in middle):
+        return "> budget"
+    return f"{statistics.fmean(middle):{fmt}}"  # type: ignore[arg-type]
+
+
 def paired(records: list[dict[str, Any]], grid: dict[str, Any], bar: dict[tuple[str, int], float]) -> list[str]:
     """The paper's claim in its own terms, each seed against the same task's and seed's baselines: test
     accuracy minus each baseline's (``baselines``: labels, default the reference), and steps to the bar as a
@@ -305,28 +328,41 @@ def paired(records: list[dict[str, Any]], grid: dict[str, Any], bar: dict[tuple[
     tasks = list(dict.fromkeys(r["task"] for r in records))
     labels = [label for label in dict.fromkeys(r["label"] for r in records) if label != grid["reference"]]
     ref = grid["reference"]
+    margin = float(grid.get("margin", 0.02))
     lines = [f"Paired by seed: each run's test accuracy minus the baselines' on the same task and seed, over the "
-             f"seeds both ran (mean ± population std; ↑/=/↓ count the seeds above, equal to and below). The bar "
+             f"seeds both ran: mean ± sample std [95 % t-interval of the mean], then the verdict against the "
+             f"equivalence margin ±{margin:g} stated in the grid file (`margin`) before these results were read: "
+             f"*equivalent* when the interval lies inside it, *above*/*below* when it excludes 0 and leaves the "
+             f"margin, *inconclusive* otherwise; ↑/=/↓ count the seeds above, equal to and below. *all tasks* pools "
+             f"every paired seed of the tasks with more than one seed. The bar "
              f"is {ref}'s final dev accuracy on that task and seed; the last column gives each seed's steps to it "
              f"as a fraction of {ref}'s own (≤ 0.50 is the paper's \"50 % fewer steps\"), in seed order, and "
-             f"their median.", "",
+             f"their median, a seed that never reached the bar counted as beyond the budget.", "",
              "| task | method | " + " | ".join(f"test − {b}'s" for b in baselines)
              + f" | steps to the bar ÷ {ref}'s, per seed (median) |",
              "|---|---|" + "---|" * (len(baselines) + 1)]
+    def cell(label: str, base: str, keys: list[tuple[str, int]]) -> str:
+        diffs = [by[t, label, s]["test_accuracy"] - by[t, base, s]["test_accuracy"] for t, s in keys
+                 if (t, base, s) in by]
+        if base == label or not diffs:
+            return "—" if base == label else "not run"
+        up, down = sum(d > 1e-9 for d in diffs), sum(d < -1e-9 for d in diffs)
+        p = stats.paired(diffs)
+        verdict = f" {p.verdict(margin)}" if p.n > 1 else ""
+        return f"{p.describe()}{verdict} ({up}↑ {len(diffs) - up - down}= {down}↓)"
+
+    multi = [t for t in tasks if len({s for tt, _, s in by if tt == t}) > 1]
+    for label in labels:
+        keys = [(t, s) for t, lab, s in by if lab == label and t in multi]
+        if keys:
+            lines.append("| all tasks | " + label + " | " + " | ".join(cell(label, b, keys) for b in baselines)
+                         + " | |")
     for task in tasks:
         for label in labels:
             seeds = sorted(s for t, lab, s in by if (t, lab) == (task, label))
             if not seeds:
                 continue
-            row = [task, label]
-            for base in baselines:
-                diffs = [by[task, label, s]["test_accuracy"] - by[task, base, s]["test_accuracy"]
-                         for s in seeds if (task, base, s) in by]
-                if base == label or not diffs:
-                    row.append("—" if base == label else "not run")
-                    continue
-                up, down = sum(d > 1e-9 for d in diffs), sum(d < -1e-9 for d in diffs)
-                row.append(f"{pm(diffs, '+.3f')} ({up}↑ {len(diffs) - up - down}= {down}↓)")
+            row = [task, label, *(cell(label, base, [(task, s) for s in seeds]) for base in baselines)]
             ratios = []
             for s in (s for s in seeds if (task, ref, s) in by):
                 mine = reach(by[task, label, s]["curve"], bar[task, s])
@@ -334,7 +370,7 @@ def paired(records: list[dict[str, Any]], grid: dict[str, Any], bar: dict[tuple[
                 ratios.append(None if mine is None or own is None else mine[0] / own[0])
             got = [r for r in ratios if r is not None]
             per_seed = " / ".join("not reached" if r is None else f"{r:.2f}" for r in ratios)
-            row.append(f"{per_seed} (median {statistics.median(got):.2f})" if got else
+            row.append(f"{per_seed} (median {_median_reached(ratios, '.2f')})" if got else
                        f"not reached (0/{len(ratios)})" if ratios else "not run")
             lines.append("| " + " | ".join(row) + " |")
     return lines

@@ -99,12 +99,13 @@ def test_seconds_to_the_bar_compare_within_a_seed(tmp_path):
         main = g.render(grid).split("\n\n")[0]  # the first table; the paired one follows
         return {line.split(" | ")[1]: line.split(" | ") for line in main.splitlines() if line.startswith("| cb")}
 
-    assert table()["fo"][5:7] == ["40 (2/2 seeds)", "30 (1.0×)"]
-    assert table()["hy"][5:7] == ["20 (2/2 seeds)", "90 (3.0×)"]  # 60 and 120 s, each 3× its seed's fo-peft
+    assert table()["fo"][5:7] == ["40 (2/2 reached)", "30 (1.0×)"]  # medians over seeds
+    assert table()["hy"][5:7] == ["20 (2/2 reached)", "90 (3.0×)"]  # 60 and 120 s, each 3× its seed's fo-peft
     rows[-1]["curve"] = [[20, 0.5, 120], [40, 0.7, 240]]
-    assert table()["hy"][5:7] == ["20 (1/2 seeds)", "60 (3.0×)"]
+    # the seed that misses the bar counts as beyond the budget: the median of {20, never} is beyond it too
+    assert table()["hy"][5:7] == ["> budget (1/2 reached)", "> budget"]
     rows[1]["test_accuracy"] = 0.8
-    assert table()["fo"][3] == "0.750 ± 0.050"  # population std over the two seeds
+    assert table()["fo"][3] == "0.750 ± 0.071"  # sample std (n − 1) over the two seeds
     del rows[1]
     assert table()["fo"][2:4] == ["1", "0.700"]  # one seed has no spread to show
 
@@ -133,12 +134,14 @@ def test_the_paired_table_compares_each_seed_with_its_own_baselines(tmp_path):
     table = {tuple(line.split(" | ")[:2]): line.split(" | ")[2:] for line in pairs.splitlines()
              if line.startswith("| ")}
     assert ("| cb", "fo") not in table  # the reference has no row of its own
-    assert table["| cb", "hy"][0] == "+0.075 ± 0.025 (2↑ 0= 0↓)"  # +0.10 on seed 0, +0.05 on seed 1
-    assert table["| cb", "hy"][1] == "+0.025 ± 0.025 (1↑ 1= 0↓)"  # +0.05, 0
+    # +0.10 on seed 0, +0.05 on seed 1: sample std 0.035, t(0.975, 1) = 12.71, so the interval is ±0.318
+    assert table["| cb", "hy"][0] == "+0.075 ± 0.035 [-0.243, +0.393] inconclusive (2↑ 0= 0↓)"
+    assert table["| cb", "hy"][1].startswith("+0.025 ± 0.035 [")  # +0.05, 0
+    assert table["| all tasks", "hy"][0].startswith("+0.025 ± 0.065 [")  # cb +0.10, +0.05; copa 0, −0.05
     assert table["| cb", "hy"][2].startswith("0.50 / 2.00 (median 1.25)")  # 20/40 and 40/20
     assert table["| cb", "full"][1] == "—"  # a baseline against itself
-    assert table["| cb", "full"][2].startswith("0.50 / not reached (median 0.50)")
-    assert table["| copa", "hy"][0] == "-0.025 ± 0.025 (0↑ 1= 1↓)"
+    assert table["| cb", "full"][2].startswith("0.50 / not reached (median > budget)")
+    assert table["| copa", "hy"][0].startswith("-0.025 ± 0.035 [") and table["| copa", "hy"][0].endswith("(0↑ 1= 1↓)")
     assert table["| copa", "hy"][1] == "not run"
     assert table["| copa", "hy"][2].startswith("0.33 / 1.00 (median 0.67)")
 
