@@ -103,7 +103,7 @@ def test_unknown_task_lists_known_ones():
 
 
 def test_registry_has_the_built_in_tasks():
-    assert set(TASKS) == {"sst2", "cb", "copa", "wsc", "winogrande"}
+    assert set(TASKS) == {"sst2", "cb", "copa", "wsc", "winogrande", "squad", "alpaca"}
 
 
 def _task_on(cls, tmp_path: Path, train_text: str):

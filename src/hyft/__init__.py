@@ -3,7 +3,7 @@
 from hyft.errors import HyftError
 from hyft.models import DEFAULT_MODEL, load_model
 from hyft.tasks import Example, get_task, sample_splits
-from hyft.tasks.evaluate import EvalResult, evaluate
+from hyft.tasks.evaluate import EvalResult, evaluate, evaluate_task
 
 __version__ = "0.1.0"
 
@@ -14,6 +14,10 @@ def __getattr__(name: str):
         from hyft.integrations import hf
 
         return getattr(hf, name)
+    if name in ("sft_features", "sft_collator"):
+        from hyft.integrations import sft
+
+        return getattr(sft, name)
     raise AttributeError(f"module 'hyft' has no attribute {name!r}")
 
 
@@ -25,7 +29,10 @@ __all__ = [
     "HybridTrainer",
     "HyftError",
     "evaluate",
+    "evaluate_task",
     "get_task",
     "load_model",
     "sample_splits",
+    "sft_collator",
+    "sft_features",
 ]

@@ -36,7 +36,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from hyft.models import load_model
     from hyft.tasks import get_task, sample_splits
-    from hyft.tasks.evaluate import evaluate
+    from hyft.tasks.evaluate import evaluate_task
 
     if args.batch_size <= 0 or args.num_test <= 0 or (args.num_eval is not None and args.num_eval <= 0):
         raise HyftError("--batch-size, --num-test and --num-eval must be positive")
@@ -48,17 +48,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    result = evaluate(model, tokenizer, examples, batch_size=args.batch_size, normalize=args.normalize,
-                      desc=f"{args.task}/{args.split}")
+    result = evaluate_task(model, tokenizer, task, examples, batch_size=args.batch_size, normalize=args.normalize,
+                           max_length=args.max_length, desc=f"{args.task}/{args.split}")
     print(
-        f"{args.task} {args.split}: accuracy {result.accuracy:.4f} (n={result.n}, "
+        f"{args.task} {args.split}: {result.describe()} (n={result.n}, "
         f"{result.examples_per_second:.1f} examples/s, {result.seconds:.1f}s)"
     )
     if args.json:
         record = {
-            "task": args.task, "model": args.model, "split": args.split, "n": result.n,
-            "accuracy": result.accuracy, "seconds": round(result.seconds, 3), "seed": args.seed,
-            "normalize": args.normalize, "dtype": args.dtype,
+            "task": args.task, "model": args.model, "split": args.split, "n": result.n, **result.metrics,
+            "seconds": round(result.seconds, 3), "seed": args.seed, "normalize": args.normalize, "dtype": args.dtype,
+            "max_length": args.max_length,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
@@ -84,10 +84,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hyft.tools.plot import plot_run
 
     plot_run(Path(out))  # the run's curves (plot.png), beside its metrics
-    zero_shot = results["zero_shot_test_accuracy"]
+    head = results.get("metric", "accuracy")  # the task's headline metric
+    zero_shot = results.get(f"zero_shot_test_{head}")
     if zero_shot is not None:
-        print(f"zero-shot test accuracy: {zero_shot:.4f}")
-    print(f"fine-tuned test accuracy: {results['test_accuracy']:.4f} ({results['method']}, {results['task']}, "
+        print(f"zero-shot test {head}: {zero_shot:.4f}")
+    print(f"fine-tuned test {head}: {results[f'test_{head}']:.4f} ({results['method']}, {results['task']}, "
           f"{results['steps']} steps, {results['train_seconds']:.0f}s training, "
           f"peak RSS {results['peak_rss_mb']:.0f} MB)")
     print(f"run directory: {out}")
@@ -209,6 +210,7 @@ def _training_commands(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="seed of the MeZO-style split sampling")
     p.add_argument("--normalize", default="mean", choices=["mean", "sum"], help="candidate score")
+    p.add_argument("--max-length", type=int, default=512, help="prompt tokens kept (long contexts lose their start)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")

@@ -23,6 +23,13 @@ def methods() -> dict[str, MethodSpec]:
     return METHODS
 
 
+def task_kind(name: str) -> str:
+    """choice, lm or generate (see :class:`hyft.tasks.base.Task`); an unknown task is the task layer's error."""
+    from hyft.tasks import get_task
+
+    return get_task(name).kind
+
+
 def _type_ok(kind: str, value: Any) -> bool:
     """Does ``value`` fit a field annotated ``kind`` (int, float, str, bool, list[str], optionally | None)?"""
     if value is None:
@@ -176,6 +183,8 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise HyftError(f"bad config value: {message}")
+        if self.loss == "classification" and task_kind(self.task) != "choice":
+            self.loss = "lm"  # a generative task has one gold completion: its loss is the LM loss on it
         if self.spec.uses_peft:
             peft_config(self)  # peft's own config object, built now: a bad --peft or field fails before model work
         return self

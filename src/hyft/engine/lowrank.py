@@ -235,11 +235,17 @@ class LowRankEngine(EngineState):
         m = self._factor(self._M, self.u_off, k, p.shape[0])
         assert self._Vc is not None
         v = self._factor(self._Vc, self.v_off, k, p.shape[1])
-        rows = out.reshape(-1, out.shape[-1])
         if isinstance(module, nn.Embedding):  # W[ids] + M[ids] Vᵀ
-            return torch.addmm(rows, F.embedding(args[0], m).reshape(-1, m.shape[1]), v.T).view_as(out)
-        x = args[0]  # x Wᵀ + (x V) Mᵀ
-        return torch.addmm(rows, x.reshape(-1, x.shape[-1]).to(v.dtype) @ v, m.T).view_as(out)
+            left = F.embedding(args[0], m).reshape(-1, m.shape[1])
+            right = v.T
+        else:  # x Wᵀ + (x V) Mᵀ
+            x = args[0]
+            left, right = x.reshape(-1, x.shape[-1]).to(v.dtype) @ v, m.T
+        rows = out.view(-1, out.shape[-1])
+        if torch.is_grad_enabled() and out.requires_grad:  # autograd records the sum (hybrid's FO pass)
+            return torch.addmm(rows, left, right).view_as(out)
+        rows.addmm_(left, right)  # in place: no new activation-sized tensor (a page-faulting allocation on CPU)
+        return None
 
     def _swap_in(self, module: nn.Module, _args: object) -> None:
         for attr, i in self._vector_owners[module]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from hyft.errors import HyftError
 from hyft.tasks.base import DATA_DIR, Example, Splits, Task, sample_splits
 from hyft.tasks.custom import load_custom_task
+from hyft.tasks.generative import Alpaca, SQuAD
 from hyft.tasks.glue import SST2
 from hyft.tasks.superglue import CB, COPA, WSC
 from hyft.tasks.winogrande import WinoGrande
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (SST2, CB, COPA, WSC, WinoGrande)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (SST2, CB, COPA, WSC, WinoGrande, SQuAD, Alpaca)}
 
 
 def get_task(name: str) -> Task:

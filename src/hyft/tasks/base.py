@@ -21,16 +21,31 @@ DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 
 @dataclass(frozen=True)
+class Chat:
+    """A conversation as the context of an example: (role, content) messages, rendered with the tokenizer's
+    chat template when it is encoded (the task knows no tokenizer); the completion is the next assistant
+    turn."""
+
+    messages: tuple[tuple[str, str], ...]
+
+    def __len__(self) -> int:  # a length for sorting by size, as for a string context
+        return sum(len(content) for _, content in self.messages)
+
+
+@dataclass(frozen=True)
 class Example:
-    """One classification example scored by likelihood.
+    """One example: a context and candidate continuations, scored by likelihood (classification), or one
+    gold continuation trained with the LM loss on its tokens only (generative tasks).
 
     ``context`` is shared by every candidate, or given per candidate (WinoGrande fills the blank with each
-    option and scores only the shared continuation after it).
+    option and scores only the shared continuation after it), or a :class:`Chat`. ``answers``: every gold
+    answer of a generation task (SQuAD's EM/F1 take the best over them).
     """
 
-    context: str | tuple[str, ...]
+    context: str | tuple[str, ...] | Chat
     candidates: tuple[str, ...]
     gold: int
+    answers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not 0 <= self.gold < len(self.candidates):
@@ -38,7 +53,7 @@ class Example:
         if isinstance(self.context, tuple) and len(self.context) != len(self.candidates):
             raise ValueError("per-candidate contexts must match the candidates one to one")
 
-    def pairs(self) -> list[tuple[str, str]]:
+    def pairs(self) -> list[tuple[str | Chat, str]]:
         """(context, continuation) for each candidate, in candidate order."""
         contexts = self.context if isinstance(self.context, tuple) else (self.context,) * len(self.candidates)
         return list(zip(contexts, self.candidates, strict=True))
@@ -69,6 +84,9 @@ class Task(ABC):
     name: str
     description: str
     files: dict[str, str]  # source split -> path relative to the data directory
+    kind: str = "choice"  # choice: candidates scored; lm: LM loss and perplexity; generate: answers generated
+    max_new_tokens: int = 32  # generate: the answer's budget
+    stop: tuple[str, ...] = ("\n",)  # generate: where an answer ends
 
     def path(self, split: str) -> Path:
         return DATA_DIR / self.files[split]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from hyft.tasks.base import Example
+from hyft.tasks.base import Chat, Example
 
 Normalize = Literal["mean", "sum"]
 
@@ -127,14 +127,55 @@ def _example_rows(
             pairs = [pairs[ex.gold]]
         own = []
         for context, continuation in pairs:
-            ctx = tokenizer(context, add_special_tokens=True).input_ids
-            cont = tokenizer(continuation, add_special_tokens=False).input_ids
+            ctx, cont = context_ids(tokenizer, context), completion_ids(tokenizer, context, continuation)
             if not cont:
                 raise ValueError(f"candidate {continuation!r} tokenises to nothing")
             budget = max(max_length - len(cont), 1)
             own.append((ctx[-budget:] + cont, len(cont)))
         rows.append(own)
     return rows, [len(r) for r in rows], None
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, chat: Chat, answer: str | None = None) -> str:
+    """The conversation as text: the tokenizer's chat template (with the assistant's turn opened, or closed
+    around ``answer``), or ``role: content`` lines when the tokenizer has none."""
+    messages = [{"role": r, "content": c} for r, c in chat.messages]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer is None)
+    lines = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return lines if answer is not None else lines + "assistant:"
+
+
+def prompt_text(tokenizer: PreTrainedTokenizerBase, context: str | Chat) -> str:
+    """What a model is given to continue: the context, a chat rendered up to the assistant's turn."""
+    return render_chat(tokenizer, context) if isinstance(context, Chat) else context
+
+
+def context_ids(tokenizer: PreTrainedTokenizerBase, context: str | Chat) -> list[int]:
+    """The context's tokens; an empty context (a plain-text LM example) is the BOS (else EOS, else pad) token,
+    so that the text's first token is predicted too."""
+    if isinstance(context, Chat):
+        return tokenizer(render_chat(tokenizer, context), add_special_tokens=False).input_ids
+    ids = tokenizer(context, add_special_tokens=True).input_ids
+    if not ids:
+        start = next((t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+                      if t is not None), None)
+        if start is None:
+            raise ValueError("a plain-text example needs a BOS, EOS or pad token to start from")
+        ids = [start]
+    return ids
+
+
+def completion_ids(tokenizer: PreTrainedTokenizerBase, context: str | Chat, completion: str) -> list[int]:
+    """The continuation's tokens. After a chat: the assistant's turn as the template closes it (its end-of-turn
+    token included, so the model learns to stop), cut from the whole conversation rendered once."""
+    if not isinstance(context, Chat):
+        return tokenizer(completion, add_special_tokens=False).input_ids
+    prompt, whole = render_chat(tokenizer, context), render_chat(tokenizer, context, completion)
+    tail = whole[len(prompt):] if whole.startswith(prompt) else completion
+    return tokenizer(tail, add_special_tokens=False).input_ids
 
 
 def _pad(
@@ -167,7 +208,7 @@ def _single_token_candidates(tokenizer: PreTrainedTokenizerBase, examples: Seque
     """[B, K] candidate token ids when every example shares one context and all candidates are one token."""
     rows = []
     for ex in examples:
-        if isinstance(ex.context, tuple) and len(set(ex.context)) > 1:
+        if isinstance(ex.context, Chat) or (isinstance(ex.context, tuple) and len(set(ex.context)) > 1):
             return None
         ids = [tokenizer(c, add_special_tokens=False).input_ids for c in ex.candidates]
         if any(len(i) != 1 for i in ids):

@@ -42,7 +42,7 @@ from hyft.models import load_model, model_dir, resolve_dtype
 from hyft.rundir import RunDir
 from hyft.seeds import derive_seed
 from hyft.tasks import Splits, get_task, sample_splits
-from hyft.tasks.evaluate import evaluate
+from hyft.tasks.evaluate import METRICS, EvalResult, evaluate_task
 from hyft.training import checkpoint
 from hyft.training.reporting import Reporter, reporter
 from hyft.training.sampler import EpochSampler
@@ -116,6 +116,7 @@ class Trainer:
     def __init__(self, config: RunConfig, out: str | Path, overwrite: bool = False, progress: bool = True,
                  resume: bool = False):
         self.config = config.validate()
+        self.task = get_task(config.task)
         self.device = rank_device(resolve_device(config.device))
         self.comm: Communicator = connect(self.device)  # data parallel under torchrun, else one process
         self.comm.shard(range(config.batch_size))  # a global batch that does not split evenly fails here
@@ -175,9 +176,11 @@ class Trainer:
         ckpt = self._read_checkpoint() if self.resume else None
         state = TrainState()
         if ckpt is None and c.zero_shot:
-            state.zero_shot = evaluate(model, tokenizer, splits.test, c.eval_batch_size, c.normalize,
-                                       c.max_length, self.progress, "zero-shot test", comm).accuracy
-            self.log(f"zero-shot test accuracy: {state.zero_shot:.4f} (n={len(splits.test)})")
+            zero = evaluate_task(model, tokenizer, self.task, splits.test, c.eval_batch_size, c.normalize,
+                                 c.max_length, self.progress, "zero-shot test", comm)
+            state.zero_shot = zero.accuracy  # the headline metric; every metric is in extra
+            state.extra["zero_shot_metrics"] = zero.metrics
+            self.log(f"zero-shot test {zero.describe()} (n={len(splits.test)})")
         model, groups = prepare(model, c)
         self.log(f"{c.method}: {groups.describe()}")
         total = c.steps if c.epochs is None else math.ceil(c.epochs * len(splits.train) / c.batch_size)
@@ -197,7 +200,7 @@ class Trainer:
     def _splits(self) -> Splits:
         """The task's train/dev/test examples (MeZO's sampling); the last batch of an epoch must shard evenly."""
         c, comm = self.config, self.comm
-        splits = sample_splits(get_task(c.task), c.seed, c.num_train, c.num_dev, c.num_test)
+        splits = sample_splits(self.task, c.seed, c.num_train, c.num_dev, c.num_test)
         for note in splits.notes:
             self.log(f"note: {note}")
         last = len(splits.train) % c.batch_size  # the short last batch of every epoch must split evenly too
@@ -291,11 +294,11 @@ class Trainer:
     def _evaluate(self, run: Run) -> None:
         """Dev accuracy now; a new best keeps its direct weights (in a file) and its index into the ZO log."""
         c, state = self.config, run.state
-        result = evaluate(run.model, run.tokenizer, run.dev, c.eval_batch_size, c.normalize, c.max_length, False,
-                          comm=self.comm)
-        self._log_metrics(state, {"step": state.step, "dev_accuracy": result.accuracy,
+        result = evaluate_task(run.model, run.tokenizer, self.task, run.dev, c.eval_batch_size, c.normalize,
+                               c.max_length, False, comm=self.comm)
+        self._log_metrics(state, {"step": state.step, **{f"dev_{k}": v for k, v in result.metrics.items()},
                                   "eval_seconds": round(result.seconds, 3)})
-        state.dev_accuracy = result.accuracy
+        state.dev_accuracy = result.score  # what best-dev selection maximises: accuracy, F1 or −loss
         if state.best is None or state.dev_accuracy > state.best.dev_accuracy:
             state.best = Snapshot(state.step, state.dev_accuracy, self._write_best(state.step, run.direct),
                                   state.zo_updates)
@@ -335,8 +338,8 @@ class Trainer:
         comm.barrier()  # rank 0 has written the best-dev weights and the log the others read
         self.restore(best, run.direct, run.method, model)
         self.model, self.tokenizer = model, run.tokenizer  # the best-dev state, for callers of the library
-        test = evaluate(model, run.tokenizer, run.splits.test, c.eval_batch_size, c.normalize, c.max_length,
-                        self.progress, "test", comm)
+        test = evaluate_task(model, run.tokenizer, self.task, run.splits.test, c.eval_batch_size, c.normalize,
+                             c.max_length, self.progress, "test", comm)
         if run.method.engine is not None:
             run.method.engine.materialize()  # low-rank directions: the saved (and returned) weights are complete
         if not comm.is_main:
@@ -349,7 +352,7 @@ class Trainer:
             run.tokenizer.save_pretrained(self.run_dir.model)
         results = self._results(state, run.total, run.groups, best, test, len(run.dev), self.device)  # peak RSS last
         self.run_dir.write_results(results)
-        self.log(f"test accuracy: {test.accuracy:.4f} (best dev {best.dev_accuracy:.4f} at step {best.step}); "
+        self.log(f"test {test.describe()} (best dev score {best.dev_accuracy:.4f} at step {best.step}); "
                  f"results in {self.run_dir.results}")
         comm.barrier()
         return results
@@ -362,8 +365,7 @@ class Trainer:
             "batch_size": c.batch_size, "lr_fo": c.lr_fo if groups.fo else None,
             "lr_zo": c.lr_zo if groups.zo else None, "eps": c.eps if groups.zo else None,
             "estimator": c.estimator if groups.zo else None,
-            "test_accuracy": test.accuracy, "n_test": test.n, "best_dev_accuracy": best.dev_accuracy,
-            "best_step": best.step, "zero_shot_test_accuracy": state.zero_shot,
+            **self._metric_results(state, test, best), "n_test": test.n, "best_step": best.step,
             "zo_log_best_index": best.zo_updates if groups.zo else None,
             "train_seconds": round(state.train_seconds, 2),
             "steps_per_second": round(total / state.train_seconds, 4) if state.train_seconds else None,
@@ -373,6 +375,16 @@ class Trainer:
             "trainable_fo": sum(p.numel() for _, p in groups.fo), "trainable_zo": sum(p.numel() for _, p in groups.zo),
             **state.extra,
         }
+
+    def _metric_results(self, state: TrainState, test: EvalResult, best: Snapshot) -> dict[str, Any]:
+        """test_<metric> for each of the task's metrics, best_dev_<headline>, zero_shot_test_<metric> (None when
+        no zero-shot ran): test_accuracy, best_dev_accuracy and zero_shot_test_accuracy on choice tasks."""
+        head = next(iter(test.metrics))
+        zero = state.extra.pop("zero_shot_metrics", None) or (
+            {head: state.zero_shot} if state.zero_shot is not None and self.task.kind == "choice" else {})
+        return {"metric": head, **{f"test_{k}": v for k, v in test.metrics.items()},
+                f"best_dev_{head}": -best.dev_accuracy if head == "loss" else best.dev_accuracy,
+                **{f"zero_shot_test_{k}": zero.get(k) for k in METRICS[self.task.kind]}}
 
     def restore(self, best: Snapshot, direct, method: Method, model: nn.Module) -> None:
         """Put the model in its best-dev state: load the direct weights, rebuild the base from the nearest
