@@ -186,6 +186,12 @@ def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = Fa
     median = statistics.median(json.loads(line)["seconds"] for line in (run_dir / "metrics.jsonl").read_text()
                                .splitlines() if '"loss"' in line)
     record["median_step_seconds"] = round(median, 3)
+    from hyft.methods import METHODS
+
+    if record.get("zo_log_best_index") and METHODS[record["method"]].zo_on_base:  # the ZO updates' reach
+        from hyft.tools.replay import base_movement
+
+        record["base_movement"] = base_movement(run_dir, log=lambda _: None)
     with results_path.open("a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -274,6 +280,12 @@ def render(grid: dict[str, Any]) -> str:
                          f"{statistics.fmean(r['median_step_seconds'] for r in rs):.2f} | "
                          f"{max(r['peak_rss_mb'] for r in rs):,.0f} |")
     lines += ["", COLUMNS.format(ref=grid["reference"]), "", *paired(records, grid, bar)]
+    moved = [r for r in records if r.get("base_movement") is not None]
+    if moved:
+        lines += ["", "How far the ZO updates moved the base by the best-dev step (mean |Δθ| / mean |θ| over the "
+                  "ZO-trained weights, rebuilt from each run's log):", "", "| task | method | seed | movement |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['task']} | {r['label']} | {r['seed']} | {r['base_movement']:.2e} |" for r in moved]
     sweeps = [r for r in results.values() if r.get("sweep") and not r.get("reused")]
     lines += ["", "Dev sweeps (seed 0; the best dev accuracy picks the values the cells use):", "",
               "| sweep | values | best dev | test |", "|---|---|---|---|"]

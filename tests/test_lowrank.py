@@ -68,7 +68,7 @@ def test_the_estimate_is_the_directional_derivative_along_u_vt_and_unbiased_on_a
     # V held (lazy ≫ n): E_U[g z | V] = ∇L V Vᵀ / R, the gradient projected on V's columns
     held = LowRankEngine(layer, select_params(layer), rank=2, lazy=10**9, root=7)
     held.begin(0)
-    v = held.V.view(6, 2).to(grad.dtype)
+    v = held.V.view(2, 6).T.to(grad.dtype)  # V is stored R × n
     total.zero_()
     for seed in range(n):
         total += spsa(held, loss, seed) * held.direction(0, seed).to(grad.dtype)

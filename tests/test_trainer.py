@@ -115,6 +115,19 @@ def test_replay_rebuilds_the_final_base_bitwise(method, zo, tiny_dir, tmp_path):
     assert log_bytes < 4096  # 6 updates: the whole change to the base model is a few hundred bytes
 
 
+def test_base_movement_is_the_relative_l1_change_of_the_zo_weights(tiny_dir, tmp_path):
+    from hyft.tools.replay import base_movement
+
+    trainer = Trainer(tiny_config(tiny_dir, method="zo-full"), tmp_path / "run", progress=False)
+    trainer.run()
+    original = dict(AutoModelForCausalLM.from_pretrained(tiny_dir).named_parameters())
+    trained = dict(trainer.model.named_parameters())
+    moved = sum(float((trained[n] - p).abs().sum()) for n, p in original.items() if n in trained)
+    total = sum(float(p.abs().sum()) for n, p in original.items() if n in trained)
+    assert base_movement(tmp_path / "run", log=lambda _: None) == pytest.approx(moved / total, rel=1e-5)
+    assert moved > 0
+
+
 def test_best_dev_state_is_restored_exactly(tiny_dir, tmp_path):
     config = tiny_config(tiny_dir, method="hybrid", steps=8, eval_every=2, lr_zo=5e-3, lr_fo=0.5)
     trainer = Trainer(config, tmp_path / "run", progress=False)

@@ -128,7 +128,9 @@ class LowRankEngine(EngineState):
         return self._draws[key]
 
     def _factor(self, flat: Tensor, offsets: list[int], k: int, rows: int) -> Tensor:
-        return flat[offsets[k]:offsets[k + 1]].view(rows, self.rank)
+        """Matrix k's factor as R × rows (U, A and M: R × m; V: R × n), so that x V is ``F.linear(x, v)``
+        (a skinny matmul with a contiguous R × n operand is ~3× faster on CPU than with n × R)."""
+        return flat[offsets[k]:offsets[k + 1]].view(self.rank, rows)
 
     def direction(self, i: int, step_seed: int) -> Tensor:
         """Parameter i's direction at this step and period, materialised (tests and analysis)."""
@@ -141,7 +143,7 @@ class LowRankEngine(EngineState):
         assert self.V is not None, "begin(step) draws V"
         u = self._factor(self._draw(_U, step_seed, self.u_off[-1]), self.u_off, k, p.shape[0])
         v = self._factor(self.V, self.v_off, k, p.shape[1])
-        return (u @ v.T) / math.sqrt(self.rank)
+        return (u.T @ v) / math.sqrt(self.rank)
 
     # --- the period ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -178,13 +180,13 @@ class LowRankEngine(EngineState):
             a = self._factor(self.A, self.u_off, k, p.shape[0])
             v = self._factor(self.V, self.v_off, k, p.shape[1])
             if p.dtype in noise.FULL_PRECISION:
-                p.addmm_(a.to(p.dtype), v.T.to(p.dtype))
+                p.addmm_(a.T.to(p.dtype), v.to(p.dtype))
                 continue
             per = max(1, lookahead(p.device) // p.shape[1])  # bounded fp32 temporaries
             for r0 in range(0, p.shape[0], per):
                 rows = slice(r0, min(r0 + per, p.shape[0]))
                 true = p[rows].float() if r is None else p[rows].float().add_(r[rows].float())
-                true.addmm_(a[rows], v.T)
+                true.addmm_(a[:, rows].T, v)
                 p[rows] = true.to(p.dtype)
                 if r is not None:
                     r[rows] = true.sub_(p[rows].float()).to(r.dtype)
@@ -236,11 +238,10 @@ class LowRankEngine(EngineState):
         assert self._Vc is not None
         v = self._factor(self._Vc, self.v_off, k, p.shape[1])
         if isinstance(module, nn.Embedding):  # W[ids] + M[ids] Vᵀ
-            left = F.embedding(args[0], m).reshape(-1, m.shape[1])
-            right = v.T
+            left, right = F.embedding(args[0], m.T).reshape(-1, self.rank), v
         else:  # x Wᵀ + (x V) Mᵀ
             x = args[0]
-            left, right = x.reshape(-1, x.shape[-1]).to(v.dtype) @ v, m.T
+            left, right = F.linear(x.reshape(-1, x.shape[-1]).to(v.dtype), v), m
         rows = out.view(-1, out.shape[-1])
         if torch.is_grad_enabled() and out.requires_grad:  # autograd records the sum (hybrid's FO pass)
             return torch.addmm(rows, left, right).view_as(out)

@@ -61,3 +61,26 @@ def replay(model_name: str, log_path: str | Path, out: str | Path | None = None,
         tokenizer.save_pretrained(out)
     return model
 
+
+
+def base_movement(run_dir: str | Path, log=print) -> float:
+    """How far a run's ZO updates moved the base at its best-dev state: Σ|θ − θ₀| / Σ|θ₀| over the ZO-trained
+    weights (mean |Δθ| / mean |θ|), rebuilt from the run's nearest snapshot and its log."""
+    import json
+
+    from hyft.config import RunConfig
+    from hyft.rundir import RunDir
+
+    run = RunDir.existing(run_dir)
+    config = RunConfig.from_yaml(run.config)
+    results = json.loads(run.results.read_text())
+    if not config.zo_on_base:
+        raise HyftError(f"{run_dir}: a {config.method} run does not train the base by ZO")
+    tuned = replay(config.model, run.zo_log, upto=results["zo_log_best_index"], dtype=config.dtype, log=log)
+    original, _ = load_model(config.model, config.dtype)
+    before = dict(select_params(original, config.zo_params))
+    moved = total = 0.0
+    for name, p in select_params(tuned, config.zo_params):
+        moved += float((p.detach().double() - before[name].detach().double()).abs().sum())
+        total += float(before[name].detach().double().abs().sum())
+    return moved / total

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 from collections import Counter
@@ -43,6 +44,7 @@ from hyft.rundir import RunDir
 from hyft.seeds import derive_seed
 from hyft.tasks import Splits, get_task, sample_splits
 from hyft.tasks.evaluate import METRICS, EvalResult, evaluate_task
+from hyft.tasks.scoring import completion_ids, context_ids
 from hyft.training import checkpoint
 from hyft.training.reporting import Reporter, reporter
 from hyft.training.sampler import EpochSampler
@@ -173,6 +175,8 @@ class Trainer:
         torch.manual_seed(c.seed)  # the same on every rank: whatever the global RNG initialises is identical
         splits = self._splits()
         model, tokenizer = load_model(c.model, c.dtype, self.device)
+        if self.task.kind != "choice":
+            self._note_truncation(tokenizer, splits.train)
         ckpt = self._read_checkpoint() if self.resume else None
         state = TrainState()
         if ckpt is None and c.zero_shot:
@@ -196,6 +200,16 @@ class Trainer:
                   direct_params(c, groups), total, state)
         self._start_or_resume(run, ckpt)
         return run
+
+    def _note_truncation(self, tokenizer, examples: list) -> None:
+        """Say once how many training examples are longer than ``max_length`` (their prompts lose their first
+        tokens: a SQuAD context's start, never the question or the answer) and how long they are."""
+        lengths = [len(context_ids(tokenizer, ex.context))
+                   + len(completion_ids(tokenizer, ex.context, ex.candidates[0])) for ex in examples]
+        cut = sum(n > self.config.max_length for n in lengths)
+        self.log(f"{self.config.task}: {statistics.mean(lengths):.0f} tokens per training example on average "
+                 f"(max {max(lengths)}); {cut} of {len(lengths)} exceed --max-length {self.config.max_length} and "
+                 "lose the start of their prompt (the completion, and the end of the prompt, are kept)")
 
     def _splits(self) -> Splits:
         """The task's train/dev/test examples (MeZO's sampling); the last batch of an epoch must shard evenly."""
