@@ -82,13 +82,14 @@ def test_zo_curvature_is_the_directional_second_derivative(tokenizer, examples):
     assert low < high and low <= result.eps <= high
 
 
-def test_auto_lr_writes_the_probed_rates_to_the_run(tiny_dir, tmp_path):
+@pytest.mark.parametrize("dist", ["rademacher", "lowrank"])
+def test_auto_lr_writes_the_probed_rates_to_the_run(dist, tiny_dir, tmp_path):
     from hyft.cli import main
 
     out = tmp_path / "run"
     code = main(["train", "--model", tiny_dir, "--method", "hybrid", "--task", "sst2", "--num-train", "16",
                  "--num-dev", "8", "--num-test", "8", "--steps", "2", "--batch-size", "4", "--no-zero-shot",
-                 "--auto-lr", "--out", str(out), "--no-progress"])
+                 "--auto-lr", "--zo-dist", dist, "--out", str(out), "--no-progress"])
     assert code == 0
     probed = json.loads((out / "probe.json").read_text())
     stored = RunConfig.from_yaml(out / "config.yaml")

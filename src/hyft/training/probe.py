@@ -91,6 +91,8 @@ def probe(method: Method, batches: Sequence[Encoded], directions: int = 4, eps: 
     fo = [p for _, p in method.groups.fo]
     zo_num, zo_den, fo_num, fo_den, fo_norm, slopes = [], [], [], [], [], []
     total_grad: Tensor | None = None
+    if method.engine is not None:
+        method.engine.begin(0)  # the first step's directions (low-rank: its V), as the run will draw them
     for batch in batches:
         model.eval()
         with torch.no_grad():
