@@ -284,6 +284,8 @@ class LowRankEngine(EngineState):
 
     def shift_(self, step_seed: int, scale: float) -> None:
         """Add ``scale``·z to the perturbation in force until the update (virtual: no weight is written)."""
+        if self.V is None:
+            raise HyftError("low-rank directions: begin(step) must run before the first perturbed forward")
         if self._shift and self._shift[0] != step_seed:
             raise HyftError("in-place shifts of two different directions are pending")
         total = scale + (self._shift[1] if self._shift else 0.0)
