@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hyft.engine import noise
+from hyft.engine.zmath import Applied, applied_direction
 from hyft.engine.zo import EngineState, ZOUpdate, direction_seed, lookahead, refuse_outside_readers
 from hyft.errors import HyftError
 
@@ -58,7 +59,7 @@ class LowRankEngine(EngineState):
             raise HyftError(f"low-rank directions need zo_rank >= 1 and zo_lazy >= 1, got {rank} and {lazy}")
         refuse_outside_readers(model, params)
         self.params, self.rank, self.lazy, self.root = params, rank, lazy, root
-        self.eps, self.two_sided = eps, two_sided
+        self.applied = Applied(eps, two_sided) if eps is not None else None
         index = {id(p): i for i, (_, p) in enumerate(params)}
         owners: dict[int, list[tuple[nn.Module, str]]] = {}
         for module in model.modules():
@@ -313,12 +314,8 @@ class LowRankEngine(EngineState):
         """master ← master − step·v for all vectors at once, then each stored vector ← master rounded."""
         v = self._draw(_Z, seed, self.z_off[-1])
         low = [self.params[i][1].dtype for i in self.vectors if self.params[i][1].dtype not in noise.FULL_PRECISION]
-        if low and self.eps is not None:  # the direction the perturbed forwards applied (see hyft.engine.zmath)
-            dtype, e = low[0], self.eps
-            up = torch.add(self.master, v, alpha=e).to(dtype).float()
-            down = torch.add(self.master, v, alpha=-e).to(dtype).float() if self.two_sided \
-                else self.master.to(dtype).float()
-            v = up.sub_(down).mul_(1.0 / (e * (2.0 if self.two_sided else 1.0)))
+        if low and self.applied is not None:  # the direction the perturbed forwards applied
+            v = applied_direction(self.master, v, low[0], self.applied, lambda: self.master.to(low[0]).float())
         self.master.add_(v, alpha=-step)
         if low and not self.compensate:  # no residual: the true value is the rounded one
             self.master.copy_(self.master.to(low[0]))

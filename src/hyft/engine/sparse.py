@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from hyft.engine import noise
-from hyft.engine.zmath import Applied
+from hyft.engine.zmath import Applied, applied_direction
 from hyft.engine.zo import EngineState, ZOUpdate, direction_seed
 from hyft.errors import HyftError
 
@@ -121,10 +121,7 @@ class SparseEngine(EngineState):
             v = self.z(i, u.seed)
             if self.applied is not None and p.dtype not in noise.FULL_PRECISION:
                 # the same arithmetic as the dense engine's (zmath.update_): what the perturbed forwards saw
-                e, two = self.applied.eps, self.applied.two_sided
-                up = torch.add(true, v, alpha=e).to(p.dtype).float()
-                down = torch.add(true, v, alpha=-e).to(p.dtype).float() if two else flat[m].float()
-                v = up.sub_(down).mul_(1.0 / (e * (2.0 if two else 1.0)))
+                v = applied_direction(true, v, p.dtype, self.applied, lambda f=flat, idx=m: f[idx].float())
             if decay:
                 true.mul_(1.0 - decay)
             true.add_(v, alpha=-step)

@@ -126,6 +126,16 @@ def _round(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype).float()
 
 
+def applied_direction(true: Tensor, z: Tensor, dtype: torch.dtype, applied: Applied,
+                      unperturbed: Callable[[], Tensor]) -> Tensor:
+    """The direction an estimate's perturbed forwards applied in ``dtype`` (fp32 values): (round(true + εz) −
+    round(true − εz)) / 2ε, or (round(true + εz) − ``unperturbed()``) / ε one-sided. Every engine's
+    low-precision update moves along it."""
+    up = _round(torch.add(true, z, alpha=applied.eps), dtype)
+    down = _round(torch.add(true, z, alpha=-applied.eps), dtype) if applied.two_sided else unperturbed()
+    return up.sub_(down).mul_(1.0 / (applied.eps * (2.0 if applied.two_sided else 1.0)))
+
+
 @torch.no_grad()
 def update_(targets: list[Target], step: float, decay: float, dist: str, applied: Applied | None = None,
             shifts: tuple[float, ...] = (), rounding: str = "nearest") -> None:
@@ -156,9 +166,7 @@ def update_(targets: list[Target], step: float, decay: float, dist: str, applied
         v = z
         if applied is not None:
             # exactly the arithmetic of the perturbed forwards (one rounding of θ + r ± εz, then the dtype)
-            up = _round(torch.add(true, z, alpha=applied.eps), piece.dtype)
-            down = _round(torch.add(true, z, alpha=-applied.eps), piece.dtype) if applied.two_sided else piece.float()
-            v = up.sub_(down).mul_(1.0 / (applied.eps * (2.0 if applied.two_sided else 1.0)))
+            v = applied_direction(true, z, piece.dtype, applied, piece.float)
         if decay:
             true.mul_(1.0 - decay)
         true.add_(v, alpha=-step)

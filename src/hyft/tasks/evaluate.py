@@ -143,8 +143,7 @@ def evaluate(
     """
     start = time.perf_counter()
     comm = comm or Communicator()
-    order = sorted(range(len(examples)), key=lambda i: sum(len(c) + len(x) for c, x in examples[i].pairs()))
-    order = order[comm.rank::comm.world]
+    order = _by_length(examples, comm)
     predictions = [0] * len(examples)
     device = next(model.parameters()).device
     was_training = model.training
