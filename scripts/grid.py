@@ -145,7 +145,8 @@ def provenance() -> dict[str, Any]:
     isa = next((f for f in ("amx_tile", "avx512f", "avx2") if f in flags), "")
     return {"commit": git("rev-parse", "--short", "HEAD"), "src_changed": bool(git("status", "--porcelain", "src")),
             "cpu": f"{field.get('model name', '')} (family {field.get('cpu family', '?')}, model "
-                   f"{field.get('model', '?')})", "isa": isa, "cores": os.cpu_count()}
+                   f"{field.get('model', '?')})", "isa": isa, "cores": os.cpu_count(),
+            "threads": int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)}  # per-step seconds scale with it
 
 
 def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = False) -> None:
