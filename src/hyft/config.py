@@ -122,6 +122,8 @@ class RunConfig:
         default="nearest", metadata={"help": "bf16: how a ZO update is rounded to the weight; stochastic: seeded "
                                              "stochastic rounding (unbiased, replayable), instead of the residual, "
                                              "so bf16 ZO needs no buffer beyond the weights"})
+    shard: str = field(default="none", metadata={"help": "none, or fsdp: shard the model over the torchrun "
+                                                   "processes with FSDP2 (one unit per decoder block)"})
     snapshot_every: int = field(
         default=100, metadata={"help": "ZO updates between base snapshots: resume/restore/export replay at most this"})
     schedule_zo: str = field(default="constant", metadata={"help": "constant, linear or cosine"})
@@ -172,6 +174,11 @@ class RunConfig:
             (self.zo_dist != "lowrank" or self.weight_decay_zo == 0,
              "zo_dist lowrank does not support weight_decay_zo (it would need a dense sweep every step)"),
             (self.mask_batches > 0, "mask_batches must be > 0"),
+            (self.shard in ("none", "fsdp"), "shard must be none or fsdp"),
+            (self.shard == "none" or not (self.zo_mask or self.zo_dist == "lowrank"),
+             "shard fsdp supports dense directions (gaussian, rademacher), not zo_mask or zo_dist lowrank yet"),
+            (self.shard == "none" or not self.auto_lr, "shard fsdp does not support auto_lr (the probe runs on one "
+             "process): run `hyft probe` first and pass its rates"),
             (self.shuffle in ("reshuffle", "once", "none"), "shuffle must be reshuffle, once or none"),
             (self.loss in ("classification", "lm"), "loss must be classification or lm"),
             (self.normalize in ("mean", "sum"), "normalize must be mean or sum"),

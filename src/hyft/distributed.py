@@ -94,6 +94,11 @@ class Communicator:
     def close(self) -> None:
         pass
 
+    @contextmanager
+    def around(self, what: str) -> Iterator[None]:
+        """Work that runs collectives this class does not issue itself (FSDP2's, DCP's): see :class:`Sharded`."""
+        yield
+
 
 class DataParallel(Communicator):
     """A rank of a ``torch.distributed`` process group (gloo on CPU, nccl on CUDA)."""
@@ -187,6 +192,28 @@ class DataParallel(Communicator):
             dist.destroy_process_group()
 
 
+class Sharded(DataParallel):
+    """A rank of a run whose model FSDP2 shards (``--shard fsdp``): FSDP2 itself reduce-scatters and averages
+    φ's gradients in the backward, so :meth:`average_grads` has nothing left to do."""
+
+    def average_grads(self, params: Sequence[nn.Parameter], group: str = "fo") -> None:
+        pass
+
+    @contextmanager
+    def around(self, what: str) -> Iterator[None]:
+        """Work that runs FSDP2's or DCP's own collectives: a lost peer there (a torch.distributed error, or
+        gloo's connection errors) becomes :class:`PeerLost`; any other error passes through unchanged."""
+        try:
+            yield
+        except (RuntimeError, ValueError) as err:
+            text = str(err)
+            if isinstance(err, dist.DistError) or any(k in text for k in ("gloo", "NCCL", "Connection", "peer")):
+                reason = text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+                raise PeerLost(f"rank {self.rank} of {self.world}: {what} failed, another process has died or "
+                               f"stopped answering ({reason})") from err
+            raise
+
+
 def buckets(tensors: Sequence[Tensor], limit: int = BUCKET_BYTES) -> Iterator[list[Tensor]]:
     """Consecutive groups of tensors of one dtype and device, each at most ``limit`` bytes (or one tensor)."""
     bucket: list[Tensor] = []
@@ -219,15 +246,22 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def connect(device: torch.device) -> Communicator:
+def connect(device: torch.device, sharded: bool = False) -> Communicator:
     """The communicator of this process: joins (or reuses) the process group when launched with several
-    processes (gloo on CPU, nccl on CUDA), otherwise the single-process one."""
+    processes (gloo on CPU, nccl on CUDA), otherwise the single-process one. ``sharded`` (FSDP2): a
+    :class:`Sharded` rank, in a group of one when not launched by torchrun (FSDP2 needs a group)."""
+    kind = Sharded if sharded else DataParallel
     if not launched():
-        return Communicator()
+        if not sharded:
+            return Communicator()
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            return kind(device, owned=True)
+        return kind(device)
     if not dist.is_available():
         raise HyftError("this torch build has no torch.distributed; run a single process")
     if dist.is_initialized():  # a caller's own group (a script that trains several runs)
-        return DataParallel(device)
+        return kind(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=float(os.environ.get("HYFT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
     try:
@@ -239,7 +273,7 @@ def connect(device: torch.device) -> Communicator:
     except (RuntimeError, ValueError) as err:
         reason = str(err).splitlines()[0]
         raise HyftError(f"cannot join the process group ({reason}); launch with torchrun") from err
-    return DataParallel(device, owned=True)
+    return kind(device, owned=True)
 
 
 def rank_device(device: torch.device) -> torch.device:

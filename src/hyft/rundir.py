@@ -53,6 +53,11 @@ class RunDir:
     model = property(lambda self: self.path / "model")  # fo-full's trained model
     probe = property(lambda self: self.path / "probe.json")
     BEST_GLOB = "best-*.safetensors"
+    SHARDED_GLOB = "checkpoint-shards-*"  # --shard fsdp: the direct weights and optimizer, one folder per save
+
+    @staticmethod
+    def sharded_name(step: int) -> str:
+        return f"checkpoint-shards-{step:08d}"
 
     @staticmethod
     def best_name(step: int) -> str:

@@ -304,3 +304,14 @@ def direction(shape: torch.Size, seed: int, dist: str, device: torch.device) -> 
 
     run([lambda a=a, b=b: work(a, b) for a, b in pieces(0, n, device)], device)
     return z
+
+
+def segment(n: int, seed: int, start: int, dist: str, device: torch.device) -> Tensor:
+    """z(seed)[start : start + n] as float32, drawn from the same whole-block pieces as every other use (a
+    shard's slice of a direction: bitwise those elements of :func:`direction`)."""
+    check_dist(dist)
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    for a, b in pieces(start, start + n, device):
+        i, j = max(a, start), min(b, start + n)
+        out[i - start:j - start] = z_piece(seed, a, b, dist, device)[i - a:j - a]
+    return out

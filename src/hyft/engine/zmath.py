@@ -38,11 +38,14 @@ class Applied:
 
 @dataclass
 class Target:
-    """One ZO tensor as the arithmetic sees it: the stored weight, its residual (or None), its seed."""
+    """One ZO tensor as the arithmetic sees it: the stored weight, its residual (or None), its seed, and the
+    flat position of its first element in the whole tensor (a shard of a sharded weight starts past 0, so
+    it draws exactly its own slice of z)."""
 
     p: Tensor
     r: Tensor | None
     seed: int
+    start: int = 0
 
     @property
     def low_precision(self) -> bool:
@@ -55,21 +58,31 @@ def _true_value(p: Tensor, r: Tensor | None) -> Tensor:
 
 
 def _perturb_calls(t: Target, out: Tensor, scale: float, dist: str, lo: int, hi: int) -> list[Callable[[], None]]:
-    """Jobs writing ``out = round(θ[lo:hi] + r[lo:hi] + scale·z[lo:hi])`` (flat views)."""
+    """Jobs writing ``out = round(θ[lo:hi] + r[lo:hi] + scale·z[lo:hi])`` (flat views of t.p; z at the global
+    positions ``t.start + lo`` on)."""
     src = t.p.detach().reshape(-1)
     res = None if t.r is None else t.r.reshape(-1)
-    device = src.device
+    device, o = src.device, t.start
 
-    def work(a: int, b: int) -> None:
-        i, j = max(a, lo), min(b, hi)
+    def work(a: int, b: int) -> None:  # a, b: global positions of a whole-block piece of z
+        i, j = max(a, o + lo), min(b, o + hi)
         z = noise.z_piece(t.seed, a, b, dist, device)[i - a: j - a]
-        dst = out[i - lo: j - lo]
+        dst = out[i - o - lo: j - o - lo]
+        x = src[i - o: j - o]
         if not t.low_precision:
-            torch.add(src[i:j], z.to(dst.dtype), alpha=scale, out=dst)
+            torch.add(x, z.to(dst.dtype), alpha=scale, out=dst)
         else:
-            dst.copy_(_true_value(src[i:j], None if res is None else res[i:j]).add_(z, alpha=scale))
+            dst.copy_(_true_value(x, None if res is None else res[i - o: j - o]).add_(z, alpha=scale))
 
-    return [partial(work, a, b) for a, b in noise.pieces(lo, hi, device)]
+    return [partial(work, a, b) for a, b in noise.pieces(o + lo, o + hi, device)]
+
+
+def perturbed_into(t: Target, out: Tensor, scale: float, dist: str) -> None:
+    """``out`` (θ's shape and dtype; may be θ itself only if ``t.p`` is a copy) ← θ + r + scale·z, bitwise
+    equal to :func:`perturbed`."""
+    calls = _perturb_calls(t, out.view(-1), scale, dist, 0, t.p.numel())
+    if calls:
+        noise.run(calls, out.device)
 
 
 def perturbed(targets: list[Target], scale: float, dist: str) -> list[Tensor]:
@@ -97,6 +110,8 @@ def perturbed_range(t: Target, scale: float, dist: str, lo: int, hi: int) -> Ten
 def perturbed_rows(t: Target, scale: float, dist: str, rows: Tensor) -> Tensor:
     """The given rows (int64 tensor) of a 2-d θ + r + scale·z(seed), made in one batch of ops (an embedding
     lookup): bitwise equal to those rows of :func:`perturbed`."""
+    if t.start:
+        raise ValueError("perturbed_rows reads whole tensors, not shards")
     cols = t.p.shape[1]
     index = rows.long().view(-1, 1) * cols + torch.arange(cols, device=rows.device)
     z = noise.at(index, t.seed, dist)
@@ -113,10 +128,11 @@ SR_SALT = 0x5EED_0F_B0_0F  # the rounding bits' stream differs from the directio
 def stochastic_round_(dst: Tensor, x: Tensor, seed: int, start: int) -> None:
     """``dst`` (bf16) ← x (fp32) rounded down or up to bf16, up with probability (x − down)/ulp: add 16
     random bits below bf16's mantissa and truncate. The bits are those of element ``start`` on of the stream
-    ``seed ^ SR_SALT`` (pieces are whole blocks except a tensor's last)."""
+    ``seed ^ SR_SALT`` (any position: a shard's first piece may start inside a block)."""
     n = x.numel()
-    bits = noise.words_(torch.empty(-(-n // noise.BLOCK) * noise.BLOCK, dtype=torch.int32, device=x.device),
-                        seed ^ SR_SALT, start)[:n]
+    skip = start % noise.BLOCK
+    bits = noise.words_(torch.empty(-(-(n + skip) // noise.BLOCK) * noise.BLOCK, dtype=torch.int32,
+                                    device=x.device), seed ^ SR_SALT, start - skip)[skip:skip + n]
     word = x.view(torch.int32)
     word.add_(bits.bitwise_and_(0xFFFF)).bitwise_and_(-65536)  # two's complement: sign-magnitude rounds |x|
     dst.copy_(x)  # exact: the low 16 bits are zero
@@ -148,9 +164,11 @@ def update_(targets: list[Target], step: float, decay: float, dist: str, applied
     """
 
     def work(t: Target, flat: Tensor, res: Tensor | None, a: int, b: int) -> None:
-        n = flat.numel()
-        z = noise.z_piece(t.seed, a, b, dist, flat.device)[: min(b, n) - a]
-        piece = flat[a:min(b, n)]
+        # a, b: global positions of a whole-block piece of z; [i, j) its overlap with this (shard of a) tensor
+        o = t.start
+        i, j = max(a, o), min(b, o + flat.numel())
+        z = noise.z_piece(t.seed, a, b, dist, flat.device)[i - a: j - a]
+        piece = flat[i - o: j - o]
         if not t.low_precision:
             for s in shifts:
                 piece.add_(z.to(piece.dtype), alpha=s)
@@ -161,7 +179,7 @@ def update_(targets: list[Target], step: float, decay: float, dist: str, applied
             return
         if shifts:
             raise ValueError("in-place shifts are exact only in full precision")
-        r = None if res is None else res[a:min(b, n)]
+        r = None if res is None else res[i - o: j - o]
         true = _true_value(piece, r)
         v = z
         if applied is not None:
@@ -171,7 +189,7 @@ def update_(targets: list[Target], step: float, decay: float, dist: str, applied
             true.mul_(1.0 - decay)
         true.add_(v, alpha=-step)
         if rounding == "stochastic" and piece.dtype == torch.bfloat16:
-            stochastic_round_(piece, true, t.seed, a)
+            stochastic_round_(piece, true, t.seed, i)
             return
         piece.copy_(true)
         if r is not None:
@@ -181,6 +199,7 @@ def update_(targets: list[Target], step: float, decay: float, dist: str, applied
     for t in targets:
         flat = t.p.view(-1)
         res = None if t.r is None else t.r.view(-1)
-        calls += [partial(work, t, flat, res, a, b) for a, b in noise.pieces(0, flat.numel(), flat.device)]
+        calls += [partial(work, t, flat, res, a, b)
+                  for a, b in noise.pieces(t.start, t.start + flat.numel(), flat.device)]
     if calls:
         noise.run(calls, targets[0].p.device)

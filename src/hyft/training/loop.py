@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import sys
@@ -32,20 +33,20 @@ from tqdm.auto import tqdm
 
 from hyft.config import RunConfig
 from hyft.distributed import Communicator, PeerLost, connect, rank_device
-from hyft.engine import masks
+from hyft.engine import masks, shards
 from hyft.engine.factory import Engine
 from hyft.engine.zo import ZOLog, ZOUpdate, canonical_name
 from hyft.errors import HyftError
 from hyft.memory import peak_memory_mb
 from hyft.methods import Method, Objective, StepStats
-from hyft.methods.params import ParamGroups, prepare
+from hyft.methods.params import ParamGroups, prepare, split_groups
 from hyft.models import load_model, model_dir, resolve_dtype
 from hyft.rundir import RunDir
 from hyft.seeds import derive_seed
 from hyft.tasks import Splits, get_task, sample_splits
 from hyft.tasks.evaluate import METRICS, EvalResult, evaluate_task
 from hyft.tasks.scoring import completion_ids, context_ids
-from hyft.training import checkpoint
+from hyft.training import checkpoint, sharding
 from hyft.training.reporting import Reporter, reporter
 from hyft.training.sampler import EpochSampler
 from hyft.training.snapshots import BaseSnapshots, Lookup, check_device, original_lookup, rebuild
@@ -120,7 +121,11 @@ class Trainer:
         self.config = config.validate()
         self.task = get_task(config.task)
         self.device = rank_device(resolve_device(config.device))
-        self.comm: Communicator = connect(self.device)  # data parallel under torchrun, else one process
+        self.sharded = config.shard == "fsdp"
+        # data parallel under torchrun (FSDP2-sharded with --shard fsdp), else one process
+        self.comm: Communicator = connect(self.device, sharded=self.sharded)
+        # sharded: every rank evaluates the whole split (FSDP2's gathers need every rank in every forward)
+        self.eval_comm: Communicator = Communicator() if self.sharded else self.comm
         self.comm.shard(range(config.batch_size))  # a global batch that does not split evenly fails here
         self.progress = progress and self.comm.is_main
         self.resume = resume
@@ -186,6 +191,9 @@ class Trainer:
             state.extra["zero_shot_metrics"] = zero.metrics
             self.log(f"zero-shot test {zero.describe()} (n={len(splits.test)})")
         model, groups = prepare(model, c)
+        if self.sharded:  # FSDP2 replaces every weight by a DTensor: the groups are taken again
+            model = sharding.shard(model, comm, self.device)
+            groups = split_groups(model, c.spec, c.zo_params)
         self.log(f"{c.method}: {groups.describe()}")
         total = c.steps if c.epochs is None else math.ceil(c.epochs * len(splits.train) / c.batch_size)
         objective = Objective(model, tokenizer, c, comm)
@@ -236,8 +244,12 @@ class Trainer:
             if run.method.engine is not None and comm.is_main:
                 run.zo_log.start(c.zo_header(run.method.engine, self.device.type))
             self._save_checkpoint(run.state, run.method, run.sampler, run.direct)
-        comm.broadcast_([p for _, p in run.direct])  # replicas start equal, as DDP makes them
-        if comm.world > 1:
+        if not self.sharded:
+            comm.broadcast_([p for _, p in run.direct])  # replicas start equal, as DDP makes them
+        if self.sharded:
+            self.log(f"FSDP2: {comm.world} process(es) ({comm.backend}) each hold 1/{comm.world} of every weight and "
+                     f"take {c.batch_size // comm.world} examples of every batch of {c.batch_size}")
+        elif comm.world > 1:
             self.log(f"data parallel: {comm.world} processes ({comm.backend}), {c.batch_size // comm.world} "
                      f"examples each of every batch of {c.batch_size}")
         run.sent_before, run.steps_before = self.comm.sent.copy(), run.state.step
@@ -252,10 +264,12 @@ class Trainer:
         handlers = self._catch_signals()
         try:
             while state.step < run.total:
-                stats = self._step(run)
+                with self.comm.around(f"step {state.step + 1}"):  # sharded: FSDP2's gathers in every forward
+                    stats = self._step(run)
                 self._check_divergence(state)
                 if (c.eval_every and state.step % c.eval_every == 0) or state.step == run.total:
-                    self._evaluate(run)
+                    with self.comm.around("the dev evaluation"):
+                        self._evaluate(run)
                 checkpoint_due = (c.checkpoint_every and state.step % c.checkpoint_every == 0) \
                     or state.step == run.total
                 if checkpoint_due and state.bad == 0:  # never checkpoint in a streak of skipped steps
@@ -286,9 +300,10 @@ class Trainer:
                 run.zo_log.append(u)
             state.zo_updates += 1
         # a snapshot holds the base after whole steps (all directions of a step are applied at once)
-        if c.zo_on_base and state.zo_updates // c.snapshot_every > before // c.snapshot_every and comm.is_main:
+        if c.zo_on_base and state.zo_updates // c.snapshot_every > before // c.snapshot_every \
+                and (comm.is_main or self.sharded):  # sharded: every rank gathers, rank 0 writes
             assert run.method.engine is not None
-            self.snapshots.write(run.method.engine, state.zo_updates)
+            self.snapshots.write(run.method.engine, state.zo_updates, write=comm.is_main)
         state.bad = state.bad + 1 if stats.skipped else 0
         state.skipped += int(stats.skipped)
         self._log_metrics(state, {
@@ -309,7 +324,7 @@ class Trainer:
         """Dev accuracy now; a new best keeps its direct weights (in a file) and its index into the ZO log."""
         c, state = self.config, run.state
         result = evaluate_task(run.model, run.tokenizer, self.task, run.dev, c.eval_batch_size, c.normalize,
-                               c.max_length, False, comm=self.comm)
+                               c.max_length, False, comm=self.eval_comm)
         self._log_metrics(state, {"step": state.step, **{f"dev_{k}": v for k, v in result.metrics.items()},
                                   "eval_seconds": round(result.seconds, 3)})
         state.dev_accuracy = result.score  # what best-dev selection maximises: accuracy, F1 or −loss
@@ -333,11 +348,11 @@ class Trainer:
         record = {
             "world": comm.world, "backend": comm.backend,
             "bytes_per_step": {g: round((comm.sent[g] - run.sent_before[g]) / done, 1)
-                               for g in ("zo", "fo", "control")},
+                               for g in ("zo", "fo", "control", *(("shard",) if self.sharded else ()))},
             # what the same step would send as one all-reduce of a gradient of every weight
             "full_gradient_bytes_per_step": sum(p.numel() * p.element_size() for p in run.model.parameters()),
         }
-        if comm.world > 1:
+        if comm.world > 1 and not self.sharded:  # shards differ by design
             fingerprints = comm.fingerprints([p for p in run.model.parameters()])
             record["replica_fingerprints"] = fingerprints
             if len(set(fingerprints)) > 1:
@@ -353,16 +368,18 @@ class Trainer:
         self.restore(best, run.direct, run.method, model)
         self.model, self.tokenizer = model, run.tokenizer  # the best-dev state, for callers of the library
         test = evaluate_task(model, run.tokenizer, self.task, run.splits.test, c.eval_batch_size, c.normalize,
-                             c.max_length, self.progress, "test", comm)
+                             c.max_length, self.progress, "test", self.eval_comm)
         if run.method.engine is not None:
             run.method.engine.materialize()  # low-rank directions: the saved (and returned) weights are complete
+        saving = c.uses_peft or c.spec.fo_on_base
+        whole = sharding.full_state_dict(model) if self.sharded and saving else None  # gathered on rank 0
         if not comm.is_main:
             comm.barrier()  # until rank 0 has written the results
             return self._results(state, run.total, run.groups, best, test, len(run.dev), self.device)
         if c.uses_peft:
-            model.save_pretrained(self.run_dir.adapter)
+            model.save_pretrained(self.run_dir.adapter, state_dict=whole)
         elif c.spec.fo_on_base:  # every weight was trained: keep the best-dev model itself
-            model.save_pretrained(self.run_dir.model)
+            model.save_pretrained(self.run_dir.model, state_dict=whole)
             run.tokenizer.save_pretrained(self.run_dir.model)
         results = self._results(state, run.total, run.groups, best, test, len(run.dev), self.device)  # peak RSS last
         self.run_dir.write_results(results)
@@ -453,10 +470,14 @@ class Trainer:
     def _write_best(self, step: int, direct) -> str:
         """The best-dev direct weights in their own file (not in memory, not in every checkpoint)."""
         name = RunDir.best_name(step)
+        if self.sharded:  # every rank gathers (one tensor at a time), rank 0 writes
+            tensors = {n: shards.full(p.detach()).to("cpu").contiguous() for n, p in direct}
         if not self.comm.is_main:
             return name
         tmp = self.run_dir.path / f".{name}.tmp"
-        save_file({n: p.detach().to("cpu").contiguous() for n, p in direct}, str(tmp))
+        if not self.sharded:
+            tensors = {n: p.detach().to("cpu").contiguous() for n, p in direct}
+        save_file(tensors, str(tmp))
         os.replace(tmp, self.run_dir.path / name)
         return name
 
@@ -466,6 +487,9 @@ class Trainer:
         for f in self.run_dir.path.glob(RunDir.BEST_GLOB):
             if f.name != keep:
                 f.unlink(missing_ok=True)
+        for d in self.run_dir.path.glob(RunDir.SHARDED_GLOB):  # older sharded checkpoints
+            if d.name != RunDir.sharded_name(state.step):
+                shutil.rmtree(d, ignore_errors=True)
         if self.config.zo_on_base:
             self.snapshots.prune([state.zo_updates] + ([state.best.zo_updates] if state.best else []))
 
@@ -480,14 +504,22 @@ class Trainer:
         """Write ``checkpoint.pt`` atomically (rank 0; every rank holds the same state but its own RNG streams;
         a failed write fails every rank)."""
         rng = checkpoint.rng_states(self.comm, self.device)
+        shards_dir = RunDir.sharded_name(state.step) if self.sharded else None
+        if shards_dir is not None:  # every rank writes its shards of φ (fo-full: of every weight) and the optimizer
+            with self.comm.around("the sharded checkpoint"):
+                sharding.save(self.run_dir.path / shards_dir, method.model, direct, method.optimizer)
 
         def write() -> None:
+            zo = checkpoint.zo_state(method, state.zo_updates, store_residuals=not self.config.zo_on_base)
+            if shards_dir is not None:
+                zo["method"]["optimizer"] = None  # in the sharded folder
             payload = {
                 "config": self.config.to_dict(),
                 "state": state,
                 "sampler": sampler.state_dict(),
-                "direct": {name: p.detach().to("cpu", copy=True) for name, p in direct},
-                **checkpoint.zo_state(method, state.zo_updates, store_residuals=not self.config.zo_on_base),
+                "direct": None if shards_dir else {name: p.detach().to("cpu", copy=True) for name, p in direct},
+                "sharded": shards_dir,
+                **zo,
                 **rng,
             }
             checkpoint.write_atomic(self.run_dir.checkpoint, payload)
@@ -515,9 +547,12 @@ class Trainer:
         state: TrainState = ckpt["state"]
         checkpoint.restore_zo_state(method, ckpt)
         sampler.load_state_dict(ckpt["sampler"])
-        with torch.no_grad():
-            for name, p in direct:
-                p.copy_(ckpt["direct"][name])
+        if ckpt.get("sharded"):  # written by any number of processes
+            sharding.load(self.run_dir.path / ckpt["sharded"], method.model, direct, method.optimizer)
+        else:
+            with torch.no_grad():
+                for name, p in direct:
+                    shards.copy_from_full_(p, ckpt["direct"][name])
         # rows and updates written after this checkpoint belong to steps that will be run again
         if self.comm.is_main:
             self.run_dir.truncate_jsonl(self.run_dir.metrics, state.metrics_lines)
@@ -572,7 +607,7 @@ def load_direct(path: Path, direct) -> None:
         raise HyftError(f"the best-dev weights {path} are missing; the run directory is incomplete")
     with torch.no_grad(), safe_open(str(path), "pt", device="cpu") as f:
         for name, p in direct:
-            p.copy_(f.get_tensor(name))
+            shards.copy_from_full_(p, f.get_tensor(name))
 
 
 def original_weights(config: RunConfig, model: nn.Module, names: list[str]) -> Lookup:

@@ -41,12 +41,15 @@ class BaseSnapshots:
     def path(self, index: int) -> Path:
         return self.directory / f"base-{index:08d}.safetensors"
 
-    def write(self, engine: Engine, index: int) -> Path:
-        """Save the engine's tensors as the snapshot after ``index`` updates (atomically)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def write(self, engine: Engine, index: int, write: bool = True) -> Path:
+        """Save the engine's tensors as the snapshot after ``index`` updates (atomically). A sharded engine
+        gathers each tensor (every process calls this; the one with ``write`` writes)."""
         path = self.path(index)
-        tmp = path.with_name("." + path.name + ".tmp")
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in engine.state_tensors().items()}
+        if not write:
+            return path
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name("." + path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"zo_updates": str(index)})
         os.replace(tmp, path)
         return path

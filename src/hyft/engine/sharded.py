@@ -1,0 +1,98 @@
+"""Dense directions on sharded weights (FSDP2): each process perturbs and updates only the rows it holds,
+drawing z at their global flat positions, so every element sees exactly the z of an unsharded run and the
+ZO log is the same. Nothing but the step's losses crosses the network for ZO; FSDP2's all-gather carries
+the perturbed rows to the forward.
+
+A perturbed forward writes θ + r + s·z into the local rows and writes the saved rows back afterwards, which
+is exact in every dtype (one extra copy of this process's rows, 1/N of the weights, while perturbed). The
+values written are bitwise those the unsharded engine's hooks compute, and updates, in-place shifts (the
+fused step) and the bf16 rules are the same element-wise arithmetic (:mod:`hyft.engine.zmath`) on the rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+
+from hyft.engine import noise, shards, zmath
+from hyft.engine.zo import RESIDUAL, ZOEngine, canonical_name, direction_seed
+from hyft.errors import HyftError
+
+
+class ShardedEngine(ZOEngine):
+    """:class:`ZOEngine`'s interface on the local rows of DTensor weights (whole tensors pass through)."""
+
+    def __init__(self, params: list[tuple[str, nn.Parameter]], dist: str = "gaussian", eps: float | None = None,
+                 two_sided: bool = True, compensate: bool = True, rounding: str = "nearest"):
+        noise.check_dist(dist)
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"unknown rounding {rounding!r}; choose nearest or stochastic")
+        self.dist, self.params, self.rounding = dist, params, rounding
+        self.applied = zmath.Applied(eps, two_sided) if eps is not None else None
+        self.residuals: list[Tensor | None] = [
+            torch.zeros_like(piece, memory_format=torch.contiguous_format)
+            if compensate and rounding == "nearest" and p.dtype not in noise.FULL_PRECISION else None
+            for (_, p), (piece, _) in zip(params, self.views, strict=True)
+        ]
+        self._pending = None
+        self._checked = True
+
+    @property
+    def views(self) -> list[tuple[Tensor, int]]:
+        """(local rows, global flat start) of every weight, looked up at each use: FSDP2's lazy set-up at the
+        first forward moves the rows into new storage, so a view taken earlier would be stale."""
+        return [shards.local(p.detach()) for _, p in self.params]
+
+    def target(self, i: int, step_seed: int) -> zmath.Target:
+        piece, start = shards.local(self.params[i][1].detach())
+        return zmath.Target(piece, self.residuals[i], direction_seed(step_seed, self.params[i][0]), start)
+
+    def direction(self, i: int, step_seed: int) -> Tensor:
+        """This process's slice of z (flat, float32): bitwise those elements of the unsharded direction."""
+        piece, start = shards.local(self.params[i][1].detach())
+        return noise.segment(piece.numel(), direction_seed(step_seed, self.params[i][0]), start, self.dist,
+                             piece.device)
+
+    @contextmanager
+    def perturbed(self, step_seed: int, scale: float) -> Iterator[None]:
+        """Within the block the local rows hold θ + r + scale·z; the saved rows are written back after."""
+        views = self.views
+        saved = [piece.clone() for piece, _ in views]
+        try:
+            with torch.no_grad():
+                for i, (piece, start) in enumerate(views):
+                    t = zmath.Target(saved[i], self.residuals[i], direction_seed(step_seed, self.params[i][0]), start)
+                    zmath.perturbed_into(t, piece, scale, self.dist)
+            yield
+        finally:
+            with torch.no_grad():
+                for (piece, _), copy in zip(views, saved, strict=True):
+                    piece.copy_(copy)
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """The whole ZO tensors (and residuals), gathered: a collective, every process must call it."""
+        out = {}
+        for (name, p), r in zip(self.params, self.residuals, strict=True):
+            out[canonical_name(name)] = shards.full(p.detach())
+            if r is not None:
+                whole = DTensor.from_local(r, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()) \
+                    if isinstance(p, DTensor) else r
+                out[canonical_name(name) + RESIDUAL] = shards.full(whole)
+        return out
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: Callable[[str], Tensor | None]) -> None:
+        """Set the local rows (and residuals) from the whole tensors ``tensors(name)``."""
+        for (name, _), r, (piece, start) in zip(self.params, self.residuals, self.views, strict=True):
+            key = canonical_name(name)
+            value = tensors(key)
+            if value is None:
+                raise HyftError(f"no tensor {key!r} to restore the ZO parameters from")
+            piece.view(-1).copy_(value.reshape(-1)[start:start + piece.numel()])
+            if r is not None:
+                saved = tensors(key + RESIDUAL)
+                r.zero_() if saved is None else r.view(-1).copy_(saved.reshape(-1)[start:start + r.numel()])

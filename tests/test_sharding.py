@@ -1,0 +1,120 @@
+"""FSDP2 sharding (``--shard fsdp``, 2 gloo processes on CPU): each rank draws exactly its rows' slice of z,
+a sharded run matches one unsharded process with the same global batch, and a sharded checkpoint resumes
+after a rank is killed, on 2 processes or on 1."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hyft.config import RunConfig
+from hyft.errors import HyftError
+from hyft.rundir import read_jsonl
+from hyft.training.loop import Trainer
+from tests.fsdp_worker import CASES, config
+from tests.test_distributed import ENV, start_ranks, torchrun
+
+REL = 1e-6  # losses: 2 shards' mean against one batch's, in float32
+# a coefficient (L+ − L−)/2ε carries each loss's float32 rounding (a few ulps of L) divided by 2ε; the
+# rounding differs even between ranks that see bitwise-equal weights (MKL's sums depend on the buffers'
+# alignment), so the comparison is to this tolerance, not bitwise
+ULPS = 8
+
+
+def close(a: float | None, b: float | None, tol: float = REL) -> bool:
+    return (a is None and b is None) or abs(a - b) <= tol * max(1.0, abs(b))
+
+
+def coef_tol(loss: float, eps: float) -> float:
+    return REL + ULPS * 2**-24 * abs(loss) / (2 * eps)
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tiny_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp")
+    worker = str(Path(__file__).parent / "fsdp_worker.py")
+    proc = subprocess.run(torchrun(worker, tiny_dir, str(out)), capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_each_rank_draws_exactly_its_rows_of_the_unsharded_z(sharded_runs):
+    ranks = [json.loads((sharded_runs / f"z-rank{r}.json").read_text()) for r in range(2)]
+    for rows0, rows1 in zip(*ranks, strict=True):
+        assert rows0["equal"] and rows1["equal"], (rows0, rows1)
+        assert rows0["start"] == 0 and rows1["start"] == rows0["numel"]  # rank 1 starts where rank 0 ends
+    assert sum(r["start"] > 0 for r in ranks[1]) == len(ranks[1])  # every weight is split: offsets are tested
+
+
+@pytest.mark.parametrize("method", CASES)
+def test_a_sharded_run_matches_one_unsharded_process(method, sharded_runs, tiny_dir, tmp_path):
+    one = tmp_path / "one"
+    Trainer(config(tiny_dir, method, shard_mode="none"), one, progress=False).run()
+    two = sharded_runs / method
+    rows, ref = read_jsonl(two / "metrics.jsonl"), read_jsonl(one / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [r["step"] for r in ref]
+    eps = config(tiny_dir, method).eps
+    for r, s in zip(rows, ref, strict=True):
+        assert close(r.get("loss"), s.get("loss")), (r, s)
+        if "loss" in r:
+            assert close(r["zo_coef"], s["zo_coef"], coef_tol(s["loss"], eps)), (r, s)
+    (h2, *u2), (h1, *u1) = read_jsonl(two / "zo_log.jsonl"), read_jsonl(one / "zo_log.jsonl")
+    assert h1 == h2 and [u["seed"] for u in u1] == [u["seed"] for u in u2] and len(u1) == 5
+    # the gathered snapshot after 4 updates: the whole base as one process has it, to the coefficients' rounding
+    a, b = load_file(two / "snapshots" / "base-00000004.safetensors"), load_file(one / "snapshots" /
+                                                                                 "base-00000004.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    results = json.loads((two / "results.json").read_text())
+    sent = results["communication"]["bytes_per_step"]
+    assert sent["zo"] == 16 and sent["fo"] == 0 and sent["shard"] > 0  # ZO's own traffic: two float64 losses
+    if method == "hybrid":
+        adapter = load_file(two / "adapter" / "adapter_model.safetensors")  # gathered, loads in plain peft
+        mine = load_file(one / "adapter" / "adapter_model.safetensors")
+        assert adapter.keys() == mine.keys() and all((adapter[k] - mine[k]).abs().max() < 1e-6 for k in adapter)
+
+
+def test_a_killed_rank_resumes_sharded_on_two_processes_and_on_one(tiny_dir, tmp_path):
+    """SIGKILL rank 1 mid-run; the sharded checkpoint (AdamW state included) resumes on 2 processes and, from
+    a copy, on 1; both end where an uninterrupted run ends (to float32 rounding: shards sum in another order)."""
+    args = ["train", "--model", tiny_dir, "--method", "hybrid", "--task", "sst2", "--num-train", "24", "--num-dev",
+            "8", "--num-test", "8", "--steps", "10", "--batch-size", "4", "--eval-every", "5", "--checkpoint-every",
+            "3", "--lr-fo", "1e-2", "--lr-zo", "1e-3", "--eps", "0.1", "--zo-dist", "gaussian", "--no-zero-shot",
+            "--no-progress", "--shard", "fsdp"]
+    ref = tmp_path / "ref"
+    Trainer(RunConfig(model=tiny_dir, method="hybrid", task="sst2", num_train=24, num_dev=8, num_test=8, steps=10,
+                      batch_size=4, eval_every=5, checkpoint_every=3, lr_fo=1e-2, lr_zo=1e-3, eps=0.1,
+                      zo_dist="gaussian", zero_shot=False, shard="fsdp"), ref, progress=False).run()
+    out = tmp_path / "run"
+    ranks = start_ranks([*args, "--out", str(out)], out, rows=5)
+    ranks[1].send_signal(signal.SIGKILL)
+    ranks[0].communicate(timeout=60)
+    ranks[1].wait()
+    assert ranks[0].returncode == 2 and not (out / "results.json").exists()
+    assert any(out.glob("checkpoint-shards-*")), "no sharded checkpoint was written"
+    shutil.copytree(out, tmp_path / "one")
+    for where, launch in ((out, torchrun), (tmp_path / "one", lambda *a: [sys.executable, *a])):
+        proc = subprocess.run(launch("-m", "hyft", "train", "--resume", str(where), "--no-progress"),
+                              capture_output=True, text=True, env=ENV, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows, expected = read_jsonl(where / "metrics.jsonl"), read_jsonl(ref / "metrics.jsonl")
+        assert [r["step"] for r in rows] == [r["step"] for r in expected]
+        for r, s in zip(rows, expected, strict=True):
+            assert abs(r.get("loss", 0) - s.get("loss", 0)) <= 1e-5, (where.name, r, s)
+        adapter = load_file(where / "adapter" / "adapter_model.safetensors")
+        mine = load_file(ref / "adapter" / "adapter_model.safetensors")
+        assert all((adapter[k] - mine[k]).abs().max() < 1e-5 for k in mine), where.name
+
+
+def test_sharding_refuses_what_it_does_not_support_in_one_line(tiny_dir):
+    for bad in ({"zo_dist": "lowrank"}, {"zo_mask": "magnitude"}, {"auto_lr": True}, {"shard": "zero3"}):
+        with pytest.raises(HyftError, match="shard"):
+            RunConfig(model=tiny_dir, **{"shard": "fsdp", **bad}).validate()
+    assert torch.distributed.is_available()
