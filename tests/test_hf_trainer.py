@@ -230,3 +230,16 @@ def test_load_best_model_at_end_is_refused(tiny_dir, tmp_path):
                              eval_strategy="steps", save_strategy="steps")
     with pytest.raises(HyftError, match="load_best_model_at_end"):
         hyft.HybridTrainer(model=model, args=args, train_dataset=[], eval_dataset=[])
+
+
+def test_accelerates_fsdp_is_refused_in_one_line_pointing_at_hyft_sharding(tiny_dir, tmp_path):
+    """Under a real accelerate FSDP launch (not possible in one CPU process: transformers itself refuses FSDP
+    outside distributed training) the Trainer reports is_fsdp_enabled; HybridTrainer then refuses."""
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = hyft.HybridTrainer(model=model, args=args, train_dataset=[], hybrid_args=hyft.HybridArguments())
+    trainer.is_fsdp_enabled = True
+    with pytest.raises(HyftError, match="--shard fsdp") as err:
+        trainer._refuse_unsupported()
+    assert "\n" not in str(err.value)

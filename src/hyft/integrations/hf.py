@@ -122,8 +122,8 @@ class HybridTrainer(Trainer):
             raise HyftError("HybridTrainer makes one ZO update per batch: set gradient_accumulation_steps=1 "
                             "and raise per_device_train_batch_size instead")
         if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
-            raise HyftError("HybridTrainer does not support FSDP or DeepSpeed yet (the ZO engine perturbs whole "
-                            "weights); use plain data parallel (torchrun) or hyft train")
+            raise HyftError("HybridTrainer does not support accelerate's FSDP or DeepSpeed yet; shard with "
+                            "`torchrun ... -m hyft train --shard fsdp`, or use plain data parallel (torchrun)")
         if getattr(args, "load_best_model_at_end", False):
             raise HyftError("HybridTrainer: load_best_model_at_end would roll back the adapter but not the base "
                             "(θ lives in the ZO log); pick the best checkpoint afterwards and replay its zo_updates")
