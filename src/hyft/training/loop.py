@@ -371,8 +371,15 @@ class Trainer:
                              c.max_length, self.progress, "test", self.eval_comm)
         if run.method.engine is not None:
             run.method.engine.materialize()  # low-rank directions: the saved (and returned) weights are complete
+        if comm.world > 1:  # every rank's peak: sharding divides the weights, not the activations
+            state.extra["peak_rss_mb_ranks"] = [round(m, 1) for m in
+                                               comm.all_gather_object(peak_memory_mb(torch.device("cpu")))]
         saving = c.uses_peft or c.spec.fo_on_base
-        whole = sharding.full_state_dict(model) if self.sharded and saving else None  # gathered on rank 0
+        whole = None  # sharded: what save_pretrained writes, gathered (φ alone for a peft model)
+        if self.sharded and c.uses_peft:
+            whole = {n: shards.full(p.detach()).to("cpu") for n, p in run.direct}
+        elif self.sharded and saving:
+            whole = sharding.full_state_dict(model)
         if not comm.is_main:
             comm.barrier()  # until rank 0 has written the results
             return self._results(state, run.total, run.groups, best, test, len(run.dev), self.device)
