@@ -24,3 +24,14 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return peak_rss_mb()
+
+
+def reset_peak_rss() -> float | None:
+    """Start a new peak resident set from the current one (Linux: ``5 > /proc/self/clear_refs`` resets VmHWM), so
+    that a later :func:`peak_rss_mb` covers only what follows; returns the peak so far (None: cannot reset)."""
+    before = peak_rss_mb()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    return before

@@ -37,7 +37,7 @@ from hyft.engine import masks, shards
 from hyft.engine.factory import Engine
 from hyft.engine.zo import ZOLog, ZOUpdate, canonical_name
 from hyft.errors import HyftError
-from hyft.memory import peak_memory_mb
+from hyft.memory import peak_memory_mb, reset_peak_rss
 from hyft.methods import Method, Objective, StepStats
 from hyft.methods.params import ParamGroups, prepare, split_groups
 from hyft.models import load_model, model_dir, resolve_dtype
@@ -167,6 +167,8 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Set up, train to the budget (stopping cleanly on a signal), then test the best-dev state."""
         run = self._setup()
+        # the peak of training alone (set-up's is separate): sharded ranks load the whole model before sharding
+        self._setup_peak = reset_peak_rss()
         self._train(run)
         self._record_communication(run)
         results = self._finish(run)
@@ -371,9 +373,10 @@ class Trainer:
                              c.max_length, self.progress, "test", self.eval_comm)
         if run.method.engine is not None:
             run.method.engine.materialize()  # low-rank directions: the saved (and returned) weights are complete
-        if comm.world > 1:  # every rank's peak: sharding divides the weights, not the activations
-            state.extra["peak_rss_mb_ranks"] = [round(m, 1) for m in
-                                               comm.all_gather_object(peak_memory_mb(torch.device("cpu")))]
+        if comm.world > 1:  # every rank's peaks: sharding divides the weights, not the activations
+            peaks = comm.all_gather_object(self._peaks())
+            state.extra["peak_rss_mb_ranks"] = [p["peak_rss_mb"] for p in peaks]
+            state.extra["train_peak_rss_mb_ranks"] = [p["train_peak_rss_mb"] for p in peaks]
         saving = c.uses_peft or c.spec.fo_on_base
         whole = None  # sharded: what save_pretrained writes, gathered (φ alone for a peft model)
         if self.sharded and c.uses_peft:
@@ -407,12 +410,20 @@ class Trainer:
             "zo_log_best_index": best.zo_updates if groups.zo else None,
             "train_seconds": round(state.train_seconds, 2),
             "steps_per_second": round(total / state.train_seconds, 4) if state.train_seconds else None,
-            "skipped_steps": state.skipped, "peak_rss_mb": round(peak_memory_mb(torch.device("cpu")), 1),
+            "skipped_steps": state.skipped, **self._peaks(),
             "peak_device_mb": round(peak_memory_mb(device), 1) if device.type == "cuda" else None,
             "device": str(device), "n_dev_eval": n_dev,
             "trainable_fo": sum(p.numel() for _, p in groups.fo), "trainable_zo": sum(p.numel() for _, p in groups.zo),
             **state.extra,
         }
+
+    def _peaks(self) -> dict[str, float | None]:
+        """Peak RSS of the whole process, and of training (from the end of set-up: evaluation and saving
+        included) when the peak could be reset there."""
+        now = round(peak_memory_mb(torch.device("cpu")), 1)
+        setup = getattr(self, "_setup_peak", None)
+        return {"peak_rss_mb": max(now, round(setup, 1)) if setup is not None else now,
+                "train_peak_rss_mb": now if setup is not None else None}
 
     def _metric_results(self, state: TrainState, test: EvalResult, best: Snapshot) -> dict[str, Any]:
         """test_<metric> for each of the task's metrics, best_dev_<headline>, zero_shot_test_<metric> (None when
