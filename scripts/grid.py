@@ -44,6 +44,18 @@ def value_tag(value: Any) -> str:
 
 
 SPECIAL = ("grid", "tasks", "seeds", "tuned", "label")
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def grid_metric(grid: dict[str, Any]) -> str:
+    """The metric a grid selects and reports by: its ``metric`` key, the tasks' headline metric (``accuracy``
+    by default; ``f1`` for SQuAD, ``loss`` for Alpaca), which results.json records as best_dev_<metric>."""
+    return grid.get("metric", "accuracy")
+
+
+def sign(metric: str) -> float:
+    """+1 where higher is better, −1 where lower is (a loss): ``sign · value`` is always maximised."""
+    return -1.0 if metric in LOWER_IS_BETTER else 1.0
 
 
 def sweep_runs(grid: dict[str, Any], results: dict[str, dict[str, Any]] | None = None, only: str | None = None
@@ -79,12 +91,18 @@ def tuned_values(names: str | list[str] | None, grid: dict[str, Any], results: d
 
 
 def best_of(sweep: str, grid: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """The chosen values of the sweep's run with the best dev accuracy (ties: the earlier in grid order;
-    a failed run counts as -1), or None while any of its runs is unfinished."""
+    """The chosen values of the sweep's run with the best dev score (the grid's metric; ties: the earlier in
+    grid order; a failed run counts as the worst), or None while any of its runs is unfinished."""
     runs = sweep_runs(grid, results, only=sweep)
     if any(r["name"] not in results for r in runs):
         return None
-    best = max(runs, key=lambda r: results[r["name"]]["best_dev_accuracy"])  # max keeps the first of ties
+    m = grid_metric(grid)
+
+    def score(r: dict[str, Any]) -> float:
+        record = results[r["name"]]
+        return -float("inf") if record.get("failed") else sign(m) * record[f"best_dev_{m}"]
+
+    best = max(runs, key=score)  # max keeps the first of ties
     return best["chosen"]
 
 
@@ -120,15 +138,15 @@ def command(config: dict[str, Any], out: Path) -> str:
     return f"hyft train {' '.join(flags)} --out {out}"
 
 
-def curve(run_dir: Path) -> list[list[float]]:
-    """[step, dev accuracy, training seconds so far] at every dev evaluation."""
+def curve(run_dir: Path, metric: str = "accuracy") -> list[list[float]]:
+    """[step, dev <metric>, training seconds so far] at every dev evaluation."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     out, seconds = [], 0.0
     for r in rows:
         if "loss" in r:
             seconds += r["seconds"]
-        if "dev_accuracy" in r:
-            out.append([r["step"], r["dev_accuracy"], round(seconds, 2)])
+        if f"dev_{metric}" in r:
+            out.append([r["step"], r[f"dev_{metric}"], round(seconds, 2)])
     return out
 
 
@@ -182,7 +200,8 @@ def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = Fa
             f.write(json.dumps(failed) + "\n")
         return
     record = json.loads((run_dir / "results.json").read_text())
-    record.update(name=run["name"], command=cmd, config=run["config"], curve=curve(run_dir), cell=run.get("cell"),
+    record.update(name=run["name"], command=cmd, config=run["config"], curve=curve(run_dir, record["metric"]),
+                  cell=run.get("cell"),
                   label=run.get("label"), sweep=run.get("sweep"), chosen=run.get("chosen"), provenance=where)
     median = statistics.median(json.loads(line)["seconds"] for line in (run_dir / "metrics.jsonl").read_text()
                                .splitlines() if '"loss"' in line)
@@ -241,9 +260,9 @@ def pm(values: list[float], fmt: str = ".3f") -> str:
     return f"{mean:{fmt}} ± {sd:.3f}" if len(values) > 1 else f"{mean:{fmt}}"
 
 
-def reach(curve_: list[list[float]], target: float) -> tuple[float, float] | None:
-    """(steps, seconds) of the first dev evaluation at or above ``target``."""
-    return next(((s, t) for s, acc, t in curve_ if acc >= target - 1e-9), None)
+def reach(curve_: list[list[float]], target: float, direction: float = 1.0) -> tuple[float, float] | None:
+    """(steps, seconds) of the first dev evaluation at or above ``target`` (at or below, ``direction`` −1)."""
+    return next(((s, t) for s, acc, t in curve_ if direction * acc >= direction * target - 1e-9), None)
 
 
 def render(grid: dict[str, Any]) -> str:
@@ -253,22 +272,24 @@ def render(grid: dict[str, Any]) -> str:
     records = [results[r["name"]] for r in cells if not results[r["name"]].get("failed")]
     tasks = list(dict.fromkeys(r["task"] for r in records))
     labels = list(dict.fromkeys(r["label"] for r in records))
-    # the bar: fo-peft's final dev accuracy on the same task and seed
+    m, d = grid_metric(grid), sign(grid_metric(grid))
+    short = "acc" if m == "accuracy" else m
+    # the bar: fo-peft's final dev score on the same task and seed
     bar = {(r["task"], r["seed"]): r["curve"][-1][1] for r in records if r["label"] == grid["reference"]}
     # fo-peft's own seconds to its bar: a seed's cells run in one session, on one host, so the ratio to
     # them compares methods even where seeds ran on different hosts (whose seconds do not compare)
-    ref_secs = {(r["task"], r["seed"]): reach(r["curve"], bar[(r["task"], r["seed"])])[1]
+    ref_secs = {(r["task"], r["seed"]): reach(r["curve"], bar[(r["task"], r["seed"])], d)[1]
                 for r in records if r["label"] == grid["reference"]}
-    lines = ["| task | method | seeds | test acc (mean ± std over seeds) | best dev | steps to fo-peft's final dev | "
-             "seconds to it (× fo-peft's, same seed) | s/step (median) | peak RSS MB |",
+    lines = [f"| task | method | seeds | test {short} (mean ± std over seeds) | best dev | "
+             "steps to fo-peft's final dev | seconds to it (× fo-peft's, same seed) | s/step (median) | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for task in tasks:
         for label in labels:
             rs = [r for r in records if r["task"] == task and r["label"] == label]
             if not rs:
                 continue
-            dev, _ = mean_std([r["best_dev_accuracy"] for r in rs])
-            hits = [(reach(r["curve"], bar[(task, r["seed"])]), ref_secs[(task, r["seed"])])
+            dev, _ = mean_std([r[f"best_dev_{m}"] for r in rs])
+            hits = [(reach(r["curve"], bar[(task, r["seed"])], d), ref_secs[(task, r["seed"])])
                     for r in rs if (task, r["seed"]) in bar]
             got = [(h, ref) for h, ref in hits if h is not None]
             # medians over every seed, a seed that never reached the bar counted as beyond the budget
@@ -276,11 +297,15 @@ def render(grid: dict[str, Any]) -> str:
             secs = _median_reached([h and h[1] for h, _ in hits])
             if secs != "> budget":
                 secs += f" ({_median_reached([h and h[1] / ref for h, ref in hits], '.1f')}×)"
-            acc = pm([r["test_accuracy"] for r in rs])
+            acc = pm([r[f"test_{m}"] for r in rs])
             lines.append(f"| {task} | {label} | {len(rs)} | {acc} | {dev:.3f} | {steps} | {secs} | "
                          f"{statistics.fmean(r['median_step_seconds'] for r in rs):.2f} | "
                          f"{max(r['peak_rss_mb'] for r in rs):,.0f} |")
-    lines += ["", COLUMNS.format(ref=grid["reference"]), "", *paired(records, grid, bar)]
+    columns = COLUMNS.format(ref=grid["reference"])
+    if m != "accuracy":
+        columns = columns.replace("test acc*", f"test {m}*").replace("accuracy", m).replace(
+            "at or above", "at or above" if d > 0 else "at or below")
+    lines += ["", columns, "", *paired(records, grid, bar)]
     moved = [r for r in records if r.get("base_movement") is not None]
     if moved:
         lines += ["", "How far the ZO updates moved the base by the best-dev step (mean |Δθ| / mean |θ| over the "
@@ -288,10 +313,10 @@ def render(grid: dict[str, Any]) -> str:
                   "|---|---|---|---|"]
         lines += [f"| {r['task']} | {r['label']} | {r['seed']} | {r['base_movement']:.2e} |" for r in moved]
     sweeps = [r for r in results.values() if r.get("sweep") and not r.get("reused")]
-    lines += ["", "Dev sweeps (seed 0; the best dev accuracy picks the values the cells use):", "",
+    lines += ["", f"Dev sweeps (seed 0; the best dev {m} picks the values the cells use):", "",
               "| sweep | values | best dev | test |", "|---|---|---|---|"]
     lines += [f"| {r['sweep']} | {', '.join(f'{k}={value_tag(v)}' for k, v in r['chosen'].items())} | "
-              + (f"{r['best_dev_accuracy']:.3f} | {r['test_accuracy']:.3f} |" if not r.get("failed")
+              + (f"{r[f'best_dev_{m}']:.3f} | {r[f'test_{m}']:.3f} |" if not r.get("failed")
                  else f"failed (exit {r['exit_code']}) | — |") for r in sweeps]
     if failed:
         lines += ["", f"Failed cells ({len(failed)}): {', '.join(failed)}"]
@@ -304,10 +329,10 @@ def render(grid: dict[str, Any]) -> str:
         lines += ["", f"Not run yet: {len(pending)} runs ({'; '.join(f'{k}: {n}' for k, n in groups.items())})."]
     figures = Path(grid.get("figures", Path(grid["results"]).parent))
     home = Path(grid["readme"]).parent if grid.get("readme") else Path()
-    lines += ["", "Dev accuracy against step and against training seconds (mean over seeds, min–max band):", ""]
+    lines += ["", f"Dev {m} against step and against training seconds (mean over seeds, min–max band):", ""]
     for task in tasks:
-        plot_curves([r for r in records if r["task"] == task], labels, figures / f"study-{task}.png", task)
-        lines.append(f"![{task}: dev accuracy by step and by seconds]"
+        plot_curves([r for r in records if r["task"] == task], labels, figures / f"study-{task}.png", task, m)
+        lines.append(f"![{task}: dev {m} by step and by seconds]"
                      f"({os.path.relpath(figures / f'study-{task}.png', home)})")
     return "\n".join(lines) + "\n"
 
@@ -338,24 +363,25 @@ def paired(records: list[dict[str, Any]], grid: dict[str, Any], bar: dict[tuple[
     fraction of the reference's own steps to it ("up to 50 % fewer steps" is a fraction ≤ 0.5)."""
     baselines = grid.get("baselines", [grid["reference"]])
     by = {(r["task"], r["label"], r["seed"]): r for r in records}
+    m, d = grid_metric(grid), sign(grid_metric(grid))
     tasks = list(dict.fromkeys(r["task"] for r in records))
     labels = [label for label in dict.fromkeys(r["label"] for r in records) if label != grid["reference"]]
     ref = grid["reference"]
     margin = float(grid.get("margin", 0.02))
-    lines = [f"Paired by seed: each run's test accuracy minus the baselines' on the same task and seed, over the "
+    lines = [f"Paired by seed: each run's test {m} minus the baselines' on the same task and seed, over the "
              f"seeds both ran: mean ± sample std [95 % t-interval of the mean], then the verdict against the "
              f"equivalence margin ±{margin:g} stated in the grid file (`margin`) before these results were read: "
              f"*equivalent* when the interval lies inside it, *above*/*below* when it excludes 0 and leaves the "
              f"margin, *inconclusive* otherwise; ↑/=/↓ count the seeds above, equal to and below. *all tasks* pools "
              f"every paired seed of the tasks with more than one seed. The bar "
-             f"is {ref}'s final dev accuracy on that task and seed; the last column gives each seed's steps to it "
+             f"is {ref}'s final dev {m} on that task and seed; the last column gives each seed's steps to it "
              f"as a fraction of {ref}'s own (≤ 0.50 is the paper's \"50 % fewer steps\"), in seed order, and "
              f"their median, a seed that never reached the bar counted as beyond the budget.", "",
              "| task | method | " + " | ".join(f"test − {b}'s" for b in baselines)
              + f" | steps to the bar ÷ {ref}'s, per seed (median) |",
              "|---|---|" + "---|" * (len(baselines) + 1)]
     def cell(label: str, base: str, keys: list[tuple[str, int]]) -> str:
-        diffs = [by[t, label, s]["test_accuracy"] - by[t, base, s]["test_accuracy"] for t, s in keys
+        diffs = [by[t, label, s][f"test_{m}"] - by[t, base, s][f"test_{m}"] for t, s in keys
                  if (t, base, s) in by]
         if base == label or not diffs:
             return "—" if base == label else "not run"
@@ -378,8 +404,8 @@ def paired(records: list[dict[str, Any]], grid: dict[str, Any], bar: dict[tuple[
             row = [task, label, *(cell(label, base, [(task, s) for s in seeds]) for base in baselines)]
             ratios = []
             for s in (s for s in seeds if (task, ref, s) in by):
-                mine = reach(by[task, label, s]["curve"], bar[task, s])
-                own = reach(by[task, ref, s]["curve"], bar[task, s])  # None only for a curve without evals
+                mine = reach(by[task, label, s]["curve"], bar[task, s], d)
+                own = reach(by[task, ref, s]["curve"], bar[task, s], d)  # None only for a curve without evals
                 ratios.append(None if mine is None or own is None else mine[0] / own[0])
             got = [r for r in ratios if r is not None]
             per_seed = " / ".join("not reached" if r is None else f"{r:.2f}" for r in ratios)
@@ -389,8 +415,9 @@ def paired(records: list[dict[str, Any]], grid: dict[str, Any], bar: dict[tuple[
     return lines
 
 
-def plot_curves(records: list[dict[str, Any]], labels: list[str], path: Path, task: str) -> None:
-    """Dev accuracy against step and against training seconds: mean over seeds and a min–max band."""
+def plot_curves(records: list[dict[str, Any]], labels: list[str], path: Path, task: str,
+                metric: str = "accuracy") -> None:
+    """Dev score against step and against training seconds: mean over seeds and a min–max band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -407,8 +434,8 @@ def plot_curves(records: list[dict[str, Any]], labels: list[str], path: Path, ta
             ys = [[r["curve"][i][1] for r in rs] for i in range(n)]
             line, = ax.plot(xs, [statistics.fmean(y) for y in ys], marker="o", ms=3, label=f"{label} ({len(rs)})")
             ax.fill_between(xs, [min(y) for y in ys], [max(y) for y in ys], color=line.get_color(), alpha=0.15)
-    axes[0].set(xlabel="step", ylabel="dev accuracy", title=f"{task}: dev accuracy by step")
-    axes[1].set(xlabel="training seconds (2 CPU cores)", ylabel="dev accuracy", title=f"{task}: by wall-clock")
+    axes[0].set(xlabel="step", ylabel=f"dev {metric}", title=f"{task}: dev {metric} by step")
+    axes[1].set(xlabel="training seconds (2 CPU cores)", ylabel=f"dev {metric}", title=f"{task}: by wall-clock")
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

@@ -151,3 +151,31 @@ def test_a_baseline_that_is_no_cells_label_fails_the_check():
             "cells": {c: {"label": c, "method": "fo-peft", "tasks": ["cb"], "seeds": [0]} for c in ("fo", "full")}}
     with pytest.raises(SystemExit, match="'ful' is not a cell's label"):
         grid_module.check(grid)
+
+
+def test_a_loss_metric_is_minimised_in_sweeps_and_bars(tmp_path):
+    """A grid whose ``metric`` is a loss (Alpaca): the sweep picks the lowest best-dev loss, and a run reaches
+    fo-peft's final dev loss by going at or below it; an accuracy grid would pick the opposite."""
+    import json
+
+    g = grid_module
+    grid = {"out": str(tmp_path / "runs"), "results": str(tmp_path / "r.jsonl"), "figures": str(tmp_path),
+            "reference": "fo", "metric": "loss", "base": {},
+            "sweeps": {"fo": {"task": "alpaca", "method": "fo-peft", "grid": {"lr_fo": [1e-3, 3e-3]}}},
+            "cells": {"fo": {"label": "fo", "method": "fo-peft", "tuned": "fo", "tasks": ["alpaca"], "seeds": [0]},
+                      "hy": {"label": "hy", "method": "hybrid", "tasks": ["alpaca"], "seeds": [0]}}}
+    results = {"sweep-fo-lr_fo0.001": {"best_dev_loss": 2.0}, "sweep-fo-lr_fo0.003": {"best_dev_loss": 1.5}}
+    assert g.best_of("fo", grid, results) == {"lr_fo": 3e-3}
+
+    def record(name, label, curve):
+        return {"name": name, "seed": 0, "task": "alpaca", "label": label, "curve": curve, "test_loss": curve[-1][1],
+                "best_dev_loss": min(v for _, v, _ in curve), "median_step_seconds": 1.0, "peak_rss_mb": 1.0}
+
+    rows = [record("alpaca-fo-s0", "fo", [[20, 2.0, 10], [40, 1.6, 20]]),
+            record("alpaca-hy-s0", "hy", [[20, 1.5, 15], [40, 1.4, 30]])]
+    Path(grid["results"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = g.render(grid)
+    main = {line.split(" | ")[1]: line.split(" | ") for line in text.split("\n\n")[0].splitlines()
+            if line.startswith("| alpaca")}
+    assert main["hy"][5] == "20 (1/1 reached)" and main["fo"][5] == "40 (1/1 reached)"  # 1.5 ≤ 1.6 at step 20
+    assert "test loss (mean" in text and "at or below" in text
