@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from hyft.rundir import read_jsonl
+from hyft.tools.bench.memory import MMAP_THRESHOLD
 
 
 def free_port() -> int:
@@ -42,7 +43,10 @@ def run_cell(args: argparse.Namespace, method: str, world: int, out: Path) -> di
              "--out", str(out)]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-addr",
               "127.0.0.1", "--master-port", str(free_port())] if world > 1 else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world)), "HF_HUB_OFFLINE": "1"}
+    # glibc's mmap threshold fixed at 256 KiB, as `hyft bench` does: freed blocks (FSDP2's gathered units) go back
+    # to the OS, so the peak RSS is the live peak, not the allocator's free lists
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world)), "HF_HUB_OFFLINE": "1",
+           "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
     proc = subprocess.run([*launch, *train], capture_output=True, text=True, env=env, check=False)
     if proc.returncode:
         raise SystemExit(f"{method} N={world} failed:\n{proc.stderr[-3000:]}")

@@ -19,15 +19,17 @@ from hyft.engine.zo import direction_seed, select_params
 from hyft.training.loop import Trainer
 from hyft.training.sharding import shard
 
-CASES = ("zo-full", "hybrid")
+CASES = ("zo-full", "hybrid", "zo-full-bf16")  # bf16: perturbed rows written and restored, residuals per shard
 
 
-def config(model: str, method: str, shard_mode: str = "fsdp") -> RunConfig:
+def config(model: str, case: str, shard_mode: str = "fsdp") -> RunConfig:
     """The run the test also trains in one process, unsharded; a global batch of 4 is 2 examples per rank.
     ε = 0.1: a coefficient divides the loss's float32 rounding (2 shards vs 1 batch) by 2ε."""
+    method = case.removesuffix("-bf16")
     return RunConfig(model=model, method=method, task="sst2", num_train=24, num_dev=8, num_test=8, steps=5,
                      batch_size=4, eval_every=5, checkpoint_every=2, snapshot_every=2, lr_fo=0.05, lr_zo=1e-3,
-                     eps=0.1, zo_dist="gaussian", optimizer_fo="sgd", zero_shot=False, shard=shard_mode)
+                     eps=0.1, zo_dist="gaussian", optimizer_fo="sgd", zero_shot=False, shard=shard_mode,
+                     dtype="bfloat16" if case.endswith("-bf16") else "float32")
 
 
 def z_slices(model_dir: str, out: Path) -> None:
@@ -52,8 +54,8 @@ def z_slices(model_dir: str, out: Path) -> None:
 def main(model: str, out: Path) -> None:
     dist.init_process_group("gloo")
     z_slices(model, out)
-    for method in CASES:
-        Trainer(config(model, method), out / method, progress=False).run()
+    for case in CASES:
+        Trainer(config(model, case), out / case, progress=False).run()
     dist.destroy_process_group()
 
 

@@ -33,8 +33,6 @@ def close(a: float | None, b: float | None, tol: float = REL) -> bool:
     return (a is None and b is None) or abs(a - b) <= tol * max(1.0, abs(b))
 
 
-def coef_tol(loss: float, eps: float) -> float:
-    return REL + ULPS * 2**-24 * abs(loss) / (2 * eps)
 
 
 @pytest.fixture(scope="module")
@@ -62,16 +60,21 @@ def test_a_sharded_run_matches_one_unsharded_process(method, sharded_runs, tiny_
     rows, ref = read_jsonl(two / "metrics.jsonl"), read_jsonl(one / "metrics.jsonl")
     assert [r["step"] for r in rows] == [r["step"] for r in ref]
     eps = config(tiny_dir, method).eps
+    # bf16 forwards round each activation to 8 bits: 2 shards against 1 batch differ by a few bf16 ulps of L
+    rel, ulp = (REL, 2**-24) if not method.endswith("bf16") else (2**-7, 2**-8)
     for r, s in zip(rows, ref, strict=True):
-        assert close(r.get("loss"), s.get("loss")), (r, s)
+        assert close(r.get("loss"), s.get("loss"), rel), (r, s)
         if "loss" in r:
-            assert close(r["zo_coef"], s["zo_coef"], coef_tol(s["loss"], eps)), (r, s)
+            assert close(r["zo_coef"], s["zo_coef"], rel + ULPS * ulp * abs(s["loss"]) / (2 * eps)), (r, s)
     (h2, *u2), (h1, *u1) = read_jsonl(two / "zo_log.jsonl"), read_jsonl(one / "zo_log.jsonl")
     assert h1 == h2 and [u["seed"] for u in u1] == [u["seed"] for u in u2] and len(u1) == 5
     # the gathered snapshot after 4 updates: the whole base as one process has it, to the coefficients' rounding
     a, b = load_file(two / "snapshots" / "base-00000004.safetensors"), load_file(one / "snapshots" /
                                                                                  "base-00000004.safetensors")
-    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    gap = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    print(f"{method}: largest |sharded - one process| base weight after 4 updates {gap:.2e}")
+    # bf16: at most one ulp of a weight near 1 (2⁻⁷), where a coefficient differing in its last digits flips a rounding
+    assert a.keys() == b.keys() and gap < (1e-6 if not method.endswith("bf16") else 1e-2)
     results = json.loads((two / "results.json").read_text())
     sent = results["communication"]["bytes_per_step"]
     assert sent["zo"] == 16 and sent["fo"] == 0 and sent["shard"] > 0  # ZO's own traffic: two float64 losses
