@@ -174,7 +174,7 @@ def test_a_short_last_batch_that_cannot_be_split_is_refused_before_training(tiny
     class TwoRanks(Communicator):
         rank, world = 0, 2
 
-    monkeypatch.setattr(trainer_module, "connect", lambda device: TwoRanks())
+    monkeypatch.setattr(trainer_module, "connect", lambda device, sharded=False: TwoRanks())
     cfg = RunConfig(model=tiny_dir, method="fo-peft", task="sst2", num_train=21, num_dev=8, num_test=8, steps=3,
                     batch_size=4, zero_shot=False)
     with pytest.raises(HyftError, match="last batch of each epoch has 1 of the 21"):
