@@ -57,13 +57,17 @@ def start_ranks(args: list[str], out: Path, rows: int) -> list[subprocess.Popen]
     return ranks
 
 
-@pytest.fixture(scope="module")
-def two_process_runs(tiny_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dp")
-    worker = str(Path(__file__).parent / "dp_worker.py")
-    proc = subprocess.run(torchrun(worker, tiny_dir, str(out)), capture_output=True, text=True, env=ENV, timeout=600)
+def run_worker(worker: str, tiny_dir: str, out: Path) -> Path:
+    """``tests/WORKER`` under torchrun with 2 ranks on the tiny model, writing into ``out``."""
+    proc = subprocess.run(torchrun(str(Path(__file__).parent / worker), tiny_dir, str(out)), capture_output=True,
+                          text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tiny_dir, tmp_path_factory) -> Path:
+    return run_worker("dp_worker.py", tiny_dir, tmp_path_factory.mktemp("dp"))
 
 
 def close(a: float | None, b: float | None, tol: float) -> bool:

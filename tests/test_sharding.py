@@ -20,7 +20,7 @@ from hyft.errors import HyftError
 from hyft.rundir import read_jsonl
 from hyft.training.loop import Trainer
 from tests.fsdp_worker import CASES, config
-from tests.test_distributed import ENV, start_ranks, torchrun
+from tests.test_distributed import ENV, run_worker, start_ranks, torchrun
 
 REL = 1e-6  # losses: 2 shards' mean against one batch's, in float32
 # a coefficient (L+ − L−)/2ε carries each loss's float32 rounding (a few ulps of L) divided by 2ε; the
@@ -37,11 +37,7 @@ def close(a: float | None, b: float | None, tol: float = REL) -> bool:
 
 @pytest.fixture(scope="module")
 def sharded_runs(tiny_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fsdp")
-    worker = str(Path(__file__).parent / "fsdp_worker.py")
-    proc = subprocess.run(torchrun(worker, tiny_dir, str(out)), capture_output=True, text=True, env=ENV, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out
+    return run_worker("fsdp_worker.py", tiny_dir, tmp_path_factory.mktemp("fsdp"))
 
 
 def test_each_rank_draws_exactly_its_rows_of_the_unsharded_z(sharded_runs):

@@ -87,12 +87,12 @@ class ShardedEngine(ZOEngine):
     @torch.no_grad()
     def load_state_tensors(self, tensors: Callable[[str], Tensor | None]) -> None:
         """Set the local rows (and residuals) from the whole tensors ``tensors(name)``."""
-        for (name, _), r, (piece, start) in zip(self.params, self.residuals, self.views, strict=True):
+        for (name, p), r, (_, start) in zip(self.params, self.residuals, self.views, strict=True):
             key = canonical_name(name)
             value = tensors(key)
             if value is None:
                 raise HyftError(f"no tensor {key!r} to restore the ZO parameters from")
-            piece.view(-1).copy_(value.reshape(-1)[start:start + piece.numel()])
+            shards.copy_from_full_(p.detach(), value)
             if r is not None:
                 saved = tensors(key + RESIDUAL)
                 r.zero_() if saved is None else r.view(-1).copy_(saved.reshape(-1)[start:start + r.numel()])

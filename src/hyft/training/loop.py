@@ -246,12 +246,12 @@ class Trainer:
             if run.method.engine is not None and comm.is_main:
                 run.zo_log.start(c.zo_header(run.method.engine, self.device.type))
             self._save_checkpoint(run.state, run.method, run.sampler, run.direct)
-        if not self.sharded:
-            comm.broadcast_([p for _, p in run.direct])  # replicas start equal, as DDP makes them
         if self.sharded:
             self.log(f"FSDP2: {comm.world} process(es) ({comm.backend}) each hold 1/{comm.world} of every weight and "
                      f"take {c.batch_size // comm.world} examples of every batch of {c.batch_size}")
-        elif comm.world > 1:
+        else:
+            comm.broadcast_([p for _, p in run.direct])  # replicas start equal, as DDP makes them
+        if comm.world > 1 and not self.sharded:
             self.log(f"data parallel: {comm.world} processes ({comm.backend}), {c.batch_size // comm.world} "
                      f"examples each of every batch of {c.batch_size}")
         run.sent_before, run.steps_before = self.comm.sent.copy(), run.state.step
@@ -380,7 +380,7 @@ class Trainer:
         saving = c.uses_peft or c.spec.fo_on_base
         whole = None  # sharded: what save_pretrained writes, gathered (φ alone for a peft model)
         if self.sharded and c.uses_peft:
-            whole = {n: shards.full(p.detach()).to("cpu") for n, p in run.direct}
+            whole = self._gathered(run.direct)
         elif self.sharded and saving:
             whole = sharding.full_state_dict(model)
         if not comm.is_main:
@@ -488,16 +488,18 @@ class Trainer:
     def _write_best(self, step: int, direct) -> str:
         """The best-dev direct weights in their own file (not in memory, not in every checkpoint)."""
         name = RunDir.best_name(step)
-        if self.sharded:  # every rank gathers (one tensor at a time), rank 0 writes
-            tensors = {n: shards.full(p.detach()).to("cpu").contiguous() for n, p in direct}
+        tensors = self._gathered(direct) if self.sharded or self.comm.is_main else {}  # sharded: every rank gathers
         if not self.comm.is_main:
             return name
         tmp = self.run_dir.path / f".{name}.tmp"
-        if not self.sharded:
-            tensors = {n: p.detach().to("cpu").contiguous() for n, p in direct}
         save_file(tensors, str(tmp))
         os.replace(tmp, self.run_dir.path / name)
         return name
+
+    @staticmethod
+    def _gathered(direct) -> dict[str, torch.Tensor]:
+        """The direct weights, whole, on the CPU (sharded: gathered one tensor at a time, a collective)."""
+        return {n: shards.full(p.detach()).to("cpu").contiguous() for n, p in direct}
 
     def _prune(self, state: TrainState) -> None:
         """After a checkpoint: drop best-dev files and base snapshots that neither it nor the run needs."""
