@@ -25,7 +25,7 @@ from pathlib import Path
 from hyft.rundir import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "docs" / "study" / "results.jsonl"
+RESULTS = (ROOT / "docs" / "study" / "results.jsonl", ROOT / "docs" / "long" / "results.jsonl")
 # Recorded study cells, one per method, and the other tasks' scoring paths (COPA: two continuations on
 # their own tokens; CB: three candidates); each runs its recorded command with SHORT's flags after it.
 CELLS = (
@@ -36,7 +36,9 @@ CELLS = (
     "sst2-hybrid-new-s0",
     "copa-hybrid-new-s0",
     "cb-hybrid-s0",
+    "sweep-zo-lowrank-lr_zo1e-05",  # the long study's low-rank directions (issue #27)
 )
+EXTRA = {"sweep-zo-lowrank-lr_zo1e-05": "--zo-lazy 3"}  # V redrawn within the short run: folds happen
 SHORT = "--batch-size 8 --eval-every {half} --eval-dev-examples 60 --num-test 60 --checkpoint-every 0"
 FIELDS = ("loss", "zo_coef", "dev_accuracy")
 
@@ -132,11 +134,11 @@ def main() -> int:
     caches = {s: a.out / f"cache-{s}" for s in sides}
     summary: dict = {"old": a.old, "new": a.new, "steps": a.steps, "cases": {}}
     ok = True
-    records = {r["name"]: r for r in read_jsonl(RESULTS)}
+    records = {r["name"]: r for path in RESULTS for r in read_jsonl(path)}
     for name in CELLS:
         if a.only not in name:
             continue
-        args = cell_args(records[name])
+        args = cell_args(records[name]) + shlex.split(EXTRA.get(name, ""))
         got = {s: run(trees[s], caches[s], f"{name}-{s}", args, a.steps, a.out) for s in sides}
         diff = sorted(k for k in got["old"].keys() | got["new"].keys() if got["old"].get(k) != got["new"].get(k))
         summary["cases"][name] = {"compared": len(got["old"]), "differ": diff, "new": got["new"]}

@@ -19,17 +19,28 @@ from hyft.engine.zo import direction_seed, select_params
 from hyft.training.loop import Trainer
 from hyft.training.sharding import shard
 
-CASES = ("zo-full", "hybrid", "zo-full-bf16")  # bf16: perturbed rows written and restored, residuals per shard
+# bf16: perturbed rows written and restored, residuals per shard; mask: a sparse mask's positions split by
+# shard; lowrank: folds of each shard's rows (V held 2 steps: folds at steps 2 and 4), vectors gathered whole,
+# and in bf16 each shard's fold residuals
+LOWRANK = {"zo_dist": "lowrank", "zo_rank": 2, "zo_lazy": 2}
+CASES = {
+    "zo-full": {},
+    "hybrid": {},
+    "zo-full-bf16": {"dtype": "bfloat16"},
+    "zo-full-mask": {"zo_mask": "magnitude", "zo_density": 0.2},
+    "hybrid-lowrank": {"method": "hybrid", "fused": True, **LOWRANK},
+    "zo-full-lowrank-bf16": {"method": "zo-full", "dtype": "bfloat16", **LOWRANK},
+}
 
 
 def config(model: str, case: str, shard_mode: str = "fsdp") -> RunConfig:
     """The run the test also trains in one process, unsharded; a global batch of 4 is 2 examples per rank.
     ε = 0.1: a coefficient divides the loss's float32 rounding (2 shards vs 1 batch) by 2ε."""
-    method = case.removesuffix("-bf16")
-    return RunConfig(model=model, method=method, task="sst2", num_train=24, num_dev=8, num_test=8, steps=5,
+    settings = {"method": case.removesuffix("-bf16").removesuffix("-mask"), **CASES[case]}
+    return RunConfig(model=model, task="sst2", num_train=24, num_dev=8, num_test=8, steps=5,
                      batch_size=4, eval_every=5, checkpoint_every=2, snapshot_every=2, lr_fo=0.05, lr_zo=1e-3,
-                     eps=0.1, zo_dist="gaussian", optimizer_fo="sgd", zero_shot=False, shard=shard_mode,
-                     dtype="bfloat16" if case.endswith("-bf16") else "float32")
+                     eps=0.1, optimizer_fo="sgd", zero_shot=False, shard=shard_mode,
+                     **{"zo_dist": "gaussian", **settings})
 
 
 def z_slices(model_dir: str, out: Path) -> None:

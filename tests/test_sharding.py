@@ -74,10 +74,13 @@ def test_a_sharded_run_matches_one_unsharded_process(method, sharded_runs, tiny_
     results = json.loads((two / "results.json").read_text())
     sent = results["communication"]["bytes_per_step"]
     assert sent["zo"] == 16 and sent["fo"] == 0 and sent["shard"] > 0  # ZO's own traffic: two float64 losses
-    if method == "hybrid":
+    if method.startswith("hybrid"):
         adapter = load_file(two / "adapter" / "adapter_model.safetensors")  # gathered, loads in plain peft
         mine = load_file(one / "adapter" / "adapter_model.safetensors")
-        assert adapter.keys() == mine.keys() and all((adapter[k] - mine[k]).abs().max() < 1e-6 for k in adapter)
+        # float32: 2 shards' gradient against 1 batch's, over 5 SGD steps (at a perturbed point when fused)
+        tol = 1e-5 if not method.endswith("bf16") else 1e-2
+        assert adapter.keys() == mine.keys() and all((adapter[k].float() - mine[k].float()).abs().max() < tol
+                                                     for k in adapter)
 
 
 def test_a_killed_rank_resumes_sharded_on_two_processes_and_on_one(tiny_dir, tmp_path):
@@ -113,7 +116,7 @@ def test_a_killed_rank_resumes_sharded_on_two_processes_and_on_one(tiny_dir, tmp
 
 
 def test_sharding_refuses_what_it_does_not_support_in_one_line(tiny_dir):
-    for bad in ({"zo_dist": "lowrank"}, {"zo_mask": "magnitude"}, {"auto_lr": True}, {"shard": "zero3"}):
+    for bad in ({"auto_lr": True}, {"shard": "zero3"}):
         with pytest.raises(HyftError, match="shard"):
             RunConfig(model=tiny_dir, **{"shard": "fsdp", **bad}).validate()
     assert torch.distributed.is_available()

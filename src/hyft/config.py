@@ -175,8 +175,6 @@ class RunConfig:
              "zo_dist lowrank does not support weight_decay_zo (it would need a dense sweep every step)"),
             (self.mask_batches > 0, "mask_batches must be > 0"),
             (self.shard in ("none", "fsdp"), "shard must be none or fsdp"),
-            (self.shard == "none" or not (self.zo_mask or self.zo_dist == "lowrank"),
-             "shard fsdp supports dense directions (gaussian, rademacher), not zo_mask or zo_dist lowrank yet"),
             (self.shard == "none" or not self.auto_lr, "shard fsdp does not support auto_lr (the probe runs on one "
              "process): run `hyft probe` first and pass its rates"),
             (self.shuffle in ("reshuffle", "once", "none"), "shuffle must be reshuffle, once or none"),

@@ -14,7 +14,6 @@ from hyft.engine.sparse import SparseEngine
 from hyft.engine.zmath import Applied
 from hyft.engine.zo import ZOEngine, canonical_name
 from hyft.engine.zoconfig import ZOConfig
-from hyft.errors import HyftError
 
 Engine = ZOEngine | SparseEngine | LowRankEngine
 
@@ -22,11 +21,9 @@ Engine = ZOEngine | SparseEngine | LowRankEngine
 def make_engine(model: nn.Module, params: list[tuple[str, nn.Parameter]], zo: ZOConfig,
                 mask: list[Tensor] | None = None) -> Engine:
     """``mask``: flat positions per tensor (see :mod:`hyft.engine.masks`), or None for dense directions.
-    Sharded weights (FSDP2) get the dense engine on their local rows."""
-    if any(shards.is_sharded(p) for _, p in params):
-        if mask is not None or zo.dist == "lowrank":
-            raise HyftError("sharded ZO (--shard fsdp) supports dense directions (gaussian, rademacher), not "
-                            f"{'a sparse mask' if mask is not None else 'lowrank'} yet")
+    Sharded weights (FSDP2): dense directions get :class:`ShardedEngine`; the sparse and low-rank engines work
+    on each process's rows themselves."""
+    if zo.dist != "lowrank" and mask is None and any(shards.is_sharded(p) for _, p in params):
         return ShardedEngine(params, zo.dist, eps=zo.eps, two_sided=zo.two_sided, compensate=zo.compensate,
                              rounding=zo.rounding)
     if zo.dist == "lowrank":

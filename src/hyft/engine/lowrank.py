@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hyft.engine import noise
+from hyft.engine import noise, shards
 from hyft.engine.zmath import Applied, applied_direction
 from hyft.engine.zo import EngineState, ZOUpdate, direction_seed, lookahead, refuse_outside_readers
 from hyft.errors import HyftError
@@ -84,13 +84,13 @@ class LowRankEngine(EngineState):
         self.A = torch.zeros(self.u_off[-1], dtype=torch.float32, device=device)  # pending updates, fp32
         # matrices keep a residual in bf16/fp16 (folds round once per period); the vectors' true values live in
         # one float32 buffer, so that perturbing or updating all of them is a few ops, not a few per tensor
+        # (FSDP2: a residual of this process's rows; A, V and the vectors' float32 values are whole on every one)
         self.residuals: list[Tensor | None] = [
-            torch.zeros_like(p, memory_format=torch.contiguous_format)
+            torch.zeros_like(shards.local(p.detach())[0], memory_format=torch.contiguous_format)
             if compensate and p.dtype not in noise.FULL_PRECISION and i in self._k else None
             for i, (_, p) in enumerate(params)]
         self.compensate = compensate
-        self.master = torch.cat([params[i][1].detach().reshape(-1).float() for i in self.vectors]) \
-            if self.vectors else torch.zeros(0, device=device)
+        self.master = self._stored_vectors()
         self.period = -1  # V's period; -1: none drawn yet
         self.V: Tensor | None = None
         self._dirty = False  # A holds updates not folded yet
@@ -100,6 +100,7 @@ class LowRankEngine(EngineState):
         self._M: Tensor | None = None  # A + s·U/√R in the compute dtype: what the hooks add (None: nothing)
         self._Vc: Tensor | None = None  # V in the compute dtype
         self._temps: dict[int, Tensor] = {}  # perturbed vectors while a perturbation is in force
+        self._outside: dict[tuple[nn.Module, str], Tensor] = {}  # what a swapped-in vector replaced
         self._used: set[int] = set()
         self._checked = False
         self._handles = []
@@ -173,13 +174,16 @@ class LowRankEngine(EngineState):
 
     @torch.no_grad()
     def _fold(self) -> None:
-        """W ← W + A_i V_iᵀ for every matrix (rounded once, with the residual in bf16/fp16); A ← 0."""
+        """W ← W + A_i V_iᵀ for every matrix (rounded once, with the residual in bf16/fp16); A ← 0. FSDP2:
+        each process folds its rows of W with the same rows of A."""
         if not self._dirty or self.V is None:
             return
         for k, i in enumerate(self.matrices):
-            p, r = self.params[i][1].detach(), self.residuals[i]
-            a = self._factor(self.A, self.u_off, k, p.shape[0])
-            v = self._factor(self.V, self.v_off, k, p.shape[1])
+            whole, r = self.params[i][1].detach(), self.residuals[i]
+            p, start = shards.local(whole)
+            a = self._factor(self.A, self.u_off, k, whole.shape[0])
+            a = a[:, start // whole.shape[1]:start // whole.shape[1] + p.shape[0]]
+            v = self._factor(self.V, self.v_off, k, whole.shape[1])
             if p.dtype in noise.FULL_PRECISION:
                 p.addmm_(a.T.to(p.dtype), v.to(p.dtype))
                 continue
@@ -252,12 +256,14 @@ class LowRankEngine(EngineState):
     def _swap_in(self, module: nn.Module, _args: object) -> None:
         for attr, i in self._vector_owners[module]:
             self._used.add(i)
-            if i in self._temps:
+            if i in self._temps:  # FSDP2: what is replaced is the gathered vector of this forward
+                self._outside[(module, attr)] = module._parameters[attr]
                 module._parameters[attr] = self._temps[i]
 
     def _swap_out(self, module: nn.Module, _args: object, _out: object) -> None:
-        for attr, i in self._vector_owners[module]:
-            module._parameters[attr] = self.params[i][1]
+        for attr, _ in self._vector_owners[module]:
+            if (module, attr) in self._outside:
+                module._parameters[attr] = self._outside.pop((module, attr))
 
     @contextmanager
     def perturbed(self, step_seed: int, scale: float) -> Iterator[None]:
@@ -323,7 +329,17 @@ class LowRankEngine(EngineState):
 
     def _write_vectors(self) -> None:
         ps = [self.params[i][1].detach() for i in self.vectors]
+        if any(shards.is_sharded(p) for p in ps):  # FSDP2: this process's elements of each
+            for p, value in zip(ps, self._views(self.master), strict=True):
+                shards.copy_from_full_(p, value)
+            return
         torch._foreach_copy_(ps, self._views(self.master))
+
+    def _stored_vectors(self) -> Tensor:
+        """The vectors as stored, whole, in one float32 buffer (FSDP2: gathered, a collective)."""
+        device = self.A.device
+        return torch.cat([shards.full(self.params[i][1].detach()).reshape(-1).float() for i in self.vectors]) \
+            if self.vectors else torch.zeros(0, device=device)
 
     # --- state --------------------------------------------------------------------------------------
     def extra_tensors(self) -> dict[str, Tensor]:
@@ -337,7 +353,7 @@ class LowRankEngine(EngineState):
         if vectors is not None:
             self.master.copy_(vectors)
         elif self.vectors:
-            self.master.copy_(torch.cat([self.params[i][1].detach().reshape(-1).float() for i in self.vectors]))
+            self.master.copy_(self._stored_vectors())
         saved = tensors(ACCUMULATOR)
         self.A.zero_() if saved is None else self.A.copy_(saved)
         self._dirty = bool(self.A.any()) if saved is not None else False

@@ -7,20 +7,23 @@ A perturbed forward writes θ + r + s·z into the local rows and writes the save
 is exact in every dtype (one extra copy of this process's rows, 1/N of the weights, while perturbed). The
 values written are bitwise those the unsharded engine's hooks compute, and updates, in-place shifts (the
 fused step) and the bf16 rules are the same element-wise arithmetic (:mod:`hyft.engine.zmath`) on the rows.
+Snapshots gather the whole tensors through :class:`hyft.engine.zo.EngineState` (a collective).
+
+The sparse and low-rank engines need no class of their own: they look up each weight's local rows too
+(:func:`hyft.engine.shards.local`), a mask keeps the positions inside them, and a low-rank fold adds the
+same rows of A Vᵀ.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 from hyft.engine import noise, shards, zmath
-from hyft.engine.zo import RESIDUAL, ZOEngine, canonical_name, direction_seed
-from hyft.errors import HyftError
+from hyft.engine.zo import ZOEngine, direction_seed
 
 
 class ShardedEngine(ZOEngine):
@@ -72,27 +75,3 @@ class ShardedEngine(ZOEngine):
             with torch.no_grad():
                 for (piece, _), copy in zip(views, saved, strict=True):
                     piece.copy_(copy)
-
-    def state_tensors(self) -> dict[str, Tensor]:
-        """The whole ZO tensors (and residuals), gathered: a collective, every process must call it."""
-        out = {}
-        for (name, p), r in zip(self.params, self.residuals, strict=True):
-            out[canonical_name(name)] = shards.full(p.detach())
-            if r is not None:
-                whole = DTensor.from_local(r, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()) \
-                    if isinstance(p, DTensor) else r
-                out[canonical_name(name) + RESIDUAL] = shards.full(whole)
-        return out
-
-    @torch.no_grad()
-    def load_state_tensors(self, tensors: Callable[[str], Tensor | None]) -> None:
-        """Set the local rows (and residuals) from the whole tensors ``tensors(name)``."""
-        for (name, p), r, (_, start) in zip(self.params, self.residuals, self.views, strict=True):
-            key = canonical_name(name)
-            value = tensors(key)
-            if value is None:
-                raise HyftError(f"no tensor {key!r} to restore the ZO parameters from")
-            shards.copy_from_full_(p.detach(), value)
-            if r is not None:
-                saved = tensors(key + RESIDUAL)
-                r.zero_() if saved is None else r.view(-1).copy_(saved.reshape(-1)[start:start + r.numel()])

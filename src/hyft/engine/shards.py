@@ -39,5 +39,31 @@ def full(t: Tensor) -> Tensor:
 @torch.no_grad()
 def copy_from_full_(t: Tensor, value: Tensor) -> None:
     """Set ``t`` (whole, or this process's shard of it) from the whole tensor ``value``."""
+    local(t)[0].view(-1).copy_(slice_of(value, t))
+
+
+def slice_of(value: Tensor, t: Tensor) -> Tensor:
+    """The flat elements of the whole tensor ``value`` that this process holds of ``t`` (all of them when whole)."""
     piece, start = local(t)
-    piece.view(-1).copy_(value.reshape(-1)[start:start + piece.numel()])
+    return value.reshape(-1)[start:start + piece.numel()]
+
+
+def full_rows(rows: Tensor, like: Tensor) -> Tensor:
+    """The whole tensor whose local rows are ``rows``, sharded as ``like`` is (a collective for a DTensor; a
+    residual kept per shard is gathered this way)."""
+    if not isinstance(like, DTensor):
+        return rows
+    return DTensor.from_local(rows, like.device_mesh, like.placements, shape=like.shape,
+                              stride=like.stride()).full_tensor()
+
+
+def full_segments(segment: Tensor, offset: int, total: int, like: Tensor) -> Tensor:
+    """The whole 1-D tensor of ``total`` elements whose elements ``offset:offset+len(segment)`` this process
+    holds, the processes holding ``like``'s shards holding the rest (a sum over them, exact: every element is
+    one process's value plus zeros). A sparse mask's values, kept per shard, are gathered this way."""
+    if not isinstance(like, DTensor):
+        return segment
+    whole = torch.zeros(total, dtype=segment.dtype, device=segment.device)
+    whole[offset:offset + segment.numel()] = segment
+    torch.distributed.all_reduce(whole, group=like.device_mesh.get_group())
+    return whole

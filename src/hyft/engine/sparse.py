@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from hyft.engine import noise
+from hyft.engine import noise, shards
 from hyft.engine.zmath import Applied, applied_direction
 from hyft.engine.zo import EngineState, ZOUpdate, direction_seed
 from hyft.errors import HyftError
@@ -36,10 +36,22 @@ class SparseEngine(EngineState):
         if len(mask) != len(params):
             raise HyftError(f"the ZO mask has {len(mask)} tensors and the ZO group {len(params)}")
         self.dist, self.params = dist, params
-        self.mask = [m.to(device=p.device, dtype=torch.int64) for m, (_, p) in zip(mask, params, strict=True)]
-        for (name, p), m in zip(params, self.mask, strict=True):
+        whole = [m.to(device=p.device, dtype=torch.int64) for m, (_, p) in zip(mask, params, strict=True)]
+        for (name, p), m in zip(params, whole, strict=True):
             if m.numel() and (int(m.min()) < 0 or int(m.max()) >= p.numel()):
                 raise HyftError(f"the ZO mask of {name} points outside the tensor")
+        # FSDP2: this process perturbs the mask's positions inside its rows; z is drawn at the global positions
+        self.at: list[Tensor] = []  # global flat positions (the mask's, or this shard's part of it)
+        self.mask: list[Tensor] = []  # the same positions in this process's elements of the tensor
+        self._before: list[int] = []  # the mask's positions before this shard's (where its residuals start)
+        self._total = [m.numel() for m in whole]
+        for (_, p), m in zip(params, whole, strict=True):
+            piece, start = shards.local(p.detach())
+            lo, hi = (0, m.numel()) if piece.numel() == p.numel() else torch.searchsorted(  # masks are sorted
+                m, torch.tensor([start, start + piece.numel()], device=m.device)).tolist()
+            self.at.append(m[lo:hi])
+            self.mask.append(m[lo:hi] - start if start else m[lo:hi])
+            self._before.append(lo)
         self.residuals: list[Tensor | None] = [
             torch.zeros(m.numel(), device=p.device) if compensate and p.dtype not in noise.FULL_PRECISION else None
             for m, (_, p) in zip(self.mask, params, strict=True)
@@ -58,14 +70,25 @@ class SparseEngine(EngineState):
 
     def z(self, i: int, step_seed: int) -> Tensor:
         """z(seed) at the masked positions of parameter i (float32, k values)."""
-        return noise.at(self.mask[i], direction_seed(step_seed, self.params[i][0]), self.dist)
+        return noise.at(self.at[i], direction_seed(step_seed, self.params[i][0]), self.dist)
 
     def direction(self, i: int, step_seed: int) -> Tensor:
-        """The masked direction as a dense tensor (zero off the mask), for tests and analysis."""
-        p = self.params[i][1]
-        out = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+        """The masked direction as a dense tensor (zero off the mask; FSDP2: this process's rows), for tests
+        and analysis."""
+        piece = self._flat(i)
+        out = torch.zeros(piece.numel(), dtype=torch.float32, device=piece.device)
         out[self.mask[i]] = self.z(i, step_seed)
-        return out.view(p.shape)
+        return out.view(shards.local(self.params[i][1].detach())[0].shape)
+
+    def _flat(self, i: int) -> Tensor:
+        """Parameter i's elements this process holds, flat (looked up at each use: FSDP2 moves them)."""
+        return shards.local(self.params[i][1].detach())[0].view(-1)
+
+    def _full_residual(self, i: int, r: Tensor) -> Tensor:
+        return shards.full_segments(r, self._before[i], self._total[i], self.params[i][1])
+
+    def _set_residual(self, i: int, r: Tensor, whole: Tensor) -> None:
+        r.copy_(whole.reshape(-1)[self._before[i]:self._before[i] + r.numel()])
 
     def _true(self, i: int, values: Tensor) -> Tensor:
         """The values in float32 (float64 stays float64), plus the residual where one is kept."""
@@ -77,16 +100,16 @@ class SparseEngine(EngineState):
     def _set(self, step_seed: int, scale: float) -> None:
         """θ[mask] ← saved + scale·z (saving the originals first)."""
         if self._saved is None:
-            self._saved = [p.detach().view(-1)[m].clone() for (_, p), m in zip(self.params, self.mask, strict=True)]
+            self._saved = [self._flat(i)[m].clone() for i, m in enumerate(self.mask)]
         for i, ((_, p), m) in enumerate(zip(self.params, self.mask, strict=True)):
             value = torch.add(self._true(i, self._saved[i]), self.z(i, step_seed), alpha=scale)  # saved stays
-            p.detach().view(-1)[m] = value.to(p.dtype)
+            self._flat(i)[m] = value.to(p.dtype)
 
     @torch.no_grad()
     def _restore(self) -> None:
         if self._saved is not None:
-            for (_, p), m, saved in zip(self.params, self.mask, self._saved, strict=True):
-                p.detach().view(-1)[m] = saved
+            for i, (m, saved) in enumerate(zip(self.mask, self._saved, strict=True)):
+                self._flat(i)[m] = saved
         self._saved = None
 
     @contextmanager
@@ -116,7 +139,7 @@ class SparseEngine(EngineState):
         if step == 0.0 and decay == 0.0:
             return
         for i, ((_, p), m) in enumerate(zip(self.params, self.mask, strict=True)):
-            flat = p.detach().view(-1)
+            flat = self._flat(i)
             true = self._true(i, flat[m])
             v = self.z(i, u.seed)
             if self.applied is not None and p.dtype not in noise.FULL_PRECISION:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hyft.engine import noise, zmath
+from hyft.engine import noise, shards, zmath
 from hyft.errors import HyftError
 
 
@@ -104,24 +104,32 @@ class EngineState:
         """The ZO tensors by canonical name, with their residuals (``NAME#residual``) where kept, and any
         extra state (:meth:`extra_tensors`)."""
         out = {}
-        for (name, p), r in zip(self.params, self.residuals, strict=True):
-            out[canonical_name(name)] = p.detach()
+        for i, ((name, p), r) in enumerate(zip(self.params, self.residuals, strict=True)):
+            out[canonical_name(name)] = shards.full(p.detach())
             if r is not None:
-                out[canonical_name(name) + RESIDUAL] = r
+                out[canonical_name(name) + RESIDUAL] = self._full_residual(i, r)
         return {**out, **self.extra_tensors()}
+
+    def _full_residual(self, i: int, r: Tensor) -> Tensor:
+        """Parameter i's whole residual from this process's (FSDP2: its rows, gathered; a collective)."""
+        return shards.full_rows(r, self.params[i][1])
+
+    def _set_residual(self, i: int, r: Tensor, whole: Tensor) -> None:
+        r.view(-1).copy_(shards.slice_of(whole, self.params[i][1]))
 
     @torch.no_grad()
     def load_state_tensors(self, tensors: Callable[[str], Tensor | None]) -> None:
-        """Set every ZO tensor (and residual: zero when absent) from ``tensors(name)``."""
-        for (name, p), r in zip(self.params, self.residuals, strict=True):
+        """Set every ZO tensor (and residual: zero when absent) from the whole tensors ``tensors(name)``
+        (FSDP2: this process's rows of them)."""
+        for i, ((name, p), r) in enumerate(zip(self.params, self.residuals, strict=True)):
             key = canonical_name(name)
             value = tensors(key)
             if value is None:
                 raise HyftError(f"no tensor {key!r} to restore the ZO parameters from")
-            p.copy_(value)
+            shards.copy_from_full_(p.detach(), value)
             if r is not None:
                 saved = tensors(key + RESIDUAL)
-                r.zero_() if saved is None else r.copy_(saved)
+                r.zero_() if saved is None else self._set_residual(i, r, saved)
         self.load_extra_tensors(tensors)
 
 

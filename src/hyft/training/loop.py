@@ -193,6 +193,8 @@ class Trainer:
             state.extra["zero_shot_metrics"] = zero.metrics
             self.log(f"zero-shot test {zero.describe()} (n={len(splits.test)})")
         model, groups = prepare(model, c)
+        # the sparse-ZO mask is chosen on the whole model (sharded runs: before sharding) and read back by name
+        mask_path = self._zo_mask(model, tokenizer, groups, splits.train) if c.zo_mask and groups.zo else None
         if self.sharded:  # FSDP2 replaces every weight by a DTensor: the groups are taken again
             model = sharding.shard(model, comm, self.device)
             groups = split_groups(model, c.spec, c.zo_params)
@@ -203,7 +205,7 @@ class Trainer:
             self.on_main(lambda: self._auto_lr(model, groups, objective, splits.train))
             for key, value in comm.broadcast_object(c.to_dict()).items():  # rank 0's suggestions
                 setattr(c, key, value)
-        mask = self._zo_mask(groups, objective, splits.train) if c.zo_mask and groups.zo else None
+        mask = masks.load(mask_path, groups.zo) if mask_path else None
         method: Method = c.spec.rule(model, groups, objective, c, total, mask, comm=comm)
         run = Run(model, tokenizer, splits, splits.dev[: c.eval_dev_examples], groups, method,
                   EpochSampler(len(splits.train), c.batch_size, c.shuffle, c.seed), ZOLog(self.run_dir.zo_log),
@@ -465,10 +467,12 @@ class Trainer:
         self.config.validate().to_yaml(self.run_dir.config)
         self.run_dir.probe.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
 
-    def _zo_mask(self, groups: ParamGroups, objective: Objective, train: list) -> list[torch.Tensor]:
-        """The sparse-ZO mask: chosen by rank 0 (sensitivity: on the first ``mask_batches`` training batches)
-        and written to the run directory before the first step; read back by the other ranks and on resume."""
+    def _zo_mask(self, model, tokenizer, groups: ParamGroups, train: list) -> Path:
+        """The sparse-ZO mask: chosen by rank 0 alone on its whole model (sensitivity: on the first
+        ``mask_batches`` training batches) and written to the run directory before the first step, where every
+        rank (and a resumed run) reads it."""
         c, path = self.config, self.run_dir.mask
+        objective = Objective(model, tokenizer, c)  # rank 0's own loss: no collective
 
         def loss(b: int) -> torch.Tensor:
             examples = [train[(b * c.batch_size + j) % len(train)] for j in range(c.batch_size)]
@@ -483,7 +487,7 @@ class Trainer:
 
         if not self.resume:
             self.on_main(choose)
-        return masks.load(path, groups.zo)
+        return path
 
     def _write_best(self, step: int, direct) -> str:
         """The best-dev direct weights in their own file (not in memory, not in every checkpoint)."""
