@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hyft.cli import main
 from hyft.config import RunConfig
 from hyft.errors import HyftError
 from hyft.rundir import read_jsonl
@@ -48,7 +49,18 @@ def test_each_rank_draws_exactly_its_rows_of_the_unsharded_z(sharded_runs):
     assert sum(r["start"] > 0 for r in ranks[1]) == len(ranks[1])  # every weight is split: offsets are tested
 
 
-@pytest.mark.parametrize("method", CASES)
+def test_a_sharded_engine_state_gathers_whole_and_loads_each_ranks_rows(sharded_runs):
+    """bf16 residuals kept per shard (rows; a mask's values) gather whole and in order; whole tensors load
+    into each rank's rows; for the dense, sparse and low-rank engines."""
+    for rank in range(2):
+        checked = json.loads((sharded_runs / f"state-rank{rank}.json").read_text())
+        assert set(checked) == {"dense", "mask", "lowrank"}
+        for kind, c in checked.items():
+            assert c["residuals"] > 0 and c["gathered"] and c["weights"] and c["loaded"] and c["zeroed"] \
+                and c["restored"], (kind, c)
+
+
+@pytest.mark.parametrize("method", [case for case in CASES if case != "fo-full"])
 def test_a_sharded_run_matches_one_unsharded_process(method, sharded_runs, tiny_dir, tmp_path):
     one = tmp_path / "one"
     Trainer(config(tiny_dir, method, shard_mode="none"), one, progress=False).run()
@@ -81,6 +93,19 @@ def test_a_sharded_run_matches_one_unsharded_process(method, sharded_runs, tiny_
         tol = 1e-5 if not method.endswith("bf16") else 1e-2
         assert adapter.keys() == mine.keys() and all((adapter[k].float() - mine[k].float()).abs().max() < tol
                                                      for k in adapter)
+
+
+@pytest.mark.parametrize("method", ["hybrid", "fo-full"])
+def test_hyft_export_of_a_sharded_run_loads_in_plain_transformers_and_peft(method, sharded_runs, tmp_path):
+    """fo-full: the model rank 0 gathered and saved; hybrid: the base replayed from the log plus the gathered
+    adapter, loaded by ``PeftModel``. Either scores the test split as the sharded run reported."""
+    run = sharded_runs / method
+    assert main(["export", str(run), "--out", str(tmp_path / "exp")]) == 0
+    assert (tmp_path / "exp" / ("adapter_config.json" if method == "hybrid" else "config.json")).is_file()
+    assert main(["eval", "--model", str(tmp_path / "exp"), "--task", "sst2", "--num-test", "8",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    reported = json.loads((run / "results.json").read_text())["test_accuracy"]
+    assert json.loads((tmp_path / "e.json").read_text())["accuracy"] == reported
 
 
 def test_a_killed_rank_resumes_sharded_on_two_processes_and_on_one(tiny_dir, tmp_path):

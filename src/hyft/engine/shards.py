@@ -56,14 +56,3 @@ def full_rows(rows: Tensor, like: Tensor) -> Tensor:
     return DTensor.from_local(rows, like.device_mesh, like.placements, shape=like.shape,
                               stride=like.stride()).full_tensor()
 
-
-def full_segments(segment: Tensor, offset: int, total: int, like: Tensor) -> Tensor:
-    """The whole 1-D tensor of ``total`` elements whose elements ``offset:offset+len(segment)`` this process
-    holds, the processes holding ``like``'s shards holding the rest (a sum over them, exact: every element is
-    one process's value plus zeros). A sparse mask's values, kept per shard, are gathered this way."""
-    if not isinstance(like, DTensor):
-        return segment
-    whole = torch.zeros(total, dtype=segment.dtype, device=segment.device)
-    whole[offset:offset + segment.numel()] = segment
-    torch.distributed.all_reduce(whole, group=like.device_mesh.get_group())
-    return whole

@@ -44,7 +44,7 @@ class SparseEngine(EngineState):
         self.at: list[Tensor] = []  # global flat positions (the mask's, or this shard's part of it)
         self.mask: list[Tensor] = []  # the same positions in this process's elements of the tensor
         self._before: list[int] = []  # the mask's positions before this shard's (where its residuals start)
-        self._total = [m.numel() for m in whole]
+        self._whole = whole  # the whole mask (FSDP2: to gather the residuals)
         for (_, p), m in zip(params, whole, strict=True):
             piece, start = shards.local(p.detach())
             lo, hi = (0, m.numel()) if piece.numel() == p.numel() else torch.searchsorted(  # masks are sorted
@@ -85,7 +85,14 @@ class SparseEngine(EngineState):
         return shards.local(self.params[i][1].detach())[0].view(-1)
 
     def _full_residual(self, i: int, r: Tensor) -> Tensor:
-        return shards.full_segments(r, self._before[i], self._total[i], self.params[i][1])
+        """The whole mask's residual (FSDP2: each process's values placed in its rows, gathered)."""
+        p = self.params[i][1]
+        if not shards.is_sharded(p):
+            return r
+        piece = shards.local(p.detach())[0]
+        rows = torch.zeros(piece.numel(), dtype=r.dtype, device=r.device)
+        rows[self.mask[i]] = r
+        return shards.full_rows(rows.view(piece.shape), p).reshape(-1)[self._whole[i]]
 
     def _set_residual(self, i: int, r: Tensor, whole: Tensor) -> None:
         r.copy_(whole.reshape(-1)[self._before[i]:self._before[i] + r.numel()])
