@@ -104,8 +104,15 @@ def state_round_trip(model_dir: str, out: Path) -> None:
                                  shards.slice_of(state[canonical_name(n)] + 1, p)) for n, p in params)
         zeroed = all(not r.any() for r in engine.residuals if r is not None)
         engine.load_state_tensors(lambda k, state=state: state.get(k))  # back to the model's own weights
-        restored = all(torch.equal(a, b) for a, b in zip(set_values, [r for r in engine.residuals if r is not None],
-                                                          strict=True))
+        kept = [r for r in engine.residuals if r is not None]
+        restored = all(torch.equal(a, b) for a, b in zip(set_values, kept, strict=True))
+        whole = engine.whole_residuals()  # what checkpoint.pt keeps for a ZO group no snapshot holds (zo-peft)
+        for r in kept:
+            r.zero_()
+        engine.load_whole_residuals(whole)
+        restored &= all(torch.equal(a, b) for a, b in zip(set_values, kept, strict=True)) and all(
+            torch.equal(w.float().reshape(-1), state[canonical_name(n) + RESIDUAL].float().reshape(-1))
+            for (n, _), w in zip(params, whole, strict=True) if w is not None)
         getattr(engine, "close", lambda: None)()
         checked[kind] = {"residuals": len(expected), "gathered": gathered, "weights": weights, "loaded": loaded,
                          "zeroed": zeroed, "restored": restored}

@@ -110,6 +110,17 @@ class EngineState:
                 out[canonical_name(name) + RESIDUAL] = self._full_residual(i, r)
         return {**out, **self.extra_tensors()}
 
+    def whole_residuals(self) -> list[Tensor | None]:
+        """Every residual as an unsharded run keeps it (FSDP2: gathered, a collective every process calls)."""
+        return [None if r is None else self._full_residual(i, r) for i, r in enumerate(self.residuals)]
+
+    @torch.no_grad()
+    def load_whole_residuals(self, saved: list[Tensor | None]) -> None:
+        """Set each residual from :meth:`whole_residuals`' (FSDP2: this process's part of it)."""
+        for i, (r, whole) in enumerate(zip(self.residuals, saved, strict=True)):
+            if r is not None and whole is not None:
+                self._set_residual(i, r, whole)
+
     def _full_residual(self, i: int, r: Tensor) -> Tensor:
         """Parameter i's whole residual from this process's (FSDP2: its rows, gathered; a collective)."""
         return shards.full_rows(r, self.params[i][1])

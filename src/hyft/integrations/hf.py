@@ -220,7 +220,9 @@ class HybridTrainer(Trainer):
         super()._save_checkpoint(model, trial)
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         if self.is_world_process_zero() and folder.is_dir() and self.method is not None:
-            state = checkpoint.zo_state(self.method, self.zo_updates, store_residuals=not self.spec.zo_on_base)
+            engine = self.method.engine  # not sharded here (accelerate's FSDP is refused): residuals are whole
+            state = checkpoint.zo_state(self.method, self.zo_updates, engine.whole_residuals()
+                                        if engine is not None and not self.spec.zo_on_base else None)
             checkpoint.write_atomic(folder / rundir.ZO_STATE_FILE, state)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:

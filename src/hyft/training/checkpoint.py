@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 from hyft.errors import HyftError
 
@@ -56,14 +57,15 @@ def read(path: Path) -> dict[str, Any]:
         raise HyftError(f"cannot read checkpoint {path} ({err})") from err
 
 
-def zo_state(method: Method, zo_updates: int, store_residuals: bool) -> dict[str, Any]:
+def zo_state(method: Method, zo_updates: int, residuals: list[Tensor | None] | None) -> dict[str, Any]:
     """The method's side of a checkpoint: its direction-seed stream and FO optimizer, how many ZO-log lines
-    it covers, and (``store_residuals``: a ZO group no base snapshot holds) the low-precision residuals and the
-    engine's extra state (low-rank: the pending updates A and V's period)."""
+    it covers, and for a ZO group no base snapshot holds its whole low-precision ``residuals`` (from
+    ``engine.whole_residuals()``, which every process calls when sharded; None otherwise) and the engine's
+    extra state (low-rank: the pending updates A and V's period)."""
     engine = method.engine
-    residuals, extra = None, None
-    if store_residuals and engine is not None:
-        residuals = [None if r is None else r.to("cpu", copy=True) for r in engine.residuals]
+    extra = None
+    if residuals is not None and engine is not None:
+        residuals = [None if r is None else r.to("cpu", copy=True) for r in residuals]
         extra = {k: v.to("cpu", copy=True) for k, v in engine.extra_tensors().items()}  # low-rank: A, period
     return {"method": method.state_dict(), "zo_updates": zo_updates, "residuals": residuals, "extra": extra}
 
@@ -71,11 +73,8 @@ def zo_state(method: Method, zo_updates: int, store_residuals: bool) -> dict[str
 def restore_zo_state(method: Method, state: dict[str, Any]) -> int:
     """Load :func:`zo_state` into ``method``; returns the number of ZO-log lines it covers."""
     method.load_state_dict(state["method"])
-    if state.get("residuals") and method.engine is not None:
-        with torch.no_grad():
-            for r, saved in zip(method.engine.residuals, state["residuals"], strict=True):
-                if r is not None:
-                    r.copy_(saved)
+    if state.get("residuals") and method.engine is not None:  # whole: any process count loads them
+        method.engine.load_whole_residuals(state["residuals"])
     if state.get("extra") and method.engine is not None:
         method.engine.load_extra_tensors(state["extra"].get)
     return int(state["zo_updates"] if "zo_updates" in state else state["state"].zo_updates)  # older: in the state

@@ -533,8 +533,12 @@ class Trainer:
             with self.comm.around("the sharded checkpoint"):
                 sharding.save(self.run_dir.path / shards_dir, method.model, direct, method.optimizer)
 
+        # a ZO group no base snapshot holds (zo-peft) keeps its residuals here, whole (sharded: every rank gathers)
+        residuals = method.engine.whole_residuals() if method.engine is not None and not self.config.zo_on_base \
+            else None
+
         def write() -> None:
-            zo = checkpoint.zo_state(method, state.zo_updates, store_residuals=not self.config.zo_on_base)
+            zo = checkpoint.zo_state(method, state.zo_updates, residuals)
             if shards_dir is not None:
                 zo["method"]["optimizer"] = None  # in the sharded folder
             payload = {
