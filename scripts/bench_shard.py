@@ -1,5 +1,6 @@
 """Sharded rows of BENCHMARKS.md (issue #29): per-rank peak memory, step time and bytes sent per step of
-``hyft train`` with one unsharded process and with ``--shard fsdp`` over N processes, for zo-full and hybrid.
+``hyft train`` with one unsharded process and with ``--shard fsdp`` over N processes, for zo-full and hybrid
+(``--zo-dist lowrank``: with low-rank directions).
 
     python scripts/bench_shard.py --model smollm2-135m --out runs/bench-shard-smollm2
     python scripts/bench_shard.py --model runs/llama-1b-random-bf16 --dtype bfloat16 --batch-size 2 \\
@@ -39,7 +40,7 @@ def run_cell(args: argparse.Namespace, method: str, world: int, out: Path) -> di
              "--task", "sst2", "--num-train", str(8 * args.batch_size), "--num-dev", "2", "--num-test", "2",
              "--eval-batch-size", "2", "--steps", str(args.steps), "--batch-size", str(args.batch_size),
              "--max-length", str(args.max_length), "--eval-every", "0", "--checkpoint-every", "0",
-             "--no-zero-shot", "--no-progress", "--zo-dist", "gaussian", "--shard", shard, "--overwrite",
+             "--no-zero-shot", "--no-progress", "--zo-dist", args.zo_dist, "--shard", shard, "--overwrite",
              "--out", str(out)]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-addr",
               "127.0.0.1", "--master-port", str(free_port())] if world > 1 else [sys.executable]
@@ -55,7 +56,8 @@ def run_cell(args: argparse.Namespace, method: str, world: int, out: Path) -> di
     sent = results["communication"]["bytes_per_step"]
     peaks = results.get("peak_rss_mb_ranks") or [results["peak_rss_mb"]]
     train = results.get("train_peak_rss_mb_ranks") or [results["train_peak_rss_mb"]]
-    return {"method": method, "world": world, "shard": shard, "median_step_s": round(statistics.median(seconds), 3),
+    label = method if args.zo_dist == "gaussian" else f"{method} ({args.zo_dist})"
+    return {"method": label, "world": world, "shard": shard, "median_step_s": round(statistics.median(seconds), 3),
             "peak_rss_mb_ranks": peaks, "train_peak_rss_mb_ranks": train, "bytes_per_step": sent,
             "steps": len(seconds) + 1, "threads_per_rank": env["OMP_NUM_THREADS"]}
 
@@ -69,11 +71,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--methods", nargs="+", default=["zo-full", "hybrid"])
+    parser.add_argument("--zo-dist", default="gaussian", help="directions: gaussian (MeZO), rademacher or lowrank "
+                        "(rank 2, V held 50 steps: hyft's defaults)")
     parser.add_argument("--out", default="runs/bench-shard")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [run_cell(args, m, n, out / f"{m}-n{n}") for m in args.methods for n in args.worlds]
+    rows = [run_cell(args, m, n, out / f"{m}-{args.zo_dist}-n{n}") for m in args.methods for n in args.worlds]
     lines = ["| method | processes | sharding | median step (s) | peak RSS per rank, whole run (MB) | peak RSS per "
              "rank after set-up (MB) | sent per step per rank: ZO / FO / shard (bytes) |", "|---" * 7 + "|"]
     for r in rows:
