@@ -8,7 +8,8 @@ import torch
 
 from hyft.config import RunConfig
 from hyft.engine import zmath
-from hyft.engine.zo import ZOEngine
+from hyft.engine.zo import ZOEngine, select_params
+from hyft.errors import HyftError
 from hyft.methods import METHODS, Objective
 from hyft.methods.params import prepare
 from hyft.training.snapshots import BaseSnapshots, rebuild
@@ -160,3 +161,15 @@ def test_the_engine_refuses_an_unknown_rounding_or_stochastic_fp16(tokenizer):
     model, groups = prepare(tiny_model("llama", len(tokenizer)).half(), RunConfig(method="zo-full"))
     with pytest.raises(ValueError, match="not float16"):
         ZOEngine(model, groups.zo, "gaussian", rounding="stochastic")
+
+
+def test_a_residual_of_the_wrong_size_is_refused_in_one_line():
+    """A checkpoint whose residual does not cover the whole weight (an older sharded one kept rank 0's rows)."""
+    model = tiny_model("llama", 64).to(torch.bfloat16)
+    params = select_params(model)
+    engine = ZOEngine(model, params)
+    whole = engine.whole_residuals()
+    assert all(w is not None and w.shape == p.shape for w, (_, p) in zip(whole, params, strict=True))
+    engine.load_whole_residuals(whole)
+    with pytest.raises(HyftError, match="cannot be resumed"):
+        engine.load_whole_residuals([w.reshape(-1)[: w.numel() // 2] for w in whole])

@@ -141,6 +141,21 @@ def test_perturbations_never_write_the_weights_and_a_zero_step_changes_nothing(d
         assert torch.equal(p, before[name]), name
 
 
+def test_a_forward_that_raises_leaves_no_perturbed_vector_in_the_model():
+    """The vectors' perturbed values are swapped in for a forward; one that raises midway must not leave them."""
+    model = tiny_model("llama", 64)
+    params = select_params(model)
+    engine = LowRankEngine(model, params, rank=2, lazy=2, root=3, eps=EPS)
+    norm = model.model.layers[0].input_layernorm
+    stored = norm._parameters["weight"]
+    handle = norm.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("boom")))
+    engine.begin(0)
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), engine.perturbed(0, EPS):
+        model(torch.randint(0, 64, (2, 8)))
+    handle.remove()
+    assert norm._parameters["weight"] is stored
+
+
 def bf16_method(tokenizer, lazy: int):
     config = RunConfig(method="zo-full", zo_dist="lowrank", zo_rank=2, zo_lazy=lazy, lr_zo=1e-2, eps=1e-2,
                        loss="lm", dtype="bfloat16").validate()

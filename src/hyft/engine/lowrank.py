@@ -279,6 +279,9 @@ class LowRankEngine(EngineState):
             if not self._checked:
                 self._check_reached()
         finally:
+            for (module, attr), value in self._outside.items():  # a forward that raised left its vectors in
+                module._parameters[attr] = value
+            self._outside.clear()
             self._shift = outer
             self._refresh()
 

@@ -47,7 +47,9 @@ class SparseEngine(EngineState):
         self._whole = whole  # the whole mask (FSDP2: to gather the residuals)
         for (_, p), m in zip(params, whole, strict=True):
             piece, start = shards.local(p.detach())
-            lo, hi = (0, m.numel()) if piece.numel() == p.numel() else torch.searchsorted(  # masks are sorted
+            if piece.numel() != p.numel() and m.numel() > 1 and not bool((m[1:] > m[:-1]).all()):
+                raise HyftError("a sharded weight's ZO mask must be sorted (as hyft.engine.masks writes it)")
+            lo, hi = (0, m.numel()) if piece.numel() == p.numel() else torch.searchsorted(
                 m, torch.tensor([start, start + piece.numel()], device=m.device)).tolist()
             self.at.append(m[lo:hi])
             self.mask.append(m[lo:hi] - start if start else m[lo:hi])
@@ -95,6 +97,9 @@ class SparseEngine(EngineState):
         return shards.full_rows(rows.view(piece.shape), p).reshape(-1)[self._whole[i]]
 
     def _set_residual(self, i: int, r: Tensor, whole: Tensor) -> None:
+        if whole.numel() != self._whole[i].numel():
+            raise HyftError(f"the saved residual of {self.params[i][0]} has {whole.numel()} values, not the mask's "
+                            f"{self._whole[i].numel()}; this checkpoint cannot be resumed by this version")
         r.copy_(whole.reshape(-1)[self._before[i]:self._before[i] + r.numel()])
 
     def _true(self, i: int, values: Tensor) -> Tensor:

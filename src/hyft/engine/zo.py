@@ -126,7 +126,11 @@ class EngineState:
         return shards.full_rows(r, self.params[i][1])
 
     def _set_residual(self, i: int, r: Tensor, whole: Tensor) -> None:
-        r.view(-1).copy_(shards.slice_of(whole, self.params[i][1]))
+        name, p = self.params[i]
+        if whole.numel() != p.numel():  # e.g. a sharded checkpoint of an older hyft kept rank 0's rows only
+            raise HyftError(f"the saved residual of {name} has {whole.numel()} values, not the weight's {p.numel()}; "
+                            "this checkpoint cannot be resumed by this version")
+        r.view(-1).copy_(shards.slice_of(whole, p))
 
     @torch.no_grad()
     def load_state_tensors(self, tensors: Callable[[str], Tensor | None]) -> None:

@@ -193,8 +193,9 @@ class Trainer:
             state.extra["zero_shot_metrics"] = zero.metrics
             self.log(f"zero-shot test {zero.describe()} (n={len(splits.test)})")
         model, groups = prepare(model, c)
-        # the sparse-ZO mask is chosen on the whole model (sharded runs: before sharding) and read back by name
-        mask_path = self._zo_mask(model, tokenizer, groups, splits.train) if c.zo_mask and groups.zo else None
+        # the sparse-ZO mask is chosen on the whole model (sharded: before sharding) and read back by name
+        choose_mask = bool(c.zo_mask and groups.zo)
+        mask_path = self._zo_mask(model, tokenizer, groups, splits.train) if choose_mask and self.sharded else None
         if self.sharded:  # FSDP2 replaces every weight by a DTensor: the groups are taken again
             model = sharding.shard(model, comm, self.device)
             groups = split_groups(model, c.spec, c.zo_params)
@@ -205,6 +206,8 @@ class Trainer:
             self.on_main(lambda: self._auto_lr(model, groups, objective, splits.train))
             for key, value in comm.broadcast_object(c.to_dict()).items():  # rank 0's suggestions
                 setattr(c, key, value)
+        if choose_mask and mask_path is None:  # unsharded: after the rate probe, as before (its RNG draws come first)
+            mask_path = self._zo_mask(model, tokenizer, groups, splits.train)
         mask = masks.load(mask_path, groups.zo) if mask_path else None
         method: Method = c.spec.rule(model, groups, objective, c, total, mask, comm=comm)
         run = Run(model, tokenizer, splits, splits.dev[: c.eval_dev_examples], groups, method,
