@@ -25,7 +25,7 @@ from hyft.training.sharding import shard
 LOWRANK = {"zo_dist": "lowrank", "zo_rank": 2, "zo_lazy": 2}
 CASES = {
     "zo-full": {},
-    "hybrid": {},
+    "hybrid": {"zero_shot": True},  # sharded: evaluated after sharding, the fresh adapter switched off
     "zo-full-bf16": {"dtype": "bfloat16"},
     "zo-full-mask": {"zo_mask": "magnitude", "zo_density": 0.2},
     "zo-full-mask-bf16": {"zo_mask": "magnitude", "zo_density": 0.2, "dtype": "bfloat16"},  # residuals per mask
@@ -41,8 +41,8 @@ def config(model: str, case: str, shard_mode: str = "fsdp") -> RunConfig:
     settings = {"method": case.removesuffix("-bf16").removesuffix("-mask"), **CASES[case]}
     return RunConfig(model=model, task="sst2", num_train=24, num_dev=8, num_test=8, steps=5,
                      batch_size=4, eval_every=5, checkpoint_every=2, snapshot_every=2, lr_zo=1e-3,
-                     eps=0.1, zero_shot=False, shard=shard_mode,
-                     **{"zo_dist": "gaussian", "optimizer_fo": "sgd", "lr_fo": 0.05, **settings})
+                     eps=0.1, shard=shard_mode,
+                     **{"zo_dist": "gaussian", "optimizer_fo": "sgd", "lr_fo": 0.05, "zero_shot": False, **settings})
 
 
 def z_slices(model_dir: str, out: Path) -> None:

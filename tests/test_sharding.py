@@ -86,6 +86,8 @@ def test_a_sharded_run_matches_one_unsharded_process(method, sharded_runs, tiny_
     results = json.loads((two / "results.json").read_text())
     sent = results["communication"]["bytes_per_step"]
     assert sent["zo"] == 16 and sent["fo"] == 0 and sent["shard"] > 0  # ZO's own traffic: two float64 losses
+    mine = json.loads((one / "results.json").read_text())
+    assert results["zero_shot_test_accuracy"] == mine["zero_shot_test_accuracy"]  # None when not evaluated
     if method.startswith("hybrid"):
         adapter = load_file(two / "adapter" / "adapter_model.safetensors")  # gathered, loads in plain peft
         mine = load_file(one / "adapter" / "adapter_model.safetensors")

@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
@@ -64,6 +66,13 @@ def evaluate_task(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Ta
     return evaluate(model, tokenizer, examples, batch_size, normalize, max_length, progress, desc, comm)
 
 
+def _grad_free(model: nn.Module) -> AbstractContextManager:
+    """Inference mode, except for an FSDP2-sharded model: its first forward may be FSDP2's lazy set-up, whose
+    buffers must stay ordinary tensors for the training steps that follow (no_grad)."""
+    sharded = isinstance(next(model.parameters()), DTensor)
+    return torch.no_grad() if sharded else torch.inference_mode()
+
+
 def _by_length(examples: Sequence[Example], comm: Communicator) -> list[int]:
     order = sorted(range(len(examples)), key=lambda i: sum(len(c) + len(x) for c, x in examples[i].pairs()))
     return order[comm.rank::comm.world]
@@ -79,7 +88,7 @@ def evaluate_lm(model: nn.Module, tokenizer: PreTrainedTokenizerBase, examples: 
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
-    with torch.inference_mode(), tqdm(total=len(order), desc=desc, disable=not progress, leave=False) as bar:
+    with _grad_free(model), tqdm(total=len(order), desc=desc, disable=not progress, leave=False) as bar:
         for lo in range(0, len(order), batch_size):
             idx = order[lo: lo + batch_size]
             batch = encode(tokenizer, [examples[i] for i in idx], max_length, padding_for(model),
@@ -148,7 +157,7 @@ def evaluate(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    with torch.inference_mode(), tqdm(total=len(order), desc=desc, disable=not progress, leave=False) as bar:
+    with _grad_free(model), tqdm(total=len(order), desc=desc, disable=not progress, leave=False) as bar:
         for lo in range(0, len(order), batch_size):
             idx = order[lo : lo + batch_size]
             batch = encode(tokenizer, [examples[i] for i in idx], max_length, padding_for(model)).to(device)

@@ -11,6 +11,7 @@ uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -181,17 +182,14 @@ class Trainer:
         c, comm = self.config, self.comm
         torch.manual_seed(c.seed)  # the same on every rank: whatever the global RNG initialises is identical
         splits = self._splits()
-        model, tokenizer = load_model(c.model, c.dtype, self.device)
+        # sharded: the whole model stays in host memory; fully_shard moves each rank's rows to the device
+        model, tokenizer = load_model(c.model, c.dtype, "cpu" if self.sharded else self.device)
         if self.task.kind != "choice":
             self._note_truncation(tokenizer, splits.train)
         ckpt = self._read_checkpoint() if self.resume else None
         state = TrainState()
-        if ckpt is None and c.zero_shot:
-            zero = evaluate_task(model, tokenizer, self.task, splits.test, c.eval_batch_size, c.normalize,
-                                 c.max_length, self.progress, "zero-shot test", comm)
-            state.zero_shot = zero.accuracy  # the headline metric; every metric is in extra
-            state.extra["zero_shot_metrics"] = zero.metrics
-            self.log(f"zero-shot test {zero.describe()} (n={len(splits.test)})")
+        if ckpt is None and c.zero_shot and not self.sharded:
+            self._zero_shot(model, tokenizer, splits.test, state, comm)
         model, groups = prepare(model, c)
         # the sparse-ZO mask is chosen on the whole model (sharded: before sharding) and read back by name
         choose_mask = bool(c.zo_mask and groups.zo)
@@ -199,6 +197,9 @@ class Trainer:
         if self.sharded:  # FSDP2 replaces every weight by a DTensor: the groups are taken again
             model = sharding.shard(model, comm, self.device)
             groups = split_groups(model, c.spec, c.zo_params)
+            if ckpt is None and c.zero_shot:  # on the device, sharded, with the fresh adapter switched off
+                with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+                    self._zero_shot(model, tokenizer, splits.test, state, self.eval_comm)
         self.log(f"{c.method}: {groups.describe()}")
         total = c.steps if c.epochs is None else math.ceil(c.epochs * len(splits.train) / c.batch_size)
         objective = Objective(model, tokenizer, c, comm)
@@ -215,6 +216,14 @@ class Trainer:
                   direct_params(c, groups), total, state)
         self._start_or_resume(run, ckpt)
         return run
+
+    def _zero_shot(self, model: nn.Module, tokenizer, test: list, state: TrainState, comm: Communicator) -> None:
+        c = self.config
+        zero = evaluate_task(model, tokenizer, self.task, test, c.eval_batch_size, c.normalize, c.max_length,
+                             self.progress, "zero-shot test", comm)
+        state.zero_shot = zero.accuracy  # the headline metric; every metric is in extra
+        state.extra["zero_shot_metrics"] = zero.metrics
+        self.log(f"zero-shot test {zero.describe()} (n={len(test)})")
 
     def _note_truncation(self, tokenizer, examples: list) -> None:
         """Say once how many training examples are longer than ``max_length`` (their prompts lose their first
