@@ -13,9 +13,12 @@ from safetensors.torch import save_file
 from hyft.config import RunConfig
 from hyft.training.loop import Trainer
 
-# case -> RunConfig values; hybrid-lm: the LM loss on COPA's continuations, whose token counts differ by rank
+# case -> RunConfig values; hybrid-lm: the LM loss on COPA's continuations, whose token counts differ by rank;
+# zo-lm-mask: a sensitivity mask chosen by rank 0 alone with that loss (its token count is not all-reduced)
 CASES = {"hybrid": {"method": "hybrid"}, "zo-full": {"method": "zo-full"}, "fo-peft": {"method": "fo-peft"},
-         "hybrid-lm": {"method": "hybrid", "task": "copa", "loss": "lm"}}
+         "hybrid-lm": {"method": "hybrid", "task": "copa", "loss": "lm"},
+         "zo-lm-mask": {"method": "zo-full", "task": "copa", "loss": "lm", "zo_mask": "sensitivity",
+                        "zo_density": 0.25}}
 METHODS = tuple(CASES)
 
 

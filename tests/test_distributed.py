@@ -23,7 +23,7 @@ from hyft.engine.zo import canonical_name
 from hyft.errors import HyftError
 from hyft.rundir import read_jsonl
 from hyft.training.loop import Trainer
-from tests.dp_worker import METHODS, config
+from tests.dp_worker import CASES, METHODS, config
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 # float32 sums over 2 shards of 2 examples vs one batch of 4: the losses agree to rounding, and a ZO
@@ -110,7 +110,8 @@ def test_two_processes_match_one_and_replicas_are_bitwise_equal(method, two_proc
     assert sent["fo"] == (4 * n_fo + 8 if method == "fo-peft" else 4 * n_fo)
     # plus, once per run with a ZO group, the all-reduce that makes every rank agree on whether dropout is on
     # and, with the LM loss, a float64 count of the scored tokens per step
-    assert sent["control"] == round(4 + (4 / 6 if method != "fo-peft" else 0) + (8 if method == "hybrid-lm" else 0), 1)
+    lm = CASES[method].get("loss") == "lm"
+    assert sent["control"] == round(4 + (4 / 6 if method != "fo-peft" else 0) + (8 if lm else 0), 1)
     assert results["test_accuracy"] == json.loads((one / "results.json").read_text())["test_accuracy"]
 
 
