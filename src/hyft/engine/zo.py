@@ -105,14 +105,20 @@ class EngineState:
         extra state (:meth:`extra_tensors`)."""
         out = {}
         for i, ((name, p), r) in enumerate(zip(self.params, self.residuals, strict=True)):
-            out[canonical_name(name)] = shards.full(p.detach())
+            # FSDP2: each whole tensor goes to host memory as soon as it is gathered, so the device holds one
+            # whole tensor at a time, never the whole group
+            host = (lambda t: t.cpu()) if shards.is_sharded(p) else (lambda t: t)
+            out[canonical_name(name)] = host(shards.full(p.detach()))
             if r is not None:
-                out[canonical_name(name) + RESIDUAL] = self._full_residual(i, r)
+                out[canonical_name(name) + RESIDUAL] = host(self._full_residual(i, r))
         return {**out, **self.extra_tensors()}
 
     def whole_residuals(self) -> list[Tensor | None]:
-        """Every residual as an unsharded run keeps it (FSDP2: gathered, a collective every process calls)."""
-        return [None if r is None else self._full_residual(i, r) for i, r in enumerate(self.residuals)]
+        """Every residual as an unsharded run keeps it (FSDP2: gathered into host memory one at a time, a
+        collective every process calls)."""
+        return [None if r is None else
+                self._full_residual(i, r).cpu() if shards.is_sharded(self.params[i][1]) else self._full_residual(i, r)
+                for i, r in enumerate(self.residuals)]
 
     @torch.no_grad()
     def load_whole_residuals(self, saved: list[Tensor | None]) -> None:
