@@ -104,21 +104,22 @@ class EngineState:
         """The ZO tensors by canonical name, with their residuals (``NAME#residual``) where kept, and any
         extra state (:meth:`extra_tensors`)."""
         out = {}
-        for i, ((name, p), r) in enumerate(zip(self.params, self.residuals, strict=True)):
-            # FSDP2: each whole tensor goes to host memory as soon as it is gathered, so the device holds one
-            # whole tensor at a time, never the whole group
-            host = (lambda t: t.cpu()) if shards.is_sharded(p) else (lambda t: t)
-            out[canonical_name(name)] = host(shards.full(p.detach()))
+        for i, ((name, p), r) in enumerate(zip(self.params, self.whole_residuals(), strict=True)):
+            out[canonical_name(name)] = self._on_host(i, shards.full(p.detach()))
             if r is not None:
-                out[canonical_name(name) + RESIDUAL] = host(self._full_residual(i, r))
+                out[canonical_name(name) + RESIDUAL] = r
         return {**out, **self.extra_tensors()}
 
     def whole_residuals(self) -> list[Tensor | None]:
         """Every residual as an unsharded run keeps it (FSDP2: gathered into host memory one at a time, a
         collective every process calls)."""
-        return [None if r is None else
-                self._full_residual(i, r).cpu() if shards.is_sharded(self.params[i][1]) else self._full_residual(i, r)
+        return [None if r is None else self._on_host(i, self._full_residual(i, r))
                 for i, r in enumerate(self.residuals)]
+
+    def _on_host(self, i: int, whole: Tensor) -> Tensor:
+        """FSDP2: a tensor of parameter i gathered whole goes to host memory at once, so the device holds one
+        whole tensor at a time, never the whole group (unsharded: left where it is)."""
+        return whole.cpu() if shards.is_sharded(self.params[i][1]) else whole
 
     @torch.no_grad()
     def load_whole_residuals(self, saved: list[Tensor | None]) -> None:
