@@ -16,9 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hyft import cli
 from hyft.cli import main
 from hyft.config import RunConfig
-from hyft.distributed import Communicator, buckets, fingerprint
+from hyft.distributed import Communicator, PeerLost, buckets, fingerprint
 from hyft.engine.zo import canonical_name
 from hyft.errors import HyftError
 from hyft.rundir import read_jsonl
@@ -209,3 +210,22 @@ def test_buckets_and_fingerprints():
     assert fingerprint(a) == fingerprint(b)
     b[0].view(-1)[17] = torch.nextafter(b[0].view(-1)[17], torch.tensor(1e9))  # one ulp, one coordinate
     assert fingerprint(a) != fingerprint(b)
+
+
+def test_a_lost_peer_exits_2_at_once_without_tearing_down_the_broken_group(monkeypatch, capsys):
+    """A process group whose peer died cannot be torn down (gloo's threads may call std::terminate at the
+    interpreter's exit: SIGABRT, not exit 2, one run in ~12 before): the CLI prints one line and leaves."""
+    left: list[int] = []
+
+    def leave(code: int) -> None:
+        left.append(code)
+        raise SystemExit(code)
+
+    def lose(args) -> int:
+        raise PeerLost("rank 0 of 2: all-reduce (zo) failed, another process has died")
+
+    monkeypatch.setattr(cli, "cmd_tasks", lose)
+    monkeypatch.setattr(cli.os, "_exit", leave)
+    with pytest.raises(SystemExit):
+        cli.main(["tasks"])
+    assert left == [2] and capsys.readouterr().err.startswith("hyft: error: rank 0 of 2: all-reduce")

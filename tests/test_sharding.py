@@ -124,9 +124,9 @@ def test_a_killed_rank_resumes_sharded_on_two_processes_and_on_one(tiny_dir, tmp
     out = tmp_path / "run"
     ranks = start_ranks([*args, "--out", str(out)], out, rows=5)
     ranks[1].send_signal(signal.SIGKILL)
-    ranks[0].communicate(timeout=60)
+    _, err = ranks[0].communicate(timeout=60)
     ranks[1].wait()
-    assert ranks[0].returncode == 2 and not (out / "results.json").exists()
+    assert ranks[0].returncode == 2 and not (out / "results.json").exists(), err[-3000:]
     assert any(out.glob("checkpoint-shards-*")), "no sharded checkpoint was written"
     shutil.copytree(out, tmp_path / "one")
     for where, launch in ((out, torchrun), (tmp_path / "one", lambda *a: [sys.executable, *a])):

@@ -296,6 +296,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"hyft: {'error: ' if code == 2 else ''}{err}", file=sys.stderr)
+        if getattr(err, "group_broken", False):
+            # a process group whose peer died cannot be torn down: gloo's and NCCL's threads may call
+            # std::terminate while the interpreter exits (SIGABRT instead of this exit status), so leave now;
+            # the run directory is closed and its last checkpoint written
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
         return code
     except KeyboardInterrupt:
         print("hyft: interrupted", file=sys.stderr)

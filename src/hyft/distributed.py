@@ -31,7 +31,10 @@ DEFAULT_TIMEOUT_S = 1800
 
 
 class PeerLost(HyftError):
-    """A collective failed: another process died or stopped answering."""
+    """A collective failed: another process died or stopped answering. The process group is then broken, and
+    the process should exit without tearing it down (``hyft``'s command line does)."""
+
+    group_broken = True
 
 
 class Communicator:
