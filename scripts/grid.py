@@ -312,6 +312,7 @@ def render(grid: dict[str, Any]) -> str:
                   "ZO-trained weights, rebuilt from each run's log):", "", "| task | method | seed | movement |",
                   "|---|---|---|---|"]
         lines += [f"| {r['task']} | {r['label']} | {r['seed']} | {r['base_movement']:.2e} |" for r in moved]
+    lines += separations(records, grid)
     sweeps = [r for r in results.values() if r.get("sweep") and not r.get("reused")]
     lines += ["", f"Dev sweeps (seed 0; the best dev {m} picks the values the cells use):", "",
               "| sweep | values | best dev | test |", "|---|---|---|---|"]
@@ -413,6 +414,51 @@ def paired(records: list[dict[str, Any]], grid: dict[str, Any], bar: dict[tuple[
                        f"not reached (0/{len(ratios)})" if ratios else "not run")
             lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+MIN_EVALS_APART = 2  # a separation must hold over at least this many evaluations
+
+
+def separation(mine: list[list[float]], ref: list[list[float]], margin: float,
+               direction: float = 1.0) -> tuple[float, str] | None:
+    """(step, "above" or "below"): the first evaluated step from which ``mine``'s dev score stays more than
+    ``margin`` better (or worse) than ``ref``'s at every later evaluation both made, for at least ``runs``
+    evaluations (one last evaluation alone is not a separation); None when it never does."""
+    ref_at = {step: score for step, score, _ in ref}
+    gaps = [(step, direction * (score - ref_at[step])) for step, score, _ in mine if step in ref_at]
+    for side, word in ((1.0, "above"), (-1.0, "below")):
+        start, count = None, 0
+        for step, gap in gaps:  # the last run of evaluations beyond the margin on this side
+            beyond = side * gap > margin + 1e-9  # a gap of exactly the margin is inside it
+            start, count = ((step if start is None else start), count + 1) if beyond else (None, 0)
+        if start is not None and count >= MIN_EVALS_APART:
+            return start, word
+    return None
+
+
+def separations(records: list[dict[str, Any]], grid: dict[str, Any]) -> list[str]:
+    """When each method's dev curve leaves the reference's for good (same task and seed), by the margin."""
+    if not grid.get("separation"):  # asked for by the grid file (issue #27's long study)
+        return []
+    ref, margin, d = grid["reference"], float(grid.get("margin", 0.02)), sign(grid_metric(grid))
+    by = {(r["task"], r["label"], r["seed"]): r for r in records}
+    rows = []
+    for (task, label, seed), r in by.items():
+        if label == ref or (task, ref, seed) not in by:
+            continue
+        other = by[task, ref, seed]["curve"]
+        found = separation(r["curve"], other, margin, d)
+        last = d * (r["curve"][-1][1] - other[-1][1]) if r["curve"] and other else float("nan")
+        when = f"step {found[0]:.0f}, {found[1]}" if found else "never"
+        rows.append(f"| {task} | {label} | {seed} | {when} | {last:+.3f} |")
+    if not rows:
+        return []
+    return ["", f"When each method separates from {ref} on dev (same task and seed): the first evaluated step "
+            f"from which its dev {grid_metric(grid)} stays more than the margin ±{margin:g} above (or below) "
+            f"{ref}'s at every later evaluation, at least {MIN_EVALS_APART} evaluations in all; *never* when no "
+            "such step exists. The last column is the gap "
+            "at the final evaluation (positive: better).", "",
+            "| task | method | seed | separates | final dev gap |", "|---|---|---|---|---|", *rows]
 
 
 def plot_curves(records: list[dict[str, Any]], labels: list[str], path: Path, task: str,

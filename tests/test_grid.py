@@ -179,3 +179,31 @@ def test_a_loss_metric_is_minimised_in_sweeps_and_bars(tmp_path):
             if line.startswith("| alpaca")}
     assert main["hy"][5] == "20 (1/1 reached)" and main["fo"][5] == "40 (1/1 reached)"  # 1.5 ≤ 1.6 at step 20
     assert "test loss (mean" in text and "at or below" in text
+
+
+def test_a_method_separates_from_the_reference_only_when_its_dev_curve_stays_beyond_the_margin(tmp_path):
+    """The first step from which the gap stays beyond the margin to the end: a gap that closes again does
+    not count, a loss separates the other way, and curves pair by step."""
+    import json
+
+    g = grid_module
+    ref = [[k, 0.80, k] for k in (250, 500, 750, 1000)]
+    assert g.separation([[250, 0.85, 1], [500, 0.81, 2], [750, 0.83, 3], [1000, 0.84, 4]], ref, 0.02) \
+        == (750, "above")  # 250 was beyond the margin, but 500 came back inside it
+    assert g.separation([[250, 0.85, 1], [500, 0.85, 2], [750, 0.85, 3], [1000, 0.81, 4]], ref, 0.02) is None
+    # one last evaluation beyond the margin is not a separation; a gap of exactly the margin is inside it
+    assert g.separation([[250, 0.80, 1], [500, 0.80, 2], [750, 0.80, 3], [1000, 0.90, 4]], ref, 0.02) is None
+    assert g.separation([[250, 0.78, 1], [500, 0.78, 2], [750, 0.78, 3], [1000, 0.78, 4]], ref, 0.02) is None
+    assert g.separation([[250, 0.70, 1], [500, 0.75, 2], [750, 0.77, 3], [1000, 0.77, 4]], ref, 0.02) \
+        == (250, "below")
+    assert g.separation([[500, 0.9, 1], [1000, 0.9, 2], [1250, 0.5, 3]], ref, 0.02) == (500, "above")  # 1250: no pair
+    assert g.separation([[250, 1.0, 1], [500, 1.0, 2]], [[250, 1.1, 1], [500, 1.1, 2]], 0.02, direction=-1.0) \
+        == (250, "above")  # a lower loss is better
+    grid = {"out": str(tmp_path / "runs"), "results": str(tmp_path / "r.jsonl"), "figures": str(tmp_path),
+            "reference": "fo", "margin": 0.02, "separation": True, "base": {},
+            "cells": {c: {"label": c, "method": "fo-peft", "tasks": ["sst2"], "seeds": [0]} for c in ("fo", "hy")}}
+    rows = [{"name": f"sst2-{c}-s0", "seed": 0, "task": "sst2", "label": c, "test_accuracy": 0.8, "curve": curve,
+             "best_dev_accuracy": 0.9, "median_step_seconds": 1.0, "peak_rss_mb": 1.0}
+            for c, curve in (("fo", ref), ("hy", [[k, 0.80 + k / 10_000, k] for k, *_ in ref]))]
+    Path(grid["results"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "| sst2 | hy | 0 | step 250, above | +0.100 |" in g.render(grid)  # gaps 0.025, 0.05, ...: from 250
