@@ -7,8 +7,8 @@
         --max-length 32 --out runs/bench-shard-1b
 
 Each cell is a short real run (SST-2, a few steps, no dev evaluation until the end); step time is the median
-of its steps after the first. Peak RSS is given for the whole process and from the end of set-up on (loading,
-sharding), per rank; bytes per step are the run's totals over its steps (its start and final evaluation
+of its steps after the first. Peak RSS is given for the whole process, for set-up (loading, sharding) and
+from the end of set-up on, per rank; bytes per step are the run's totals over its steps (its start and final evaluation
 included). Prints a markdown table and writes it with the raw numbers to OUT/table.md and
 OUT/rows.json. Seconds compare only within one host and one invocation.
 """
@@ -56,9 +56,11 @@ def run_cell(args: argparse.Namespace, method: str, world: int, out: Path) -> di
     sent = results["communication"]["bytes_per_step"]
     peaks = results.get("peak_rss_mb_ranks") or [results["peak_rss_mb"]]
     train = results.get("train_peak_rss_mb_ranks") or [results["train_peak_rss_mb"]]
+    setup = results.get("setup_peak_rss_mb_ranks") or [results.get("setup_peak_rss_mb")]
     label = method if args.zo_dist == "gaussian" else f"{method} ({args.zo_dist})"
     return {"method": label, "world": world, "shard": shard, "median_step_s": round(statistics.median(seconds), 3),
-            "peak_rss_mb_ranks": peaks, "train_peak_rss_mb_ranks": train, "bytes_per_step": sent,
+            "peak_rss_mb_ranks": peaks, "setup_peak_rss_mb_ranks": setup, "train_peak_rss_mb_ranks": train,
+            "bytes_per_step": sent,
             "steps": len(seconds) + 1, "threads_per_rank": env["OMP_NUM_THREADS"]}
 
 
@@ -79,11 +81,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows = [run_cell(args, m, n, out / f"{m}-{args.zo_dist}-n{n}") for m in args.methods for n in args.worlds]
     lines = ["| method | processes | sharding | median step (s) | peak RSS per rank, whole run (MB) | peak RSS per "
-             "rank after set-up (MB) | sent per step per rank: ZO / FO / shard (bytes) |", "|---" * 7 + "|"]
+             "rank in set-up (MB) | peak RSS per rank after set-up (MB) | sent per step per rank: ZO / FO / shard "
+             "(bytes) |", "|---" * 8 + "|"]
     for r in rows:
         b = r["bytes_per_step"]
         lines.append(f"| {r['method']} | {r['world']} | {r['shard']} | {r['median_step_s']} | "
                      f"{' / '.join(f'{m:,.0f}' for m in r['peak_rss_mb_ranks'])} | "
+                     f"{' / '.join('—' if m is None else f'{m:,.0f}' for m in r['setup_peak_rss_mb_ranks'])} | "
                      f"{' / '.join(f'{m:,.0f}' for m in r['train_peak_rss_mb_ranks'])} | "
                      f"{b['zo']:,.0f} / {b['fo']:,.0f} / {b.get('shard', 0):,.0f} |")
     table = "\n".join(lines)

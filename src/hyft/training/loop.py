@@ -391,6 +391,7 @@ class Trainer:
             peaks = comm.all_gather_object(self._peaks())
             state.extra["peak_rss_mb_ranks"] = [p["peak_rss_mb"] for p in peaks]
             state.extra["train_peak_rss_mb_ranks"] = [p["train_peak_rss_mb"] for p in peaks]
+            state.extra["setup_peak_rss_mb_ranks"] = [p["setup_peak_rss_mb"] for p in peaks]
         saving = c.uses_peft or c.spec.fo_on_base
         whole = None  # sharded: what save_pretrained writes, gathered (φ alone for a peft model)
         if self.sharded and c.uses_peft:
@@ -432,11 +433,12 @@ class Trainer:
         }
 
     def _peaks(self) -> dict[str, float | None]:
-        """Peak RSS of the whole process, and of training (from the end of set-up: evaluation and saving
-        included) when the peak could be reset there."""
+        """Peak RSS of the whole process, of set-up (loading, sharding) and of training (from the end of set-up:
+        evaluation and saving included), the last two when the peak could be reset between them."""
         now = round(peak_memory_mb(torch.device("cpu")), 1)
         setup = getattr(self, "_setup_peak", None)
         return {"peak_rss_mb": max(now, round(setup, 1)) if setup is not None else now,
+                "setup_peak_rss_mb": round(setup, 1) if setup is not None else None,
                 "train_peak_rss_mb": now if setup is not None else None}
 
     def _metric_results(self, state: TrainState, test: EvalResult, best: Snapshot) -> dict[str, Any]:
