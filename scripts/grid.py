@@ -422,8 +422,9 @@ MIN_EVALS_APART = 2  # a separation must hold over at least this many evaluation
 def separation(mine: list[list[float]], ref: list[list[float]], margin: float,
                direction: float = 1.0) -> tuple[float, str] | None:
     """(step, "above" or "below"): the first evaluated step from which ``mine``'s dev score stays more than
-    ``margin`` better (or worse) than ``ref``'s at every later evaluation both made, for at least ``runs``
-    evaluations (one last evaluation alone is not a separation); None when it never does."""
+    ``margin`` better (or worse) than ``ref``'s at every later evaluation both made, over at least
+    ``MIN_EVALS_APART`` evaluations (one last evaluation alone is not a separation); None when it never does.
+    "above" is better: a higher accuracy, or a lower loss (``direction`` −1)."""
     ref_at = {step: score for step, score, _ in ref}
     gaps = [(step, direction * (score - ref_at[step])) for step, score, _ in mine if step in ref_at]
     for side, word in ((1.0, "above"), (-1.0, "below")):
@@ -448,7 +449,9 @@ def separations(records: list[dict[str, Any]], grid: dict[str, Any]) -> list[str
             continue
         other = by[task, ref, seed]["curve"]
         found = separation(r["curve"], other, margin, d)
-        last = d * (r["curve"][-1][1] - other[-1][1]) if r["curve"] and other else float("nan")
+        ref_at = {step: score for step, score, _ in other}
+        common = [(step, score) for step, score, _ in r["curve"] if step in ref_at]
+        last = d * (common[-1][1] - ref_at[common[-1][0]]) if common else float("nan")
         when = f"step {found[0]:.0f}, {found[1]}" if found else "never"
         rows.append(f"| {task} | {label} | {seed} | {when} | {last:+.3f} |")
     if not rows:
@@ -456,8 +459,8 @@ def separations(records: list[dict[str, Any]], grid: dict[str, Any]) -> list[str
     return ["", f"When each method separates from {ref} on dev (same task and seed): the first evaluated step "
             f"from which its dev {grid_metric(grid)} stays more than the margin ±{margin:g} above (or below) "
             f"{ref}'s at every later evaluation, at least {MIN_EVALS_APART} evaluations in all; *never* when no "
-            "such step exists. The last column is the gap "
-            "at the final evaluation (positive: better).", "",
+            "such step exists; *above* means better (for a loss, lower). The last column is the gap "
+            "at the last evaluation both made (positive: better).", "",
             "| task | method | seed | separates | final dev gap |", "|---|---|---|---|---|", *rows]
 
 

@@ -226,6 +226,14 @@ def test_a_lost_peer_exits_2_at_once_without_tearing_down_the_broken_group(monke
 
     monkeypatch.setattr(cli, "cmd_tasks", lose)
     monkeypatch.setattr(cli.os, "_exit", leave)
+    assert cli.main(["tasks"]) == 2 and not left  # no group of several processes: an ordinary error
+    monkeypatch.setattr(cli, "_peers", lambda: 2)
     with pytest.raises(SystemExit):
         cli.main(["tasks"])
-    assert left == [2] and capsys.readouterr().err.startswith("hyft: error: rank 0 of 2: all-reduce")
+    assert left == [2] and capsys.readouterr().err.count("hyft: error: rank 0 of 2: all-reduce") == 2
+
+    def fail(args) -> int:
+        raise HyftError("a bad config value")
+
+    monkeypatch.setattr(cli, "cmd_tasks", fail)
+    assert cli.main(["tasks"]) == 2 and left == [2]  # any other error returns, even in a group

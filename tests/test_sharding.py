@@ -21,6 +21,7 @@ from hyft.rundir import read_jsonl
 from hyft.training.loop import Trainer
 from tests.fsdp_worker import CASES, config
 from tests.test_distributed import ENV, run_worker, start_ranks, torchrun
+from tests.test_resume import in_process
 
 REL = 1e-6  # losses: 2 shards' mean against one batch's, in float32
 # a coefficient (L+ − L−)/2ε carries each loss's float32 rounding (a few ulps of L) divided by 2ε; the
@@ -131,8 +132,12 @@ def test_a_killed_rank_resumes_sharded_on_two_processes_and_on_one(tiny_dir, tmp
     # the 2-process resume runs under torchrun while this process resumes the copy as one process
     two = subprocess.Popen(torchrun("-m", "hyft", "train", "--resume", str(out), "--no-progress"),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    assert main(["train", "--resume", str(tmp_path / "one"), "--no-progress"]) == 0
-    _, err = two.communicate(timeout=600)
+    try:
+        in_process(["train", "--resume", str(tmp_path / "one"), "--no-progress"])  # one thread, like the ranks
+        _, err = two.communicate(timeout=600)
+    finally:
+        two.kill()
+        two.wait()
     assert two.returncode == 0, err[-3000:]
     for where in (out, tmp_path / "one"):
         rows, expected = read_jsonl(where / "metrics.jsonl"), read_jsonl(ref / "metrics.jsonl")

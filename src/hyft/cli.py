@@ -286,6 +286,12 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _peers() -> int:
+    """The size of this process's torch.distributed group (1 when there is none)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist.get_world_size() if dist is not None and dist.is_available() and dist.is_initialized() else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -296,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"hyft: {'error: ' if code == 2 else ''}{err}", file=sys.stderr)
-        if getattr(err, "group_broken", False):
+        if getattr(err, "group_broken", False) and _peers() > 1:
             # a process group whose peer died cannot be torn down: gloo's and NCCL's threads may call
             # std::terminate while the interpreter exits (SIGABRT instead of this exit status), so leave now;
             # the run directory is closed and its last checkpoint written
