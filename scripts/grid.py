@@ -314,11 +314,17 @@ def render(grid: dict[str, Any]) -> str:
         lines += [f"| {r['task']} | {r['label']} | {r['seed']} | {r['base_movement']:.2e} |" for r in moved]
     lines += separations(records, grid)
     sweeps = [r for r in results.values() if r.get("sweep") and not r.get("reused")]
-    lines += ["", f"Dev sweeps (seed 0; the best dev {m} picks the values the cells use):", "",
-              "| sweep | values | best dev | test |", "|---|---|---|---|"]
+    lines += ["", f"Dev sweeps (seed 0; the best dev {m} picks the values the cells use, once every value of "
+              "its sweep has run):", "", "| sweep | values | best dev | test | picked |", "|---|---|---|---|---|"]
+    picks = {name: best_of(name, grid, results) for name in grid.get("sweeps", {})}
+
+    def picked(r: dict[str, Any]) -> str:
+        pick = picks.get(r["sweep"])
+        return "(sweep unfinished)" if pick is None else "yes" if pick == r["chosen"] else ""
+
     lines += [f"| {r['sweep']} | {', '.join(f'{k}={value_tag(v)}' for k, v in r['chosen'].items())} | "
               + (f"{r[f'best_dev_{m}']:.3f} | {r[f'test_{m}']:.3f} |" if not r.get("failed")
-                 else f"failed (exit {r['exit_code']}) | — |") for r in sweeps]
+                 else f"failed (exit {r['exit_code']}) | — |") + f" {picked(r)} |" for r in sweeps]
     if failed:
         lines += ["", f"Failed cells ({len(failed)}): {', '.join(failed)}"]
     pending = [r for r in sweep_runs(grid, results) + cell_runs(grid, results) if r["name"] not in results]

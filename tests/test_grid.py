@@ -207,3 +207,23 @@ def test_a_method_separates_from_the_reference_only_when_its_dev_curve_stays_bey
             for c, curve in (("fo", ref), ("hy", [[k, 0.80 + k / 10_000, k] for k, *_ in ref]))]
     Path(grid["results"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert "| sst2 | hy | 0 | step 250, above | +0.100 |" in g.render(grid)  # gaps 0.025, 0.05, ...: from 250
+
+
+def test_the_sweep_table_marks_the_pick_only_once_its_sweep_has_finished(tmp_path):
+    """A sweep's best-so-far is not yet its pick: the value still to run may win (the long study's zo-lowrank
+    sweep was extended when its top value won)."""
+    import json
+
+    g = grid_module
+    grid = {**GRID, "out": str(tmp_path / "runs"), "results": str(tmp_path / "r.jsonl"), "figures": str(tmp_path),
+            "reference": "hybrid"}
+
+    def sweep_record(name, sweep, chosen, dev):
+        return {"name": name, "sweep": sweep, "chosen": chosen, "best_dev_accuracy": dev, "test_accuracy": dev}
+
+    rows = [sweep_record("sweep-fo-lr_fo0.001", "fo", {"lr_fo": 1e-3}, 0.7),
+            sweep_record("sweep-fo-lr_fo0.003", "fo", {"lr_fo": 3e-3}, 0.8),
+            sweep_record("sweep-hy-lr_zo1e-06", "hy", {"lr_zo": 1e-6}, 0.9)]
+    Path(grid["results"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = g.render(grid).split("Dev sweeps")[1].split("\n\n")[1].splitlines()[2:]
+    assert [line.rsplit(" | ", 1)[1] for line in table] == [" |", "yes |", "(sweep unfinished) |"]
