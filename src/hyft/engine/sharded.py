@@ -27,21 +27,14 @@ from hyft.engine.zo import ZOEngine, direction_seed
 
 
 class ShardedEngine(ZOEngine):
-    """:class:`ZOEngine`'s interface on the local rows of DTensor weights (whole tensors pass through)."""
+    """:class:`ZOEngine`'s interface on the local rows of DTensor weights (whole tensors pass through). It
+    shares ZOEngine's update rule and its state (``_init_update_rule``), not the hooks that stream whole
+    weights, so it does not run ``ZOEngine.__init__``."""
 
     def __init__(self, params: list[tuple[str, nn.Parameter]], dist: str = "gaussian", eps: float | None = None,
                  two_sided: bool = True, compensate: bool = True, rounding: str = "nearest"):
-        noise.check_dist(dist)
-        if rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"unknown rounding {rounding!r}; choose nearest or stochastic")
-        self.dist, self.params, self.rounding = dist, params, rounding
-        self.applied = zmath.Applied(eps, two_sided) if eps is not None else None
-        self.residuals: list[Tensor | None] = [
-            torch.zeros_like(piece, memory_format=torch.contiguous_format)
-            if compensate and rounding == "nearest" and p.dtype not in noise.FULL_PRECISION else None
-            for (_, p), (piece, _) in zip(params, self.views, strict=True)
-        ]
-        self._pending = None
+        self.params = params  # views reads it
+        self._init_update_rule(params, dist, eps, two_sided, compensate, rounding, [piece for piece, _ in self.views])
         self._checked = True
 
     @property

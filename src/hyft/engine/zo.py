@@ -167,21 +167,8 @@ class ZOEngine(EngineState):
     def __init__(self, model: nn.Module, params: list[tuple[str, nn.Parameter]], dist: str = "gaussian",
                  eps: float | None = None, two_sided: bool = True, compensate: bool = True,
                  rounding: str = "nearest"):
-        noise.check_dist(dist)
-        if rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"unknown rounding {rounding!r}; choose nearest or stochastic")
-        if rounding == "stochastic" and any(p.dtype == torch.float16 for _, p in params):
-            raise ValueError("stochastic rounding is for bfloat16 (or float32) weights, not float16")
-        self.rounding = rounding
+        self._init_update_rule(params, dist, eps, two_sided, compensate, rounding, [p for _, p in params])
         refuse_outside_readers(model, params)
-        self.dist = dist
-        self.params = params
-        self.applied = zmath.Applied(eps, two_sided) if eps is not None else None
-        self.residuals: list[Tensor | None] = [
-            torch.zeros_like(p, memory_format=torch.contiguous_format)
-            if compensate and rounding == "nearest" and p.dtype not in noise.FULL_PRECISION else None
-            for _, p in params
-        ]
         index = {id(p): i for i, (_, p) in enumerate(params)}
         # module -> [(attribute name, parameter index)] for the ZO parameters it owns directly
         self.owners: dict[nn.Module, list[tuple[str, int]]] = {}
@@ -198,7 +185,6 @@ class ZOEngine(EngineState):
         if strided:
             raise HyftError(f"ZO parameters must be contiguous: {', '.join(strided[:3])}")
         self._checked = False  # whether a perturbed pass has shown that every parameter is reached
-        self._pending: tuple[int, tuple[float, ...]] | None = None  # (seed, shifts) applied by shift_
         # embeddings and linear layers are streamed by row blocks when their weight is tied (two users)
         # or larger than the lookahead budget: no temporary is ever bigger than one block of rows
         shared = {i for i, n in enumerate(uses) if n > 1}
@@ -217,6 +203,24 @@ class ZOEngine(EngineState):
         self.shared = shared
         self.order = [m for m in self.owners if m not in self.streamed]
         self.position = {m: j for j, m in enumerate(self.order)}
+
+    def _init_update_rule(self, params: list[tuple[str, nn.Parameter]], dist: str, eps: float | None,
+                          two_sided: bool, compensate: bool, rounding: str, pieces: list[Tensor]) -> None:
+        """The state :meth:`shift_` and :meth:`update` read, checked once for this class and the sharded engine
+        (whose residuals cover only its rows: ``pieces`` are the tensors the residuals are shaped like)."""
+        noise.check_dist(dist)
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"unknown rounding {rounding!r}; choose nearest or stochastic")
+        if rounding == "stochastic" and any(p.dtype == torch.float16 for _, p in params):
+            raise ValueError("stochastic rounding is for bfloat16 (or float32) weights, not float16")
+        self.dist, self.params, self.rounding = dist, params, rounding
+        self.applied = zmath.Applied(eps, two_sided) if eps is not None else None
+        self.residuals: list[Tensor | None] = [
+            torch.zeros_like(piece, memory_format=torch.contiguous_format)
+            if compensate and rounding == "nearest" and p.dtype not in noise.FULL_PRECISION else None
+            for (_, p), piece in zip(params, pieces, strict=True)
+        ]
+        self._pending: tuple[int, tuple[float, ...]] | None = None  # (seed, shifts) applied by shift_
 
     @property
     def numel(self) -> int:
