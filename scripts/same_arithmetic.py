@@ -37,8 +37,10 @@ CELLS = (
     "copa-hybrid-new-s0",
     "cb-hybrid-s0",
     "sweep-zo-lowrank-lr_zo1e-05",  # the long study's low-rank directions (issue #27)
+    "sweep-hybrid-lowrank-lr_zo1e-06",  # and its fused low-rank hybrid
 )
-EXTRA = {"sweep-zo-lowrank-lr_zo1e-05": "--zo-lazy 3"}  # V redrawn within the short run: folds happen
+# V redrawn within the short run: folds happen
+EXTRA = {"sweep-zo-lowrank-lr_zo1e-05": "--zo-lazy 3", "sweep-hybrid-lowrank-lr_zo1e-06": "--zo-lazy 3"}
 SHORT = "--batch-size 8 --eval-every {half} --eval-dev-examples 60 --num-test 60 --checkpoint-every 0"
 FIELDS = ("loss", "zo_coef", "dev_accuracy")
 
