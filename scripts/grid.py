@@ -316,11 +316,17 @@ def render(grid: dict[str, Any]) -> str:
     sweeps = [r for r in results.values() if r.get("sweep") and not r.get("reused")]
     lines += ["", f"Dev sweeps (seed 0; the best dev {m} picks the values the cells use, once every value of "
               "its sweep has run):", "", "| sweep | values | best dev | test | picked |", "|---|---|---|---|---|"]
-    picks = {name: best_of(name, grid, results) for name in grid.get("sweeps", {})}
+    sweep_defs = grid.get("sweeps", {})
+    picks = {name: None if any(x["config"] is None for x in sweep_runs(grid, results, only=name))
+             else best_of(name, grid, results) for name in sweep_defs}  # None: a sweep it is tuned on is unfinished
 
     def picked(r: dict[str, Any]) -> str:
-        pick = picks.get(r["sweep"])
-        return "(sweep unfinished)" if pick is None else "yes" if pick == r["chosen"] else ""
+        if r["sweep"] not in sweep_defs:
+            return "(not in the grid)"
+        pick = picks[r["sweep"]]
+        own = sweep_defs[r["sweep"]]["grid"]  # the sweep's own values (a record also keeps the tuned ones)
+        return "(sweep unfinished)" if pick is None else "yes" if all(
+            r["chosen"].get(k) == pick[k] for k in own) else ""
 
     lines += [f"| {r['sweep']} | {', '.join(f'{k}={value_tag(v)}' for k, v in r['chosen'].items())} | "
               + (f"{r[f'best_dev_{m}']:.3f} | {r[f'test_{m}']:.3f} |" if not r.get("failed")

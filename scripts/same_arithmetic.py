@@ -26,8 +26,9 @@ from hyft.rundir import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = (ROOT / "docs" / "study" / "results.jsonl", ROOT / "docs" / "long" / "results.jsonl")
-# Recorded study cells, one per method, and the other tasks' scoring paths (COPA: two continuations on
-# their own tokens; CB: three candidates); each runs its recorded command with SHORT's flags after it.
+# Recorded study cells, one per method, the other tasks' scoring paths (COPA: two continuations on their
+# own tokens; CB: three candidates) and the long study's low-rank sweeps (zo-full and the fused hybrid);
+# each runs its recorded command with SHORT's flags after it.
 CELLS = (
     "sst2-fo-peft-s0",
     "sst2-fo-full-s0",

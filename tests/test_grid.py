@@ -223,7 +223,16 @@ def test_the_sweep_table_marks_the_pick_only_once_its_sweep_has_finished(tmp_pat
 
     rows = [sweep_record("sweep-fo-lr_fo0.001", "fo", {"lr_fo": 1e-3}, 0.7),
             sweep_record("sweep-fo-lr_fo0.003", "fo", {"lr_fo": 3e-3}, 0.8),
-            sweep_record("sweep-hy-lr_zo1e-06", "hy", {"lr_zo": 1e-6}, 0.9)]
-    Path(grid["results"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table = g.render(grid).split("Dev sweeps")[1].split("\n\n")[1].splitlines()[2:]
-    assert [line.rsplit(" | ", 1)[1] for line in table] == [" |", "yes |", "(sweep unfinished) |"]
+            sweep_record("sweep-hy-lr_zo1e-06", "hy", {"lr_fo": 3e-3, "lr_zo": 1e-6}, 0.9)]
+
+    def picked() -> list[str]:
+        Path(grid["results"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        table = g.render(grid).split("Dev sweeps")[1].split("\n\n")[1].splitlines()[2:]
+        return [line.rsplit(" | ", 1)[1].removesuffix(" |") for line in table]
+
+    assert picked() == ["", "yes", "(sweep unfinished)"]
+    rows.append(sweep_record("sweep-hy-lr_zo1e-05", "hy", {"lr_fo": 3e-3, "lr_zo": 1e-5}, 0.95))
+    assert picked() == ["", "yes", "", "yes"]
+    # fo's grid extended: its pick may change, and so may hy's (tuned on fo), though every hy value has run
+    grid["sweeps"] = {**grid["sweeps"], "fo": {**grid["sweeps"]["fo"], "grid": {"lr_fo": [1e-3, 3e-3, 1e-2]}}}
+    assert picked() == ["(sweep unfinished)"] * 4

@@ -206,8 +206,9 @@ class ZOEngine(EngineState):
 
     def _init_update_rule(self, params: list[tuple[str, nn.Parameter]], dist: str, eps: float | None,
                           two_sided: bool, compensate: bool, rounding: str, pieces: list[Tensor]) -> None:
-        """The state :meth:`shift_` and :meth:`update` read, checked once for this class and the sharded engine
-        (whose residuals cover only its rows: ``pieces`` are the tensors the residuals are shaped like)."""
+        """The state the update rule reads (directions, shifts, updates, snapshots), checked once for this class
+        and the sharded engine (whose residuals cover only its rows: ``pieces`` are the tensors the residuals
+        are shaped like)."""
         noise.check_dist(dist)
         if rounding not in ("nearest", "stochastic"):
             raise ValueError(f"unknown rounding {rounding!r}; choose nearest or stochastic")
