@@ -92,9 +92,10 @@ def tuned_values(names: str | list[str] | None, grid: dict[str, Any], results: d
 
 def best_of(sweep: str, grid: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """The chosen values of the sweep's run with the best dev score (the grid's metric; ties: the earlier in
-    grid order; a failed run counts as the worst), or None while any of its runs is unfinished."""
+    grid order; a failed run counts as the worst), or None while any of its runs, or a sweep it is tuned on
+    (its runs' config is None then), is unfinished."""
     runs = sweep_runs(grid, results, only=sweep)
-    if any(r["name"] not in results for r in runs):
+    if any(r["name"] not in results or r["config"] is None for r in runs):
         return None
     m = grid_metric(grid)
 
@@ -317,8 +318,7 @@ def render(grid: dict[str, Any]) -> str:
     lines += ["", f"Dev sweeps (seed 0; the best dev {m} picks the values the cells use, once every value of "
               "its sweep has run):", "", "| sweep | values | best dev | test | picked |", "|---|---|---|---|---|"]
     sweep_defs = grid.get("sweeps", {})
-    picks = {name: None if any(x["config"] is None for x in sweep_runs(grid, results, only=name))
-             else best_of(name, grid, results) for name in sweep_defs}  # None: a sweep it is tuned on is unfinished
+    picks = {name: best_of(name, grid, results) for name in sweep_defs}
 
     def picked(r: dict[str, Any]) -> str:
         if r["sweep"] not in sweep_defs:

@@ -236,3 +236,4 @@ def test_the_sweep_table_marks_the_pick_only_once_its_sweep_has_finished(tmp_pat
     # fo's grid extended: its pick may change, and so may hy's (tuned on fo), though every hy value has run
     grid["sweeps"] = {**grid["sweeps"], "fo": {**grid["sweeps"]["fo"], "grid": {"lr_fo": [1e-3, 3e-3, 1e-2]}}}
     assert picked() == ["(sweep unfinished)"] * 4
+    assert g.best_of("hy", grid, g.load_results(Path(grid["results"]))) is None  # so a cell tuned on hy waits
