@@ -5,6 +5,8 @@
                                                         # written into the README between its markers
     python scripts/grid.py list configs/study.yaml      # every run and its command, in run order
     touch runs/study/PAUSE                              # stop after the current run (rm it to go on)
+    python scripts/grid.py park configs/long.yaml       # copy unfinished runs' resumable state into the
+                                                        # grid's ``parked`` folder, to be committed
 
 The grid file has ``out`` (run directories), ``results`` (the results file: one JSON line per finished
 run, with its dev curve, so rendering needs nothing else), ``base`` (RunConfig keys of every run),
@@ -12,6 +14,14 @@ run, with its dev curve, so rendering needs nothing else), ``base`` (RunConfig k
 seed 0) and ``cells`` (name → {method, tasks, seeds, ``tuned``: a sweep whose best-dev values it takes,
 ...fixed keys}). A run whose name is in the results file is skipped; an interrupted one resumes from its
 checkpoint; a cell whose sweep has not finished waits for it (sweeps run first).
+
+A session's ``runs/`` does not outlive it, so a run longer than a session is *parked*: ``park`` copies each
+unfinished run's resumable files (``RunDir.portable_files``: the checkpoint, logs and best-dev weights, no
+base snapshots) into ``parked`` (a committed folder), and ``run`` copies them back into ``out`` for any run
+that has no checkpoint there. A run whose resumable files exceed ``park_limit_mb`` (fo-full: the whole
+model and AdamW's moments) cannot be parked and is said so; such runs must finish within one session
+(``--only``/``--exclude`` pick what runs). Each launch appends the host and commit it ran on to the run's
+``segments.jsonl``, and the record carries them: the seconds of a run resumed elsewhere mix hosts.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import itertools
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -168,6 +179,67 @@ def provenance() -> dict[str, Any]:
             "threads": int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)}  # per-step seconds scale with it
 
 
+def checkpoint_step(run_dir: Path) -> int:
+    """The step a run would resume from (0 without a checkpoint)."""
+    if not (run_dir / "checkpoint.pt").is_file():
+        return 0
+    from hyft.training.checkpoint import read
+
+    return int(read(run_dir / "checkpoint.pt")["state"].step)
+
+
+def segments(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "segments.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def park(grid: dict[str, Any]) -> list[str]:
+    """Copy every unfinished run's resumable files into ``grid['parked']/<name>`` (replacing an older copy, via a
+    temporary folder and a rename); drop the parked copies of recorded runs. Returns one line per run."""
+    from hyft.rundir import RunDir
+
+    out, parked = Path(grid["out"]), Path(grid["parked"])
+    limit = float(grid.get("park_limit_mb", 50)) * 2**20
+    results = load_results(Path(grid["results"]))
+    said = []
+    for stale in sorted(parked.iterdir()) if parked.is_dir() else []:
+        if stale.name in results:
+            shutil.rmtree(stale)
+            said.append(f"{stale.name}: recorded; its parked copy removed")
+    for run_dir in sorted(out.iterdir()) if out.is_dir() else []:
+        if run_dir.name in results or not (run_dir / "checkpoint.pt").is_file():
+            continue
+        files = RunDir(run_dir).portable_files()
+        size = sum((run_dir / f).stat().st_size for f in files)
+        if size > limit:
+            said.append(f"{run_dir.name}: NOT parked: its resumable files take {size / 2**20:,.0f} MB (limit "
+                        f"{limit / 2**20:,.0f} MB, park_limit_mb); it must finish within one session")
+            continue
+        tmp = parked / f".{run_dir.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for f in files:
+            (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(run_dir / f, tmp / f)
+        shutil.rmtree(parked / run_dir.name, ignore_errors=True)
+        os.replace(tmp, parked / run_dir.name)
+        said.append(f"{run_dir.name}: parked at step {checkpoint_step(run_dir)} ({size / 2**20:.1f} MB)")
+    return said
+
+
+def unpark(grid: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[str]:
+    """Copy each parked, unrecorded run into ``out`` where ``out`` has no checkpoint of it (a fresh checkout)."""
+    out, parked = Path(grid["out"]), Path(grid.get("parked", ""))
+    said = []
+    for source in sorted(parked.iterdir()) if grid.get("parked") and parked.is_dir() else []:
+        target = out / source.name
+        if source.name.startswith(".") or source.name in results or (target / "checkpoint.pt").is_file():
+            continue
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(source, target)
+        said.append(f"[grid] {source.name}: unparked at step {checkpoint_step(target)} from {source}")
+    return said
+
+
 def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = False) -> None:
     run_dir = out / run["name"]
     cmd = command(run["config"], run_dir)
@@ -189,6 +261,11 @@ def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = Fa
             f.write(json.dumps(record) + "\n")
         return
     where = provenance() if argv is not None else None  # at launch; a run only being recorded ran elsewhen
+    if where is not None:  # each launch (start or resume) is a segment, with its own host and code
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with (run_dir / "segments.jsonl").open("a") as f:
+            f.write(json.dumps({"from_step": checkpoint_step(run_dir) if argv and "--resume" in argv else 0,
+                                **where}) + "\n")
     code = 0 if argv is None else subprocess.run(argv, check=False).returncode
     if code in (130, 137, 143, -2, -9, -15):  # interrupted (checkpoint kept): stop here, resume next time
         raise SystemExit(f"[grid] {run['name']} was interrupted (exit {code}); run the grid again to resume it")
@@ -204,6 +281,8 @@ def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = Fa
     record.update(name=run["name"], command=cmd, config=run["config"], curve=curve(run_dir, record["metric"]),
                   cell=run.get("cell"),
                   label=run.get("label"), sweep=run.get("sweep"), chosen=run.get("chosen"), provenance=where)
+    if len(parts := segments(run_dir)) > 1:  # resumed: the launch that finished it is ``provenance``
+        record["segments"] = parts
     median = statistics.median(json.loads(line)["seconds"] for line in (run_dir / "metrics.jsonl").read_text()
                                .splitlines() if '"loss"' in line)
     record["median_step_seconds"] = round(median, 3)
@@ -234,17 +313,20 @@ def check(grid: dict[str, Any]) -> None:
                 raise SystemExit(f"[grid] {key}: {label!r} is not a cell's label (labels: {sorted(labels)})")
 
 
-def run_grid(grid: dict[str, Any], only: str | None, reuse: bool = False) -> None:
+def run_grid(grid: dict[str, Any], only: str | None, reuse: bool = False, exclude: str | None = None) -> None:
     check(grid)
     out, results_path = Path(grid["out"]), Path(grid["results"])
     out.mkdir(parents=True, exist_ok=True)
     results_path.parent.mkdir(parents=True, exist_ok=True)
+    for line in unpark(grid, load_results(results_path)):
+        print(line, flush=True)
     while True:
         if (out / "PAUSE").exists():  # `touch OUT/PAUSE`: stop between runs (nothing to redo on resume)
             raise SystemExit(f"[grid] {out / 'PAUSE'} exists: stopped between runs; remove it and run again")
         results = load_results(results_path)
         pending = [r for r in sweep_runs(grid, results) + cell_runs(grid, results)
-                   if r["name"] not in results and r["config"] is not None and (not only or only in r["name"])]
+                   if r["name"] not in results and r["config"] is not None and (not only or only in r["name"])
+                   and not (exclude and exclude in r["name"])]
         if not pending:
             return
         run_one(pending[0], out, results_path, reuse)
@@ -522,20 +604,26 @@ def inject(readme: Path, text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["run", "render", "list"])
+    parser.add_argument("action", choices=["run", "render", "list", "park"])
     parser.add_argument("grid", help="grid YAML file")
     parser.add_argument("--only", default=None, help="run only the runs whose name contains this")
+    parser.add_argument("--exclude", default=None, help="skip the runs whose name contains this")
     parser.add_argument("--reuse", action="store_true",
                         help="a cell identical to a finished sweep run takes its record (accuracy only: the "
                              "sweep's seconds may come from a shared machine)")
     args = parser.parse_args()
     grid = yaml.safe_load(Path(args.grid).read_text())
     if args.action == "run":
-        run_grid(grid, args.only, args.reuse)
+        run_grid(grid, args.only, args.reuse, args.exclude)
         text = render(grid)
         print(text)
         if grid.get("readme"):
             inject(Path(grid["readme"]), text)
+    elif args.action == "park":
+        if not grid.get("parked"):
+            raise SystemExit(f"[grid] {args.grid} names no `parked` folder to copy unfinished runs into")
+        for line in park(grid):
+            print(f"[grid] {line}")
     elif args.action == "render":
         text = render(grid)
         print(text)

@@ -237,3 +237,64 @@ def test_the_sweep_table_marks_the_pick_only_once_its_sweep_has_finished(tmp_pat
     grid["sweeps"] = {**grid["sweeps"], "fo": {**grid["sweeps"]["fo"], "grid": {"lr_fo": [1e-3, 3e-3, 1e-2]}}}
     assert picked() == ["(sweep unfinished)"] * 4
     assert g.best_of("hy", grid, g.load_results(Path(grid["results"]))) is None  # so a cell tuned on hy waits
+
+
+def test_a_parked_run_resumes_in_a_fresh_checkout_as_if_never_stopped(tiny_dir, tmp_path, monkeypatch):
+    """A hybrid low-rank run stopped mid fold period is parked (no base snapshots), its run directory is deleted
+    (a new session's checkout), and the grid's unpark plus resume end where the uninterrupted run ends."""
+    import json
+    import signal
+
+    from hyft.config import RunConfig
+    from hyft.training.loop import Interrupted, Trainer
+
+    g, STOP = grid_module, 13
+    values = dict(model=tiny_dir, method="hybrid", fused=True, zo_dist="lowrank", zo_lazy=5, task="sst2",
+                  num_train=24, num_dev=8, num_test=8, steps=14, batch_size=4, eval_every=4, checkpoint_every=5,
+                  snapshot_every=3, lr_zo=1e-3, lr_fo=0.3, zero_shot=False)
+
+    def comparable(out):
+        rows = [{k: v for k, v in json.loads(line).items() if "seconds" not in k}
+                for line in (out / "metrics.jsonl").read_text().splitlines()]
+        results = json.loads((out / "results.json").read_text())
+        return rows, (out / "zo_log.jsonl").read_text(), results["test_accuracy"], results["best_step"]
+
+    Trainer(RunConfig(**values), tmp_path / "ref", progress=False).run()
+    reference = comparable(tmp_path / "ref")
+    assert reference[3] <= STOP  # the best-dev weights parked are the ones the test restores
+
+    grid = {"out": str(tmp_path / "runs"), "results": str(tmp_path / "results.jsonl"),
+            "parked": str(tmp_path / "parked")}
+    out = tmp_path / "runs" / "cell"
+    trainer = Trainer(RunConfig(**values), out, progress=False)
+    real_step = Trainer._step
+
+    def stopping_step(self, run):
+        stats = real_step(self, run)
+        if run.state.step == STOP:  # V is held 5 steps: the updates of steps 11-13 are pending
+            self._stop = signal.SIGTERM  # as the signal handler does
+        return stats
+
+    monkeypatch.setattr(Trainer, "_step", stopping_step)
+    with pytest.raises(Interrupted):
+        trainer.run()
+    monkeypatch.setattr(Trainer, "_step", real_step)
+    assert list((out / "snapshots").glob("base-*"))
+
+    said = g.park({**grid, "park_limit_mb": 1e-3})  # over the limit: said, and nothing copied
+    assert len(said) == 1 and said[0].startswith("cell: NOT parked") and not (tmp_path / "parked" / "cell").exists()
+    said = g.park(grid)
+    size = sum(f.stat().st_size for f in (tmp_path / "parked" / "cell").rglob("*"))
+    assert said == [f"cell: parked at step {STOP} ({size / 2**20:.1f} MB)"]
+    assert not (tmp_path / "parked" / "cell" / "snapshots").exists()
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")  # a new checkout: runs/ is gone, parked/ was committed
+    assert g.unpark(grid, {})[0].startswith(f"[grid] cell: unparked at step {STOP}")
+    Trainer(RunConfig(**values), out, progress=False, resume=True).run()
+    assert comparable(out) == reference
+
+    (tmp_path / "results.jsonl").write_text(json.dumps({"name": "cell"}) + "\n")
+    assert g.park(grid) == ["cell: recorded; its parked copy removed"] and not (tmp_path / "parked" / "cell").exists()
+    assert g.unpark(grid, {"cell": {}}) == []

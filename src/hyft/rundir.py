@@ -71,6 +71,14 @@ class RunDir:
             raise HyftError(f"{path} is not a run directory (no config.yaml); start a new run with --out")
         return run
 
+    def portable_files(self) -> list[Path]:
+        """The files a resume needs, relative to the run directory: everything but the base snapshots (the
+        original weights and the ZO log rebuild them) and unfinished temporary writes. The checkpoint comes
+        first: the logs only grow, so copied after it they hold every line it counts."""
+        files = [f.relative_to(self.path) for f in sorted(self.path.rglob("*")) if f.is_file()
+                 and SNAPSHOTS not in f.relative_to(self.path).parts[:1] and not f.name.endswith(".tmp")]
+        return sorted(files, key=lambda f: f != Path("checkpoint.pt"))
+
     def truncate_jsonl(self, path: Path, lines: int) -> None:
         """Keep the first ``lines`` lines (rows written after the checkpoint being resumed are dropped)."""
         if path.is_file():
