@@ -389,6 +389,11 @@ def render(grid: dict[str, Any]) -> str:
         columns = columns.replace("test acc*", f"test {m}*").replace("accuracy", m).replace(
             "at or above", "at or above" if d > 0 else "at or below")
     lines += ["", columns, "", *paired(records, grid, bar)]
+    if resumed := [r for r in records if r.get("segments")]:  # parked and resumed in a later session
+        lines += ["", "Runs resumed in another session (their seconds mix these launches): " + "; ".join(
+            f"{r['name']}: " + ", ".join(f"from step {s['from_step']} on {s['cpu']} ({s['isa']}, {s['threads']} "
+                                         f"threads, commit {s['commit']})" for s in r["segments"])
+            for r in resumed) + "."]
     moved = [r for r in records if r.get("base_movement") is not None]
     if moved:
         lines += ["", "How far the ZO updates moved the base by the best-dev step (mean |Δθ| / mean |θ| over the "

@@ -75,6 +75,24 @@ def test_a_cell_reuses_an_identical_sweep_run_only_when_asked(tmp_path, monkeypa
     assert launched and "sst2-fo-s0" not in g.load_results(results)
 
 
+def test_a_run_resumed_in_another_session_names_its_launches(tmp_path):
+    import json
+
+    g = grid_module
+    grid = {"out": str(tmp_path / "runs"), "results": str(tmp_path / "r.jsonl"), "figures": str(tmp_path),
+            "reference": "fo", "base": {}, "cells": {"fo": {"label": "fo", "method": "fo-peft", "tasks": ["cb"],
+                                                          "seeds": [0]}}}
+    host = {"cpu": "X", "isa": "avx2", "threads": 2, "commit": "abc"}
+    row = {"name": "cb-fo-s0", "seed": 0, "task": "cb", "label": "fo", "test_accuracy": 0.7, "curve": [[10, 0.9, 5]],
+           "best_dev_accuracy": 0.9, "median_step_seconds": 1.0, "peak_rss_mb": 1.0}
+    Path(grid["results"]).write_text(json.dumps(row) + "\n")
+    assert "resumed in another session" not in g.render(grid)
+    row["segments"] = [{"from_step": 0, **host}, {"from_step": 250, **host, "cpu": "Y"}]
+    Path(grid["results"]).write_text(json.dumps(row) + "\n")
+    assert ("cb-fo-s0: from step 0 on X (avx2, 2 threads, commit abc), from step 250 on Y (avx2, 2 threads, "
+            "commit abc).") in g.render(grid)
+
+
 def test_seconds_to_the_bar_compare_within_a_seed(tmp_path):
     """Seed 1 ran on a host twice as slow: mean seconds mix the hosts, the ratio to fo-peft's (same seed,
     same host) does not; a method that misses the bar on a seed counts as not reaching it there."""
