@@ -407,6 +407,16 @@ def render(grid: dict[str, Any]) -> str:
     sweep_defs = grid.get("sweeps", {})
     picks = {name: best_of(name, grid, results) for name in sweep_defs}
 
+    def grid_order(r: dict[str, Any]) -> tuple[int, ...]:  # a value added to a sweep later sorts into place
+        if r["sweep"] not in sweep_defs:
+            return (len(sweep_defs),)
+        values = sweep_defs[r["sweep"]]["grid"]
+        return (list(sweep_defs).index(r["sweep"]),
+                *(values[k].index(r["chosen"][k]) if r["chosen"].get(k) in values[k] else len(values[k])
+                  for k in values))
+
+    sweeps.sort(key=grid_order)
+
     def picked(r: dict[str, Any]) -> str:
         if r["sweep"] not in sweep_defs:
             return "(not in the grid)"

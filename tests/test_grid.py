@@ -255,6 +255,8 @@ def test_the_sweep_table_marks_the_pick_only_once_its_sweep_has_finished(tmp_pat
     grid["sweeps"] = {**grid["sweeps"], "fo": {**grid["sweeps"]["fo"], "grid": {"lr_fo": [1e-3, 3e-3, 1e-2]}}}
     assert picked() == ["(sweep unfinished)"] * 4
     assert g.best_of("hy", grid, g.load_results(Path(grid["results"]))) is None  # so a cell tuned on hy waits
+    rows.append(sweep_record("sweep-fo-lr_fo0.01", "fo", {"lr_fo": 1e-2}, 0.1))  # finished after hy's runs
+    assert picked() == ["", "yes", "", "", "yes"]  # rows in grid order: fo's three values, then hy's two
 
 
 def test_a_parked_run_resumes_in_a_fresh_checkout_as_if_never_stopped(tiny_dir, tmp_path, monkeypatch):
