@@ -261,12 +261,11 @@ def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = Fa
             f.write(json.dumps(record) + "\n")
         return
     where = provenance() if argv is not None else None  # at launch; a run only being recorded ran elsewhen
-    if where is not None:  # each launch (start or resume) is a segment, with its own host and code
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with (run_dir / "segments.jsonl").open("a") as f:
-            f.write(json.dumps({"from_step": checkpoint_step(run_dir) if argv and "--resume" in argv else 0,
-                                **where}) + "\n")
+    first = checkpoint_step(run_dir) if argv and "--resume" in argv else 0
     code = 0 if argv is None else subprocess.run(argv, check=False).returncode
+    if where is not None and run_dir.is_dir():  # each launch is a segment with its own host and code; written
+        with (run_dir / "segments.jsonl").open("a") as f:  # after it, as a fresh start --overwrite's the folder
+            f.write(json.dumps({"from_step": first, **where}) + "\n")
     if code in (130, 137, 143, -2, -9, -15):  # interrupted (checkpoint kept): stop here, resume next time
         raise SystemExit(f"[grid] {run['name']} was interrupted (exit {code}); run the grid again to resume it")
     if code != 0:  # recorded, so that a diverging setting loses its sweep instead of blocking it

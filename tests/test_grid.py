@@ -93,6 +93,39 @@ def test_a_run_resumed_in_another_session_names_its_launches(tmp_path):
             "commit abc).") in g.render(grid)
 
 
+def test_each_launch_of_a_run_is_recorded_as_a_segment(tmp_path, monkeypatch):
+    """A fresh start (which --overwrite's its folder) and the resume that finishes it are both in the record."""
+    import json
+    import shutil
+
+    g = grid_module
+    cell = {"name": "sst2-fo-s0", "cell": "fo", "label": "fo",
+            "config": {"steps": 10, "method": "fo-peft", "task": "sst2", "seed": 0}}
+    results, run_dir = tmp_path / "results.jsonl", tmp_path / "runs" / "sst2-fo-s0"
+    real_run = g.subprocess.run
+
+    def fake_run(argv, check=False, **kwargs):
+        if argv[0] == "git":
+            return real_run(argv, check=check, **kwargs)
+        if "--overwrite" in argv:  # a fresh start: hyft train empties the folder, trains 5 steps, is stopped
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run_dir.mkdir(parents=True)
+            (run_dir / "checkpoint.pt").write_text("")
+            return type("Done", (), {"returncode": 143})()
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 0.5, "seconds": 1.0}) + "\n")
+        (run_dir / "results.json").write_text(json.dumps({"method": "fo-peft", "metric": "accuracy"}))
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(g.subprocess, "run", fake_run)
+    monkeypatch.setattr(g, "checkpoint_step", lambda d: 5 if (d / "checkpoint.pt").is_file() else 0)
+    with pytest.raises(SystemExit, match="interrupted"):
+        g.run_one(cell, tmp_path / "runs", results)
+    g.run_one(cell, tmp_path / "runs", results)
+    record = g.load_results(results)["sst2-fo-s0"]
+    assert [s["from_step"] for s in record["segments"]] == [0, 5]
+    assert record["segments"][1]["cpu"] == record["provenance"]["cpu"]
+
+
 def test_seconds_to_the_bar_compare_within_a_seed(tmp_path):
     """Seed 1 ran on a host twice as slow: mean seconds mix the hosts, the ratio to fo-peft's (same seed,
     same host) does not; a method that misses the bar on a seed counts as not reaching it there."""
