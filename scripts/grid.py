@@ -179,13 +179,50 @@ def provenance() -> dict[str, Any]:
             "threads": int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)}  # per-step seconds scale with it
 
 
-def checkpoint_step(run_dir: Path) -> int:
-    """The step a run would resume from (0 without a checkpoint)."""
+def checkpoint_state(run_dir: Path) -> Any:
+    """The TrainState of a run's checkpoint (its tensors left on disk), or None without one."""
     if not (run_dir / "checkpoint.pt").is_file():
-        return 0
+        return None
     from hyft.training.checkpoint import read
 
-    return int(read(run_dir / "checkpoint.pt")["state"].step)
+    return read(run_dir / "checkpoint.pt", mmap=True)["state"]
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    """The step a run would resume from (0 without a checkpoint)."""
+    state = checkpoint_state(run_dir)
+    return 0 if state is None else int(state.step)
+
+
+def incomplete(run_dir: Path) -> str | None:
+    """What a copy of a run lacks for its checkpoint to resume (None: nothing): the ZO-log lines and metrics
+    rows it counts, and its best-dev weights."""
+    state = checkpoint_state(run_dir)
+    if state is None:
+        return "no checkpoint.pt"
+
+    def lines(name: str) -> int:
+        path = run_dir / name
+        return len(path.read_text().splitlines()) if path.is_file() else 0
+
+    if state.zo_updates and lines("zo_log.jsonl") < 1 + state.zo_updates:
+        return f"zo_log.jsonl has {lines('zo_log.jsonl')} lines, the checkpoint counts {1 + state.zo_updates}"
+    if lines("metrics.jsonl") < state.metrics_lines:
+        return f"metrics.jsonl has {lines('metrics.jsonl')} rows, the checkpoint counts {state.metrics_lines}"
+    if state.best is not None and state.best.weights and not (run_dir / state.best.weights).is_file():
+        return f"the best-dev weights {state.best.weights} are missing"
+    return None
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Put the finished copy ``tmp`` at ``target``: the old copy is renamed aside first and deleted last, so an
+    interruption leaves one whole copy under a known name."""
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def segments(run_dir: Path) -> list[dict[str, Any]]:
@@ -194,8 +231,9 @@ def segments(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def park(grid: dict[str, Any]) -> list[str]:
-    """Copy every unfinished run's resumable files into ``grid['parked']/<name>`` (replacing an older copy, via a
-    temporary folder and a rename); drop the parked copies of recorded runs. Returns one line per run."""
+    """Copy every stopped, unfinished run's resumable files into ``grid['parked']/<name>`` (replacing an older
+    copy only once the new one is whole and consistent with its checkpoint); drop the parked copies of recorded
+    runs. Stop the run first (SIGTERM: it checkpoints). Returns one line per run."""
     from hyft.rundir import RunDir
 
     out, parked = Path(grid["out"]), Path(grid["parked"])
@@ -203,7 +241,7 @@ def park(grid: dict[str, Any]) -> list[str]:
     results = load_results(Path(grid["results"]))
     said = []
     for stale in sorted(parked.iterdir()) if parked.is_dir() else []:
-        if stale.name in results:
+        if stale.is_dir() and stale.name in results:
             shutil.rmtree(stale)
             said.append(f"{stale.name}: recorded; its parked copy removed")
     for run_dir in sorted(out.iterdir()) if out.is_dir() else []:
@@ -220,23 +258,31 @@ def park(grid: dict[str, Any]) -> list[str]:
         for f in files:
             (tmp / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(run_dir / f, tmp / f)
-        shutil.rmtree(parked / run_dir.name, ignore_errors=True)
-        os.replace(tmp, parked / run_dir.name)
-        said.append(f"{run_dir.name}: parked at step {checkpoint_step(run_dir)} ({size / 2**20:.1f} MB)")
+        if problem := incomplete(tmp):  # e.g. a run still writing: its checkpoint moved on during the copy
+            shutil.rmtree(tmp)
+            said.append(f"{run_dir.name}: NOT parked: the copy is inconsistent ({problem}); stop the run first")
+            continue
+        replace_dir(tmp, parked / run_dir.name)
+        said.append(f"{run_dir.name}: parked at step {checkpoint_step(parked / run_dir.name)} ({size / 2**20:.1f} MB)")
     return said
 
 
 def unpark(grid: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[str]:
-    """Copy each parked, unrecorded run into ``out`` where ``out`` has no checkpoint of it (a fresh checkout)."""
+    """Copy each parked, unrecorded run into ``out`` where ``out`` has no checkpoint of it, or an older one."""
     out, parked = Path(grid["out"]), Path(grid.get("parked", ""))
     said = []
     for source in sorted(parked.iterdir()) if grid.get("parked") and parked.is_dir() else []:
         target = out / source.name
-        if source.name.startswith(".") or source.name in results or (target / "checkpoint.pt").is_file():
+        if not source.is_dir() or source.name.startswith(".") or source.name in results:
             continue
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(source, target)
-        said.append(f"[grid] {source.name}: unparked at step {checkpoint_step(target)} from {source}")
+        step = checkpoint_step(source)
+        if (target / "checkpoint.pt").is_file() and checkpoint_step(target) >= step:
+            continue
+        tmp = out / f".{source.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        replace_dir(tmp, target)
+        said.append(f"[grid] {source.name}: unparked at step {step} from {source}")
     return said
 
 
@@ -261,11 +307,17 @@ def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = Fa
             f.write(json.dumps(record) + "\n")
         return
     where = provenance() if argv is not None else None  # at launch; a run only being recorded ran elsewhen
-    first = checkpoint_step(run_dir) if argv and "--resume" in argv else 0
+    resuming = argv is not None and "--resume" in argv
+
+    def segment(first: int) -> None:  # each launch is a segment, with its own host and code
+        with (run_dir / "segments.jsonl").open("a") as f:
+            f.write(json.dumps({"from_step": first, **(where or {})}) + "\n")
+
+    if resuming:
+        segment(checkpoint_step(run_dir))
     code = 0 if argv is None else subprocess.run(argv, check=False).returncode
-    if where is not None and run_dir.is_dir():  # each launch is a segment with its own host and code; written
-        with (run_dir / "segments.jsonl").open("a") as f:  # after it, as a fresh start --overwrite's the folder
-            f.write(json.dumps({"from_step": first, **where}) + "\n")
+    if argv is not None and not resuming and run_dir.is_dir():  # after it: a fresh start --overwrite's the folder
+        segment(0)
     if code in (130, 137, 143, -2, -9, -15):  # interrupted (checkpoint kept): stop here, resume next time
         raise SystemExit(f"[grid] {run['name']} was interrupted (exit {code}); run the grid again to resume it")
     if code != 0:  # recorded, so that a diverging setting loses its sweep instead of blocking it
@@ -280,7 +332,8 @@ def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = Fa
     record.update(name=run["name"], command=cmd, config=run["config"], curve=curve(run_dir, record["metric"]),
                   cell=run.get("cell"),
                   label=run.get("label"), sweep=run.get("sweep"), chosen=run.get("chosen"), provenance=where)
-    if len(parts := segments(run_dir)) > 1:  # resumed: the launch that finished it is ``provenance``
+    if (parts := segments(run_dir)) and (len(parts) > 1 or parts[0]["from_step"]):  # resumed: ``provenance`` is
+        # the last launch's; the first one's line is lost only if the grid itself was killed during it
         record["segments"] = parts
     median = statistics.median(json.loads(line)["seconds"] for line in (run_dir / "metrics.jsonl").read_text()
                                .splitlines() if '"loss"' in line)
@@ -389,7 +442,7 @@ def render(grid: dict[str, Any]) -> str:
             "at or above", "at or above" if d > 0 else "at or below")
     lines += ["", columns, "", *paired(records, grid, bar)]
     if resumed := [r for r in records if r.get("segments")]:  # parked and resumed in a later session
-        lines += ["", "Runs resumed in another session (their seconds mix these launches): " + "; ".join(
+        lines += ["", "Runs resumed from a checkpoint (their seconds mix these launches): " + "; ".join(
             f"{r['name']}: " + ", ".join(f"from step {s['from_step']} on {s['cpu']} ({s['isa']}, {s['threads']} "
                                          f"threads, commit {s['commit']})" for s in r["segments"])
             for r in resumed) + "."]
@@ -411,7 +464,7 @@ def render(grid: dict[str, Any]) -> str:
             return (len(sweep_defs),)
         values = sweep_defs[r["sweep"]]["grid"]
         return (list(sweep_defs).index(r["sweep"]),
-                *(values[k].index(r["chosen"][k]) if r["chosen"].get(k) in values[k] else len(values[k])
+                *(values[k].index(r["chosen"][k]) if (r.get("chosen") or {}).get(k) in values[k] else len(values[k])
                   for k in values))
 
     sweeps.sort(key=grid_order)

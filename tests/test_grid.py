@@ -86,7 +86,7 @@ def test_a_run_resumed_in_another_session_names_its_launches(tmp_path):
     row = {"name": "cb-fo-s0", "seed": 0, "task": "cb", "label": "fo", "test_accuracy": 0.7, "curve": [[10, 0.9, 5]],
            "best_dev_accuracy": 0.9, "median_step_seconds": 1.0, "peak_rss_mb": 1.0}
     Path(grid["results"]).write_text(json.dumps(row) + "\n")
-    assert "resumed in another session" not in g.render(grid)
+    assert "resumed from a checkpoint" not in g.render(grid)
     row["segments"] = [{"from_step": 0, **host}, {"from_step": 250, **host, "cpu": "Y"}]
     Path(grid["results"]).write_text(json.dumps(row) + "\n")
     assert ("cb-fo-s0: from step 0 on X (avx2, 2 threads, commit abc), from step 250 on Y (avx2, 2 threads, "
@@ -296,9 +296,11 @@ def test_a_parked_run_resumes_in_a_fresh_checkout_as_if_never_stopped(tiny_dir, 
     """A hybrid low-rank run stopped mid fold period is parked (no base snapshots), its run directory is deleted
     (a new session's checkout), and the grid's unpark plus resume end where the uninterrupted run ends."""
     import json
+    import shutil
     import signal
 
     from hyft.config import RunConfig
+    from hyft.errors import HyftError
     from hyft.training.loop import Interrupted, Trainer
 
     g, STOP = grid_module, 13
@@ -334,14 +336,20 @@ def test_a_parked_run_resumes_in_a_fresh_checkout_as_if_never_stopped(tiny_dir, 
     monkeypatch.setattr(Trainer, "_step", real_step)
     assert list((out / "snapshots").glob("base-*"))
 
+    broken = tmp_path / "broken" / "cell"  # a partial copy: the ZO log stops short of the checkpoint's count
+    shutil.copytree(out, broken)
+    log = (broken / "zo_log.jsonl").read_text().splitlines(keepends=True)
+    (broken / "zo_log.jsonl").write_text("".join(log[:-2]))
+    assert g.incomplete(out) is None and g.incomplete(broken).startswith("zo_log.jsonl has")
+    with pytest.raises(HyftError, match="the run directory is incomplete"):  # resume refuses it too
+        Trainer(RunConfig(**values), broken, progress=False, resume=True).run()
+
     said = g.park({**grid, "park_limit_mb": 1e-3})  # over the limit: said, and nothing copied
     assert len(said) == 1 and said[0].startswith("cell: NOT parked") and not (tmp_path / "parked" / "cell").exists()
     said = g.park(grid)
     size = sum(f.stat().st_size for f in (tmp_path / "parked" / "cell").rglob("*"))
     assert said == [f"cell: parked at step {STOP} ({size / 2**20:.1f} MB)"]
     assert not (tmp_path / "parked" / "cell" / "snapshots").exists()
-
-    import shutil
 
     shutil.rmtree(tmp_path / "runs")  # a new checkout: runs/ is gone, parked/ was committed
     assert g.unpark(grid, {})[0].startswith(f"[grid] cell: unparked at step {STOP}")

@@ -50,9 +50,10 @@ def write_atomic(path: Path, payload: dict[str, Any]) -> None:
         raise HyftError(f"cannot write checkpoint {path} ({err}); the previous one is kept") from err
 
 
-def read(path: Path) -> dict[str, Any]:
+def read(path: Path, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint at ``path``; ``mmap``: tensors stay in the file until touched (to read only counters)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE, mmap=mmap)
     except Exception as err:  # a truncated or foreign file
         raise HyftError(f"cannot read checkpoint {path} ({err})") from err
 

@@ -606,6 +606,9 @@ class Trainer:
                 header, updates = ZOLog.read(self.run_dir.zo_log)
             except ValueError as err:
                 raise HyftError(f"cannot resume {self.run_dir.path}: {err}") from err
+            if len(updates) < state.zo_updates:  # a partial copy: rebuilding from it would give another base
+                raise HyftError(f"cannot resume {self.run_dir.path}: its ZO log holds {len(updates)} updates, the "
+                                f"checkpoint counts {state.zo_updates}; the run directory is incomplete")
             check_device(header, next(model.parameters()).device, self.log)
             if self.config.zo_on_base and state.zo_updates:
                 self._rebuild_base(method.engine, updates, state.zo_updates, model, f"step {state.step}", fresh=True)
