@@ -99,3 +99,23 @@ def tiny_dir(tmp_path_factory) -> str:
     tiny_model("llama", len(tok)).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def stop_after(monkeypatch: pytest.MonkeyPatch, trainer, steps: int) -> None:
+    """Run ``trainer`` until ``steps`` steps are done, then stop it as SIGTERM does (it checkpoints first)."""
+    import signal
+
+    from hyft.training.loop import Interrupted, Trainer
+
+    real_step = Trainer._step
+
+    def stopping_step(self, run):
+        stats = real_step(self, run)
+        if run.state.step == steps:
+            self._stop = signal.SIGTERM  # as the signal handler does
+        return stats
+
+    monkeypatch.setattr(Trainer, "_step", stopping_step)
+    with pytest.raises(Interrupted):
+        trainer.run()
+    monkeypatch.setattr(Trainer, "_step", real_step)

@@ -297,11 +297,11 @@ def test_a_parked_run_resumes_in_a_fresh_checkout_as_if_never_stopped(tiny_dir, 
     (a new session's checkout), and the grid's unpark plus resume end where the uninterrupted run ends."""
     import json
     import shutil
-    import signal
 
     from hyft.config import RunConfig
     from hyft.errors import HyftError
-    from hyft.training.loop import Interrupted, Trainer
+    from hyft.training.loop import Trainer
+    from tests.conftest import stop_after
 
     g, STOP = grid_module, 13
     values = dict(model=tiny_dir, method="hybrid", fused=True, zo_dist="lowrank", zo_lazy=5, task="sst2",
@@ -321,19 +321,8 @@ def test_a_parked_run_resumes_in_a_fresh_checkout_as_if_never_stopped(tiny_dir, 
     grid = {"out": str(tmp_path / "runs"), "results": str(tmp_path / "results.jsonl"),
             "parked": str(tmp_path / "parked")}
     out = tmp_path / "runs" / "cell"
-    trainer = Trainer(RunConfig(**values), out, progress=False)
-    real_step = Trainer._step
-
-    def stopping_step(self, run):
-        stats = real_step(self, run)
-        if run.state.step == STOP:  # V is held 5 steps: the updates of steps 11-13 are pending
-            self._stop = signal.SIGTERM  # as the signal handler does
-        return stats
-
-    monkeypatch.setattr(Trainer, "_step", stopping_step)
-    with pytest.raises(Interrupted):
-        trainer.run()
-    monkeypatch.setattr(Trainer, "_step", real_step)
+    stop_after(monkeypatch, Trainer(RunConfig(**values), out, progress=False), STOP)  # V is held 5 steps: the
+    # updates of steps 11-13 are pending in the accumulator
     assert list((out / "snapshots").glob("base-*"))
 
     broken = tmp_path / "broken" / "cell"  # a partial copy: the ZO log stops short of the checkpoint's count

@@ -5,7 +5,6 @@ config, and resume refuses any change to it."""
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
@@ -14,7 +13,8 @@ from hyft.config import RunConfig
 from hyft.engine.zo import ZOEngine
 from hyft.errors import HyftError
 from hyft.methods.zo import ZerothOrder
-from hyft.training.loop import Interrupted, Trainer
+from hyft.training.loop import Trainer
+from tests.conftest import stop_after
 
 
 def config(tiny_dir: str, **overrides) -> RunConfig:
@@ -27,19 +27,7 @@ def test_resume_replays_at_most_snapshot_every_updates(tiny_dir, tmp_path, monke
     reference = Trainer(config(tiny_dir), tmp_path / "ref", progress=False).run()
 
     out = tmp_path / "run"
-    trainer = Trainer(config(tiny_dir), out, progress=False)
-    real_step = ZerothOrder.step
-
-    def stopping_step(self, examples, step):
-        stats = real_step(self, examples, step)
-        if step + 1 == 10:
-            trainer._stop = signal.SIGTERM  # as the signal handler does
-        return stats
-
-    monkeypatch.setattr(ZerothOrder, "step", stopping_step)
-    with pytest.raises(Interrupted):
-        trainer.run()
-    monkeypatch.setattr(ZerothOrder, "step", real_step)
+    stop_after(monkeypatch, Trainer(config(tiny_dir), out, progress=False), 10)
     kept = sorted(int(f.stem.split("-")[1]) for f in (out / "snapshots").glob("base-*"))
     assert 9 in kept and 6 not in kept  # the checkpoint's floor (and the best-dev step's) are kept
 
@@ -47,6 +35,7 @@ def test_resume_replays_at_most_snapshot_every_updates(tiny_dir, tmp_path, monke
     real_update = ZOEngine.update
     monkeypatch.setattr(ZOEngine, "update", lambda self, u: replayed.append(u.step) or real_update(self, u))
     at_step = {}
+    real_step = ZerothOrder.step
     monkeypatch.setattr(ZerothOrder, "step",
                         lambda self, ex, step: at_step.setdefault(step, len(replayed)) * 0 or real_step(self, ex, step))
     results = Trainer(config(tiny_dir), out, progress=False, resume=True).run()
@@ -59,16 +48,7 @@ def test_resume_replays_at_most_snapshot_every_updates(tiny_dir, tmp_path, monke
 
 def test_edited_config_is_refused_on_resume(tiny_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    trainer = Trainer(config(tiny_dir), out, progress=False)
-    real_step = ZerothOrder.step
-
-    def stopping_step(self, examples, step):
-        trainer._stop = signal.SIGTERM
-        return real_step(self, examples, step)
-
-    monkeypatch.setattr(ZerothOrder, "step", stopping_step)
-    with pytest.raises(Interrupted):
-        trainer.run()
+    stop_after(monkeypatch, Trainer(config(tiny_dir), out, progress=False), 1)
     text = (out / "config.yaml").read_text().replace("lr_zo: 0.001", "lr_zo: 0.01")
     (out / "config.yaml").write_text(text)
     edited = RunConfig.from_yaml(out / "config.yaml")
