@@ -430,7 +430,9 @@ def render(grid: dict[str, Any]) -> str:
             # medians over every seed, a seed that never reached the bar counted as beyond the budget
             steps = f"{_median_reached([h and h[0] for h, _ in hits])} ({len(got)}/{len(hits)} reached)"
             secs = _median_reached([h and h[1] for h, _ in hits])
-            if secs != "> budget":
+            if not hits:  # the reference has not run on these seeds yet: there is no bar
+                steps, secs = "— (no reference run yet)", "—"
+            elif secs != "> budget":
                 secs += f" ({_median_reached([h and h[1] / ref for h, ref in hits], '.1f')}×)"
             acc = pm([r[f"test_{m}"] for r in rs])
             lines.append(f"| {task} | {label} | {len(rs)} | {acc} | {dev:.3f} | {steps} | {secs} | "
@@ -513,6 +515,8 @@ def _median_reached(values: list[float | None], fmt: str = ".0f") -> str:
     two middle values include one)."""
     ordered = sorted(values, key=lambda v: (v is None, v or 0.0))
     n = len(ordered)
+    if not n:
+        return "—"
     middle = ordered[(n - 1) // 2: n // 2 + 1]
     if any(v is None for v in middle):
         return "> budget"

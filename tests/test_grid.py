@@ -87,6 +87,12 @@ def test_a_run_resumed_in_another_session_names_its_launches(tmp_path):
            "best_dev_accuracy": 0.9, "median_step_seconds": 1.0, "peak_rss_mb": 1.0}
     Path(grid["results"]).write_text(json.dumps(row) + "\n")
     assert "resumed from a checkpoint" not in g.render(grid)
+    other = {**row, "name": "cb-full-s0", "label": "full"}  # a cell finished before the reference ran any seed
+    grid["cells"]["full"] = {"label": "full", "method": "fo-full", "tasks": ["cb"], "seeds": [0]}
+    Path(grid["results"]).write_text(json.dumps(other) + "\n")
+    assert "| cb | full | 1 | 0.700 | 0.900 | — (no reference run yet) | — |" in g.render(grid)
+    del grid["cells"]["full"]
+    Path(grid["results"]).write_text(json.dumps(row) + "\n")
     row["segments"] = [{"from_step": 0, **host}, {"from_step": 250, **host, "cpu": "Y"}]
     Path(grid["results"]).write_text(json.dumps(row) + "\n")
     assert ("cb-fo-s0: from step 0 on X (avx2, 2 threads, commit abc), from step 250 on Y (avx2, 2 threads, "
