@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The one device call for a task lent a GPU (see scripts/gpu_check.py for what `prepare` writes here first).
+# Carry: runs/gpu-check (the CPU logs) and .whl (this project's exact transformers/peft/gguf stack, since the
+# GPU image's transformers is older). Each step writes its summary under $OUT as it finishes and has its own
+# time limit, so one slow or failing step leaves the others' figures:
+#   1. tests/test_device.py (CUDA-only properties) and test_trainer's replay tests, on the device
+#   2. the CPU logs replayed on the device, and a device run replayed there (gpu_check.py check)
+#   3. hyft bench rows on a random 1.1 B Llama in bf16, with the launch counts of a 7B step
+set -u
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || echo "wheel install failed: running on the image's packages"
+export PYTHONPATH=/tmp/site:src:.
+{ nvidia-smi -L; python3 -c "import sys, torch, transformers, peft; print(sys.version.split()[0], torch.__version__,
+  torch.version.cuda, transformers.__version__, peft.__version__, torch.cuda.get_device_name())"; nproc; } \
+  2>&1 | tee "$OUT/env.txt"
+timeout 150 python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_device.py \
+  "tests/test_trainer.py::test_same_command_twice_gives_identical_metrics" 2>&1 | tail -40 > "$OUT/pytest.txt"
+echo "pytest: $(tail -1 "$OUT/pytest.txt")"
+timeout 150 python3 scripts/gpu_check.py check --in runs/gpu-check --device cuda --out /tmp/gc --bench-size none \
+  > /tmp/gc.log 2>&1; echo "check rc=$?"; cp /tmp/gc/gpu_check.json "$OUT/" 2>/dev/null || tail -30 /tmp/gc.log
+timeout 300 python3 scripts/gpu_check.py bench --out /tmp/gb --device cuda --size 1b > /tmp/gb.log 2>&1
+echo "bench rc=$?"; cp /tmp/gb/bench/bench.json /tmp/gb/bench/bench.md "$OUT/" 2>/dev/null; tail -40 /tmp/gb.log

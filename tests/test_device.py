@@ -1,0 +1,55 @@
+"""Properties that need an accelerator. They skip where CUDA is absent (CI has none); on a lent GPU,
+``scripts/gpu_run.sh`` runs them: directions drawn on CUDA are the CPU's, and a CUDA run's log rebuilds its base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hyft.engine import noise
+from hyft.engine.zo import canonical_name
+from hyft.tools.replay import replay
+from hyft.training.loop import Trainer
+from tests.test_trainer import tiny_config
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# stated before any device run: Rademacher signs are written as bits (bitwise); Gaussian goes through log/cos,
+# whose last bit may differ between device kinds; low-rank directions add a matrix product U Vᵀ
+CROSS_DEVICE = {"rademacher": 0.0, "gaussian": 1e-6, "lowrank": 1e-5}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@cuda
+@pytest.mark.parametrize("dist", noise.DISTRIBUTIONS)
+def test_directions_drawn_on_cuda_are_the_cpu_directions(dist):
+    n = 1_000_003  # not a multiple of any block or word size
+    on_cpu = noise.direction(torch.Size([n]), 77, dist, torch.device("cpu"))
+    on_cuda = noise.direction(torch.Size([n]), 77, dist, torch.device("cuda")).cpu()
+    if CROSS_DEVICE[dist] == 0:
+        assert torch.equal(on_cuda, on_cpu)
+    else:
+        assert _rel(on_cuda, on_cpu) <= CROSS_DEVICE[dist]
+    assert not torch.equal(on_cuda, noise.direction(torch.Size([n]), 78, dist, torch.device("cuda")).cpu())
+
+
+@cuda
+@pytest.mark.parametrize(("method", "zo"), [("zo-full", {}), ("hybrid", {}), ("hybrid", dict(zo_dist="gaussian")),
+                                            ("hybrid", dict(zo_dist="lowrank", zo_lazy=4))])
+def test_a_cuda_run_is_rebuilt_from_its_log_bitwise_on_cuda_and_closely_on_cpu(method, zo, tiny_dir, tmp_path):
+    trainer = Trainer(tiny_config(tiny_dir, method=method, device="cuda", **zo), tmp_path / "run", progress=False)
+    trainer.run()
+    assert next(trainer.model.parameters()).is_cuda
+    trained = {canonical_name(n): p.detach().cpu() for n, p in trainer.model.named_parameters() if "lora_" not in n}
+    log = tmp_path / "run" / "zo_log.jsonl"
+    on_cuda = dict(replay(tiny_dir, log, device="cuda", log=lambda *_: None).named_parameters())
+    on_cpu = dict(replay(tiny_dir, log, device="cpu", log=lambda *_: None).named_parameters())
+    tolerance = CROSS_DEVICE[zo.get("zo_dist", "rademacher")]
+    for name, p in on_cuda.items():
+        assert torch.equal(p.detach().cpu(), trained[name]), name
+        if tolerance == 0:
+            assert torch.equal(on_cpu[name].detach(), trained[name]), name
+        else:
+            assert _rel(on_cpu[name].detach(), trained[name]) <= tolerance, name
