@@ -14,10 +14,10 @@ export PYTHONPATH=/tmp/site:src:.
 { nvidia-smi -L; python3 -c "import sys, torch, transformers, peft; print(sys.version.split()[0], torch.__version__,
   torch.version.cuda, transformers.__version__, peft.__version__, torch.cuda.get_device_name())"; nproc; } \
   2>&1 | tee "$OUT/env.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_device.py \
+timeout 120 python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_device.py \
   "tests/test_trainer.py::test_same_command_twice_gives_identical_metrics" 2>&1 | tail -40 > "$OUT/pytest.txt"
 echo "pytest: $(tail -1 "$OUT/pytest.txt")"
-timeout 150 python3 scripts/gpu_check.py check --in runs/gpu-check --device cuda --out /tmp/gc --bench-size none \
+timeout 100 python3 scripts/gpu_check.py check --in runs/gpu-check --device cuda --out /tmp/gc --bench-size none \
   > /tmp/gc.log 2>&1; echo "check rc=$?"; cp /tmp/gc/gpu_check.json "$OUT/" 2>/dev/null || tail -30 /tmp/gc.log
-timeout 300 python3 scripts/gpu_check.py bench --out /tmp/gb --device cuda --size 1b > /tmp/gb.log 2>&1
+timeout 330 python3 scripts/gpu_check.py bench --out /tmp/gb --device cuda --size 1b > /tmp/gb.log 2>&1
 echo "bench rc=$?"; cp /tmp/gb/bench/bench.json /tmp/gb/bench/bench.md "$OUT/" 2>/dev/null; tail -40 /tmp/gb.log

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -75,3 +78,14 @@ def test_unknown_model_fails_fast_in_one_line(name, message):
     with pytest.raises(HyftError, match=message) as err:
         load_model(name)
     assert time.perf_counter() - start < 5 and "\n" not in str(err.value)
+
+
+def test_importing_hyft_turns_hub_kernels_off_unless_the_user_asked():
+    """A hub kernel is a download at run time and arithmetic a replay may not load (it failed offline on CUDA)."""
+    code = ("import hyft; from transformers.integrations.hub_kernels import _kernels_enabled; "
+            "print(_kernels_enabled())")
+    env = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
+    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    asked = subprocess.run([sys.executable, "-c", code], env={**env, "USE_HUB_KERNELS": "YES"}, capture_output=True,
+                           text=True, check=True)
+    assert (off.stdout.split()[-1], asked.stdout.split()[-1]) == ("False", "True")

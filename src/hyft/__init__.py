@@ -1,5 +1,11 @@
 """hyft: hybrid fine-tuning — zeroth-order updates on the base model, first-order updates on a PEFT module."""
 
+import os
+
+# transformers fetches "hub kernels" (a fused rotary, say) on CUDA when the `kernels` package is installed: a
+# download at run time, which fails offline, and arithmetic that a replay elsewhere may not load. Off unless asked.
+os.environ.setdefault("USE_HUB_KERNELS", "NO")
+
 from hyft.errors import HyftError
 from hyft.models import DEFAULT_MODEL, load_model
 from hyft.tasks import Example, get_task, sample_splits
