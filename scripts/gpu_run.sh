@@ -20,4 +20,4 @@ echo "pytest: $(tail -1 "$OUT/pytest.txt")"
 timeout 100 python3 scripts/gpu_check.py check --in runs/gpu-check --device cuda --out /tmp/gc --bench-size none \
   > /tmp/gc.log 2>&1; echo "check rc=$?"; cp /tmp/gc/gpu_check.json "$OUT/" 2>/dev/null || tail -30 /tmp/gc.log
 timeout 330 python3 scripts/gpu_check.py bench --out /tmp/gb --device cuda --size 1b > /tmp/gb.log 2>&1
-echo "bench rc=$?"; cp /tmp/gb/bench/bench.json /tmp/gb/bench/bench.md "$OUT/" 2>/dev/null; tail -40 /tmp/gb.log
+echo "bench rc=$?"; cp /tmp/gb/bench/bench.json /tmp/gb/bench/bench.md /tmp/gb.log "$OUT/" 2>/dev/null; tail -40 /tmp/gb.log
