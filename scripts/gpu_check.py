@@ -1,4 +1,4 @@
-"""The device checks, prepared for a task that is lent an accelerator (none has been so far).
+"""The device checks for a task that is lent an accelerator (first run on an H200, 2026-12-04: BENCHMARKS.md).
 
 Here, on the CPU machine, ``prepare`` writes what travels: a tiny random Llama (the tests' tokenizer), a
 short CPU run of it for each direction family with its ZO log and the CPU-replayed weights, and the
