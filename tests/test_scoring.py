@@ -137,3 +137,22 @@ def test_built_in_task_scores_match_hand_computation(model, tokenizer, name):
         for k, (context, continuation) in enumerate(ex.pairs()):
             total, n = hand_logprob(model, tokenizer, context, continuation)
             assert scores[i, k].item() == pytest.approx(total / n, abs=1e-4)
+
+
+def test_token_logprobs_in_row_chunks_are_the_whole_batch_bits(model, tokenizer, examples, monkeypatch):
+    """Memory, not arithmetic: the cross-entropy's row chunks give each row's value and gradient bit for bit."""
+    from hyft.tasks import scoring
+
+    batch = encode(tokenizer, examples)  # 9 candidate rows: chunks of 4 leave a ragged last one
+    results = []
+    for rows in (len(batch.input_ids), 4, 1):
+        monkeypatch.setattr(scoring, "CE_ROWS", rows)
+        model.zero_grad()
+        logp, _ = token_logprobs(model, batch)
+        logp.sum().backward()
+        results.append((logp.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    whole = results[0]
+    assert len(batch.input_ids) > 4 and whole[1]
+    for logp, grads in results[1:]:
+        assert torch.equal(logp, whole[0])
+        assert all(torch.equal(a, b) for a, b in zip(grads, whole[1], strict=True))

@@ -257,13 +257,22 @@ def _kept_logits(model: nn.Module, batch: Batch) -> Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
+CE_ROWS = 4  # rows per cross-entropy call (see token_logprobs)
+
+
 def token_logprobs(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-    """Sum of log p(continuation token | prefix) per row, and the number of scored tokens per row."""
+    """Sum of log p(continuation token | prefix) per row, and the number of scored tokens per row.
+
+    The cross-entropy runs on ``CE_ROWS`` rows at a time: on the transposed logits it allocates a contiguous
+    copy and a log-softmax, twice the logits it is given. Whole-batch, that took Alpaca's longest evaluation
+    batch (32 × 459 kept positions × 49,152) to a 9.2 GB peak. Each row's values are the same bits either way.
+    """
     k = batch.keep
     logits = _kept_logits(model, batch)[:, :-1]  # position t predicts token t + 1
     targets = batch.input_ids[:, -k + 1 :]
     mask = batch.target_mask[:, -k + 1 :]
-    logp = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    logp = -torch.cat([F.cross_entropy(logits[i : i + CE_ROWS].transpose(1, 2), targets[i : i + CE_ROWS],
+                                       reduction="none") for i in range(0, len(logits), CE_ROWS)])
     return (logp * mask).sum(-1), mask.sum(-1)
 
 
