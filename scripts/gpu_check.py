@@ -112,7 +112,7 @@ def check(src: Path, device: str, out: Path) -> dict:
     return summary
 
 
-def bench(out: Path, device: str, size: str) -> None:
+def bench(out: Path, device: str, size: str, rows: tuple[str, ...] = BENCH_ROWS, *extra: str) -> None:
     """3. bench rows on a random Llama (bf16) with the tiny model's tokenizer; the launches of a 7B step."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -128,7 +128,7 @@ def bench(out: Path, device: str, size: str) -> None:
 
     make_tokenizer().save_pretrained(model_dir)
     hyft("bench", "--model", str(model_dir), "--device", device, "--dtype", "bfloat16", "--batch-size", "8",
-         "--seq-len", "128", "--rows", *BENCH_ROWS, "--repeats", "3", "--warmup", "1", "--launches",
+         "--seq-len", "128", "--rows", *rows, "--repeats", "3", "--warmup", "1", *(extra or ("--launches",)),
          "--out", str(out / "bench"))
 
 
@@ -146,12 +146,14 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default="runs/gpu-check-out")
     p.add_argument("--size", default="1b", choices=["1b", "tiny"])
+    p.add_argument("--rows", nargs="+", default=list(BENCH_ROWS))
+    p.add_argument("--sweeps", action="store_true", help="time one RNG sweep instead of counting launches")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(Path(args.out))
         return
     if args.command == "bench":
-        bench(Path(args.out), args.device, args.size)
+        bench(Path(args.out), args.device, args.size, tuple(args.rows), *(["--sweeps"] if args.sweeps else []))
         return
     summary = check(Path(args.src), args.device, Path(args.out))
     if args.bench_size != "none":
