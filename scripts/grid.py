@@ -442,7 +442,7 @@ def render(grid: dict[str, Any]) -> str:
     if m != "accuracy":
         columns = columns.replace("test acc*", f"test {m}*").replace("accuracy", m).replace(
             "at or above", "at or above" if d > 0 else "at or below")
-    lines += ["", columns, "", *paired(records, grid, bar)]
+    lines += ["", columns, *fallen(records, grid), "", *paired(records, grid, bar)]
     if resumed := [r for r in records if r.get("segments")]:  # parked and resumed in a later session
         lines += ["", "Runs resumed from a checkpoint (their seconds mix these launches): " + "; ".join(
             f"{r['name']}: " + ", ".join(f"from step {s['from_step']} on {s['cpu']} ({s['isa']}, {s['threads']} "
@@ -579,6 +579,25 @@ def paired(records: list[dict[str, Any]], grid: dict[str, Any], bar: dict[tuple[
                        f"not reached (0/{len(ratios)})" if ratios else "not run")
             lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def fallen(records: list[dict[str, Any]], grid: dict[str, Any]) -> list[str]:
+    """A warning for each reference run whose last dev score is worse than its best by more than the margin:
+    the bar (its final dev) and the separation test then compare with a curve that fell, not with the method."""
+    ref, margin, d = grid["reference"], float(grid.get("margin", 0.02)), sign(grid_metric(grid))
+    m = grid_metric(grid)
+    lines = []
+    for r in records:
+        if r["label"] != ref or not r["curve"]:
+            continue
+        best = max(r["curve"], key=lambda c: d * c[1])
+        final = r["curve"][-1]
+        if d * (best[1] - final[1]) > margin + 1e-9:
+            lines.append(f"**Warning:** {ref}, {r['task']} seed {r['seed']}: its final dev {m} ({final[1]:.3f} at step "
+                         f"{final[0]:.0f}) is {abs(best[1] - final[1]):.3f} worse than its best ({best[1]:.3f} at step "
+                         f"{best[0]:.0f}), beyond the margin ±{margin:g}. The bar above and the separation test "
+                         "compare with that fallen curve, so they say little about the other methods.")
+    return ["", *lines] if lines else []
 
 
 MIN_EVALS_APART = 2  # a separation must hold over at least this many evaluations

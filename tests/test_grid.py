@@ -264,6 +264,14 @@ def test_a_method_separates_from_the_reference_only_when_its_dev_curve_stays_bey
             for c, curve in (("fo", ref), ("hy", [[k, 0.80 + k / 10_000, k] for k, *_ in ref]))]
     Path(grid["results"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert "| sst2 | hy | 0 | step 250, above | +0.100 |" in g.render(grid)  # gaps 0.025, 0.05, ...: from 250
+    assert "Warning" not in g.render(grid)  # the reference's curve did not fall
+    rows[0]["curve"] = [[250, 0.80, 1], [500, 0.90, 2], [750, 0.85, 3], [1000, 0.87, 4]]  # 0.03 below its best
+    Path(grid["results"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "fo, sst2 seed 0: its final dev accuracy (0.870 at step 1000) is 0.030 worse than its best (0.900 at " \
+           "step 500)" in g.render(grid)
+    rows[0]["curve"][-1][1] = 0.88  # 0.02 below: inside the margin
+    Path(grid["results"]).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "Warning" not in g.render(grid)
 
 
 def test_the_sweep_table_marks_the_pick_only_once_its_sweep_has_finished(tmp_path):
