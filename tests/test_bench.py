@@ -106,3 +106,40 @@ def test_sweeps_and_launch_counts_are_reported(tiny_dir, tmp_path):
     assert la["update_sweep"] < 2 * la["previous_scheme_chunks_per_sweep"]
     assert la["lowrank"]["two_sided_step_amortised"] < la["two_sided_step"] / 20  # no per-weight sweeps
     assert "Kernel launches" in (tmp_path / "bench.md").read_text()
+
+
+def test_on_a_device_the_step_is_also_timed_without_the_splits_synchronisations():
+    """The split syncs at every timed boundary (a perturbed module each); the step targets use the unobserved
+    time: two syncs around the whole step, the same work, and the boundaries back on afterwards."""
+    from hyft.tools.bench import _timed_rows
+    from hyft.tools.bench.report import markdown
+    from hyft.tools.bench.rows import Row
+    from hyft.tools.bench.timing import SplitTimer
+
+    syncs: list[int] = []
+    work: list[int] = []
+    timer = SplitTimer(sync=lambda: syncs.append(1))
+    piece = timer.timed(lambda: work.append(1), "perturb")
+
+    def step() -> None:
+        for _ in range(5):
+            piece()
+
+    timer.measure(step)
+    assert (len(syncs), len(work)) == (2 + 2 * 5, 5)
+    syncs.clear()
+    assert timer.measure_unobserved(step) >= 0 and (len(syncs), len(work)) == (2, 10)
+    assert timer.observing and SplitTimer().synchronising is False
+    rows = _timed_rows([Row("forward", "fwd", step, timer)], warmup=0, repeats=2, peaks={}, log=lambda _: None)
+    assert "unobserved" in rows["forward"]
+    results = {"rows": {"forward": {"label": "fwd", "seconds": {"total": 1.0, "forward": 1.0, "backward": 0.0,
+                                                               "perturb": 0.0, "update": 0.0, "other": 0.0},
+                                    "unobserved": 0.5, "rng_sweeps": 0.0},
+                        "zo-full": {"label": "zo", "seconds": {"total": 2.0, "forward": 1.0, "backward": 0.0,
+                                                               "perturb": 0.6, "update": 0.4, "other": 0.0},
+                                    "unobserved": 1.3, "rng_sweeps": 3.0}},
+               "setup": {"model": "m", "batch_size": 1, "seq_len": 1, "dtype": "float32", "repeats": 2,
+                         "warmup": 0, "command": "c"},
+               "machine": {"device": "cuda", "gpu": "g", "cores": 1, "torch_threads": 1, "torch": "t"}}
+    assert targets(results)[0][:2] == ("zo-full step / two no-grad forwards", pytest.approx(1.3))
+    assert "| zo | 1.300 | 2.60 | 2.000 | 1.000 |" in markdown(results)

@@ -49,13 +49,16 @@ def _cpu_name() -> str:
 
 
 def _timed_rows(built: list, warmup: int, repeats: int, peaks: dict[str, Any], log=print) -> dict[str, Any]:
-    """Interleaved rounds over the rows (after ``warmup``); each row's medians, totals, RNG sweeps, temporaries."""
+    """Interleaved rounds over the rows (after ``warmup``); each row's medians, totals, RNG sweeps, temporaries.
+    Where the timer synchronises a device, each round also times every row unobserved (``unobserved``)."""
     samples: dict[str, list[dict[str, float]]] = {row.name: [] for row in built}
     for round_ in range(warmup + repeats):
         for row in built:
             before = row.generated()
             sample = row.timer.measure(row.step)
             sample["drawn"] = row.generated() - before
+            if row.timer.synchronising:  # a device: the split's syncs slow the step, so time it without them
+                sample["unobserved"] = row.timer.measure_unobserved(row.step)
             if round_ >= warmup:
                 samples[row.name].append(sample)
         log(f"round {round_ + 1}/{warmup + repeats}: " +
@@ -70,6 +73,8 @@ def _timed_rows(built: list, warmup: int, repeats: int, peaks: dict[str, Any], l
             "rng_sweeps": drawn / row.zo_numel if row.zo_numel else 0.0, "zo_numel": row.zo_numel,
             "peak_temporary": row.temporary(),
         }
+        if "unobserved" in s[0]:
+            rows[row.name]["unobserved"] = statistics.median(x["unobserved"] for x in s)
         if row.name in peaks:
             rows[row.name]["memory"] = peaks[row.name]
     return rows
