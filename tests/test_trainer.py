@@ -235,3 +235,22 @@ def test_diverging_run_stops_with_a_clear_error(tiny_dir, tmp_path):
     # the last good checkpoint is kept: none is written during the streak of skipped steps
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert checkpoint["state"].step == skipped[0] - 1
+
+
+@pytest.mark.parametrize("method", ["fo-peft", "hybrid"])
+def test_max_grad_norm_clips_the_gradient_the_fo_optimizer_steps_with(method, tiny_dir, tmp_path, monkeypatch):
+    """Off by default (the runs so far did not clip); when set, AdamW sees a gradient of at most that norm."""
+    seen: list[float] = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    Trainer(tiny_config(tiny_dir, method=method, steps=2, max_grad_norm=1e-3), tmp_path / "a", progress=False).run()
+    clipped, seen[:] = list(seen), []
+    Trainer(tiny_config(tiny_dir, method=method, steps=2), tmp_path / "b", progress=False).run()
+    assert len(clipped) == len(seen) == 2
+    assert max(clipped) <= 1e-3 * (1 + 1e-5) < min(seen)  # the unclipped gradients are larger: the clip acted

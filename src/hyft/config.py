@@ -91,6 +91,9 @@ class RunConfig:
     optimizer_fo: str = field(default="adamw", metadata={"help": "adamw or sgd"})
     momentum_fo: float = field(default=0.0, metadata={"help": "SGD momentum of the FO group"})
     weight_decay_fo: float = field(default=0.0, metadata={"help": "weight decay of the FO group"})
+    max_grad_norm: float = field(default=0.0, metadata={
+        "help": "clip the FO group's gradient to this total norm before its step (0: off; transformers' Trainer "
+                "clips at 1.0; HybridTrainer uses TrainingArguments.max_grad_norm instead)"})
     schedule_fo: str = field(default="constant", metadata={"help": "constant, linear or cosine"})
     warmup_fo: int = field(default=0, metadata={"help": "linear warmup steps of the FO group"})
     # zeroth-order group (theta)
@@ -159,6 +162,9 @@ class RunConfig:
             (self.lr_fo >= 0, "lr_fo must be >= 0"),
             (self.lr_zo >= 0, "lr_zo must be >= 0"),
             (self.weight_decay_fo >= 0 and self.weight_decay_zo >= 0, "weight decay must be >= 0"),
+            (self.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0: no clipping)"),
+            (self.shard == "none" or not self.max_grad_norm, "shard fsdp does not support max_grad_norm yet (the "
+             "norm of sharded gradients is untested)"),
             (self.warmup_fo >= 0 and self.warmup_zo >= 0, "warmup must be >= 0"),
             (self.schedule_fo in SCHEDULES and self.schedule_zo in SCHEDULES, f"schedule: {', '.join(SCHEDULES)}"),
             (self.optimizer_fo in ("sgd", "adamw"), "optimizer_fo must be sgd or adamw"),

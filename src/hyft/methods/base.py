@@ -249,7 +249,10 @@ class Method(ABC):
         With an external optimizer the gradients are left for it."""
         if self.optimizer is None:
             return self.lr_fo(step)
-        self.comm.average_grads([p for _, p in self.groups.fo])
+        params = [p for _, p in self.groups.fo]
+        self.comm.average_grads(params)
+        if self.config.max_grad_norm:  # after averaging: the norm of the global batch's gradient
+            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         lr = self.lr_fo(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
