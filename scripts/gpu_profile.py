@@ -3,8 +3,9 @@ hyft engine's zo-full step took 4.1x as long as the MeZO reference on an H200, a
 its 0.2 s in perturb and update; BENCHMARKS.md).
 
 For each row it builds the row as ``hyft bench`` does, unobserved (no split timer), runs ``--warmup`` steps,
-then profiles ``--steps`` steps and writes ``OUT/<row>.txt``: the wall time per step, the counts of kernel
-launches and device synchronisations per step, and the ops by self device time (self CPU time on a CPU):
+then profiles ``--steps`` steps: the wall time per step, the counts of kernel
+launches and device synchronisations per step, and the ops by self device time (self CPU time on a CPU). Each
+row is appended to ``OUT/profile.txt`` as it finishes, so a time limit loses only the row it cut:
 
     python scripts/gpu_profile.py --model runs/llama-1b-random-bf16 --dtype bfloat16 --device cuda \\
         --rows mezo zo-full-in-place zo-full-stochastic --out $OUT/profile
@@ -46,7 +47,8 @@ def profile_row(name: str, args: argparse.Namespace, out: Path) -> str:
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     summary = (f"{name}: {wall:.4f} s/step (profiled, {args.steps} steps after {args.warmup} warm-up); per step: "
                + ", ".join(f"{v:,.0f} {k}" for k, v in per_step.items()))
-    (out / f"{name}.txt").write_text(summary + "\n\n" + events.table(sort_by=sort, row_limit=args.top) + "\n")
+    with open(out / "profile.txt", "a") as f:
+        f.write(summary + "\n\n" + events.table(sort_by=sort, row_limit=args.top) + "\n\n")
     return summary
 
 
@@ -65,9 +67,9 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = [profile_row(name, args, out) for name in args.rows]
-    (out / "summary.txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (out / "profile.txt").unlink(missing_ok=True)
+    for name in args.rows:
+        print(profile_row(name, args, out), flush=True)
 
 
 if __name__ == "__main__":

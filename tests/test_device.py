@@ -53,3 +53,23 @@ def test_a_cuda_run_is_rebuilt_from_its_log_bitwise_on_cuda_and_closely_on_cpu(m
             assert torch.equal(on_cpu[name].detach(), trained[name]), name
         else:
             assert _rel(on_cpu[name].detach(), trained[name]) <= tolerance, name
+
+
+@cuda
+def test_token_logprobs_in_row_chunks_are_the_whole_batch_bits_on_cuda(tokenizer, examples, monkeypatch):
+    """The CPU test's property where kernels differ: the cross-entropy's row chunks change no bit on CUDA."""
+    from hyft.tasks import scoring
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama", len(tokenizer)).cuda()
+    batch = scoring.encode(tokenizer, examples).to("cuda")
+    results = []
+    for rows in (len(batch.input_ids), 4, 1):
+        monkeypatch.setattr(scoring, "CE_ROWS", rows)
+        model.zero_grad()
+        logp, _ = scoring.token_logprobs(model, batch)
+        logp.sum().backward()
+        results.append((logp.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    for logp, grads in results[1:]:
+        assert torch.equal(logp, results[0][0])
+        assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1], strict=True))

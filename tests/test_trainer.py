@@ -254,3 +254,4 @@ def test_max_grad_norm_clips_the_gradient_the_fo_optimizer_steps_with(method, ti
     Trainer(tiny_config(tiny_dir, method=method, steps=2), tmp_path / "b", progress=False).run()
     assert len(clipped) == len(seen) == 2
     assert max(clipped) <= 1e-3 * (1 + 1e-5) < min(seen)  # the unclipped gradients are larger: the clip acted
+    assert RunConfig().max_grad_norm == 0  # off unless asked: the runs before it did not clip

@@ -163,6 +163,8 @@ class RunConfig:
             (self.lr_zo >= 0, "lr_zo must be >= 0"),
             (self.weight_decay_fo >= 0 and self.weight_decay_zo >= 0, "weight decay must be >= 0"),
             (self.max_grad_norm >= 0, "max_grad_norm must be >= 0 (0: no clipping)"),
+            (not self.max_grad_norm or self.method not in methods() or methods()[self.method].fo is not None,
+             f"max_grad_norm clips the FO group's gradient; method {self.method} has no FO group"),
             (self.shard == "none" or not self.max_grad_norm, "shard fsdp does not support max_grad_norm yet (the "
              "norm of sharded gradients is untested)"),
             (self.warmup_fo >= 0 and self.warmup_zo >= 0, "warmup must be >= 0"),

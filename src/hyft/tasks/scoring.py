@@ -272,8 +272,8 @@ def token_logprobs(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
     logits = _kept_logits(model, batch)[:, :-1]  # position t predicts token t + 1
     targets = batch.input_ids[:, -k + 1 :]
     mask = batch.target_mask[:, -k + 1 :]
-    logp = -torch.cat([F.cross_entropy(logits[i : i + CE_ROWS].transpose(1, 2), targets[i : i + CE_ROWS],
-                                       reduction="none") for i in range(0, len(logits), CE_ROWS)])
+    logp = -torch.cat([F.cross_entropy(rows.transpose(1, 2), goal, reduction="none")  # split: one cat backward
+                       for rows, goal in zip(logits.split(CE_ROWS), targets.split(CE_ROWS), strict=True)])
     return (logp * mask).sum(-1), mask.sum(-1)
 
 

@@ -54,11 +54,14 @@ def _timed_rows(built: list, warmup: int, repeats: int, peaks: dict[str, Any], l
     samples: dict[str, list[dict[str, float]]] = {row.name: [] for row in built}
     for round_ in range(warmup + repeats):
         for row in built:
+            # a device: the split's syncs slow the step, so time it without them too; the order alternates by
+            # round, so that neither measurement always finds the caches the other just warmed
+            unobserved = row.timer.synchronising and row.timer.measure_unobserved(row.step) if round_ % 2 else None
             before = row.generated()
             sample = row.timer.measure(row.step)
             sample["drawn"] = row.generated() - before
-            if row.timer.synchronising:  # a device: the split's syncs slow the step, so time it without them
-                sample["unobserved"] = row.timer.measure_unobserved(row.step)
+            if row.timer.synchronising:
+                sample["unobserved"] = unobserved or row.timer.measure_unobserved(row.step)
             if round_ >= warmup:
                 samples[row.name].append(sample)
         log(f"round {round_ + 1}/{warmup + repeats}: " +

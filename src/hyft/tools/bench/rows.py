@@ -19,7 +19,7 @@ from hyft.methods.params import prepare
 from hyft.models import load_model
 from hyft.tasks.scoring import Batch
 from hyft.tools.bench.mezo import MeZOReference
-from hyft.tools.bench.timing import SplitTimer
+from hyft.tools.bench.timing import SplitTimer, device_sync
 
 # row -> (label, RunConfig overrides); "forward" and "mezo" are not hyft methods
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -110,7 +110,7 @@ def build_row(name: str, model_name: str, batch_size: int, seq_len: int, dtype: 
     model, tokenizer = load_model(model_name, dtype, device)
     dev = next(model.parameters()).device
     batch = fixed_batch(len(tokenizer), batch_size, seq_len, dev)
-    timer = SplitTimer(sync=torch.cuda.synchronize if dev.type == "cuda" else None, enabled=timed)
+    timer = SplitTimer(sync=device_sync(dev), enabled=timed)
     if name == "forward":
         model.eval()
         objective = Objective(model, tokenizer, config)

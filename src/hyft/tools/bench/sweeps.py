@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from hyft.engine import noise
+from hyft.tools.bench.timing import device_sync
 
 OLD_CHUNK = 1 << 18
 
@@ -71,7 +72,7 @@ def _bandwidth(numel: int, device: torch.device) -> Callable[[], None]:
 
 def time_sweeps(numel: int, device: torch.device, repeats: int = 3, log=print) -> dict[str, float]:
     """Median seconds of one sweep of ``numel`` numbers for each generator, and the bandwidth floor."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = device_sync(device) or (lambda: None)
     kernel = device.type == "cpu" and noise.kernel() is not None
     cases = {
         "counter gaussian": _counter(numel, "gaussian", device),  # the engine's path: the CPU kernel where active

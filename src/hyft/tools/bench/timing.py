@@ -16,7 +16,17 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
+import torch
+
 CATEGORIES = ("forward", "backward", "perturb", "update", "other")
+
+
+def device_sync(device: torch.device) -> Callable[[], None] | None:
+    """What waits for ``device``'s queued work: None on the CPU (nothing is queued), else the accelerator's sync
+    (CUDA, XPU, MPS, ... through ``torch.accelerator``): a timing that skips it measures only the queueing."""
+    if device.type == "cpu":
+        return None
+    return lambda: torch.accelerator.synchronize(device)
 
 
 class SplitTimer:
