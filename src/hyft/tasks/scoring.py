@@ -265,7 +265,7 @@ def token_logprobs(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
 
     The cross-entropy runs on ``CE_ROWS`` rows at a time: on the transposed logits it allocates a multiple of
     the logits it is given. Whole-batch, Alpaca's two longest evaluation batches took a process to 6,360 MB;
-    in chunks, 3,615 MB (``scripts/lm_eval_peak.py``), with the same losses. A test pins the chunked values and
+    in chunks, 3,399 MB (``scripts/lm_eval_peak.py``), with the same losses. A test pins the chunked values and
     gradients to the whole-batch bits.
     """
     k = batch.keep
