@@ -170,3 +170,24 @@ def test_hybrid_trainer_sft_example_on_trl_rows(tiny_dir, tmp_path):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0]
+
+
+def test_training_on_a_generation_task_selects_and_plots_by_f1(tiny_dir, tmp_path):
+    """`hyft train` on a QA-by-generation task: dev rows, best-dev selection, results and the dev plot use F1."""
+    import json
+
+    from hyft.cli import main
+
+    rows = [{"question": f"q{i}", "answers": [f"a{i}"]} for i in range(16)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "qa.yaml").write_text("kind: generate\ntrain: qa.jsonl\ntest: qa.jsonl\n"
+                                      "template: \"Question: {question}\\nAnswer:\"\nanswer_field: answers\n")
+    out = tmp_path / "run"
+    assert main(["train", "--model", tiny_dir, "--task", str(tmp_path / "qa.yaml"), "--method", "hybrid",
+                 "--num-train", "8", "--num-dev", "4", "--num-test", "4", "--steps", "2", "--batch-size", "4",
+                 "--eval-every", "2", "--no-zero-shot", "--no-progress", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["metric"] == "f1" and {"test_f1", "test_exact_match", "best_dev_f1"} <= set(results)
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "dev_f1" in line]
+    assert [r["step"] for r in evals] == [2]
+    assert {p.name for p in (out / "plots").iterdir()} == {"loss.png", "dev_f1.png", "grad_norm.png"}

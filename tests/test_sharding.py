@@ -74,6 +74,7 @@ def test_a_sharded_run_matches_one_unsharded_process(method, sharded_runs, tiny_
         assert close(r.get("loss"), s.get("loss"), rel), (r, s)
         if "loss" in r:
             assert close(r["zo_coef"], s["zo_coef"], rel + ULPS * ulp * abs(s["loss"]) / (2 * eps)), (r, s)
+            assert close(r["grad_norm"], s["grad_norm"], 1e-5 if not method.endswith("bf16") else 1e-2), (r, s)
     (h2, *u2), (h1, *u1) = read_jsonl(two / "zo_log.jsonl"), read_jsonl(one / "zo_log.jsonl")
     assert h1 == h2 and [u["seed"] for u in u1] == [u["seed"] for u in u2] and len(u1) == 5
     # the gathered snapshot after 4 updates: the whole base as one process has it, to the coefficients' rounding

@@ -168,7 +168,7 @@ def test_run_directory_contents_and_rerun_from_config(tiny_dir, tmp_path, capsys
                 "zero_shot_test_accuracy", "train_seconds", "peak_rss_mb"):
         assert key in results
     assert (out / "adapter" / "adapter_config.json").is_file()
-    assert (out / "plots" / "loss.png").is_file() and (out / "plots" / "dev_accuracy.png").is_file()
+    assert {p.name for p in (out / "plots").iterdir()} == {"loss.png", "dev_accuracy.png", "grad_norm.png"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "dev_accuracy" in r] == [2, 4]
     assert all({"loss", "lr_fo", "lr_zo", "zo_coef", "seconds"} <= set(r) for r in rows if "loss" in r)
@@ -255,3 +255,27 @@ def test_max_grad_norm_clips_the_gradient_the_fo_optimizer_steps_with(method, ti
     assert len(clipped) == len(seen) == 2
     assert max(clipped) <= 1e-3 * (1 + 1e-5) < min(seen)  # the unclipped gradients are larger: the clip acted
     assert RunConfig().max_grad_norm == 0  # off unless asked: the runs before it did not clip
+
+
+@pytest.mark.parametrize("method", ["fo-peft", "hybrid", "zo-full"])
+def test_logged_grad_norm_is_the_fo_gradients_norm_before_clipping(method, tiny_dir, tmp_path, monkeypatch):
+    """Each step's row carries the norm of the gradient the FO optimizer is given (before any clip), the
+    signal that precedes an FO blow-up; a method without an FO group logs none."""
+    seen: list[float] = []
+    original = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    Trainer(tiny_config(tiny_dir, method=method, steps=3), tmp_path / "a", progress=False).run()
+    logged = [r["grad_norm"] for r in _metric_rows(tmp_path / "a") if "loss" in r]
+    if method == "zo-full":
+        assert logged == [None] * 3 and seen == []
+        return
+    assert logged == pytest.approx(seen, rel=1e-5) and len(seen) == 3
+    clipped = tmp_path / "b"  # with a clip the row keeps the norm before it: step 1 is the same gradient
+    Trainer(tiny_config(tiny_dir, method=method, steps=1, max_grad_norm=1e-3), clipped, progress=False).run()
+    assert [r["grad_norm"] for r in _metric_rows(clipped) if "loss" in r] == pytest.approx(seen[:1], rel=1e-5)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedTokenizerBase
 
 from hyft.distributed import Communicator
@@ -105,6 +106,7 @@ class StepStats:
     zo_coef: float | None = None  # the first direction's finite difference g
     zo_updates: list[ZOUpdate] = field(default_factory=list)  # one per direction, in the order applied
     skipped: bool = False  # a non-finite loss or coefficient: no update was applied
+    grad_norm: float | None = None  # the FO group's gradient norm before clipping (global batch; None: no FO step)
 
 
 Rates = Callable[[str, int], float]  # (group "fo" | "zo", step) -> learning rate
@@ -132,6 +134,7 @@ class Method(ABC):
         # does a train-mode loss equal the eval-mode loss (no dropout)? measured on the first batch
         self._deterministic: bool | None = None
         self._batch: Encoded | None = None  # the batch of the current step
+        self._grad_norm: Tensor | None = None  # set by ``fo_update``, read into the step's StepStats
         self.optimizer = self._fo_optimizer() if groups.fo and not external_fo else None
         # ZO direction seeds only; derived from the run seed, so every rank draws the same directions
         self.seeds = torch.Generator().manual_seed(derive_seed(config.seed, "directions"))
@@ -139,11 +142,16 @@ class Method(ABC):
     def step(self, examples: Sequence[Example], step: int) -> StepStats:
         """One update from one minibatch (this rank's shard of it)."""
         self._batch = batch = self.objective.encode(examples)
+        self._grad_norm = None
         try:
             if self.engine is not None:
                 _ = self.train_loss_is_eval_loss  # measured before the step's first forward, once per run
                 self.engine.begin(step)  # low-rank directions: a new period folds and redraws V
-            return self.update(batch, step)
+            stats = self.update(batch, step)
+            if self._grad_norm is not None:  # one scalar read, after the step's updates were queued
+                norm = self._grad_norm
+                stats.grad_norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()  # FSDP2
+            return stats
         finally:
             self._batch = None  # no reference to the batch's tensors outlives its step
 
@@ -246,13 +254,17 @@ class Method(ABC):
 
     def fo_update(self, step: int) -> float:
         """φ ← optimizer step with this step's FO learning rate (gradients averaged over ranks); returns the rate.
-        With an external optimizer the gradients are left for it."""
+        The gradient's norm (before clipping) is kept for the step's row: a rising norm is what precedes an
+        FO blow-up. With an external optimizer the gradients are left for it (and the Trainer logs the norm)."""
         if self.optimizer is None:
             return self.lr_fo(step)
         params = [p for _, p in self.groups.fo]
         self.comm.average_grads(params)
-        if self.config.max_grad_norm:  # after averaging: the norm of the global batch's gradient
-            torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        # after averaging: the norm of the global batch's gradient (read only; clipping scales in place)
+        if self.config.max_grad_norm:
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        else:
+            self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         lr = self.lr_fo(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

@@ -1,4 +1,5 @@
-"""Training curves: loss and dev accuracy against step, for one run or several side by side."""
+"""Training curves: loss, the dev metric (accuracy, F1 or loss: the task's headline) and the FO gradient's
+norm against step, for one run or several side by side."""
 
 from __future__ import annotations
 
@@ -13,12 +14,23 @@ import matplotlib.pyplot as plt
 from hyft.rundir import RunDir, read_jsonl
 
 
-def _curves(run: Path) -> tuple[list, list, list, list]:
+def _dev_key(row: dict) -> str:
+    """The headline dev metric of an evaluation row: the first ``dev_`` key (the task's first metric)."""
+    return next(k for k in row if k.startswith("dev_"))
+
+
+def _curves(run: Path) -> tuple[list, list, list, list, str]:
     rows = read_jsonl(RunDir(run).metrics)
     steps = [r for r in rows if "loss" in r and r["loss"] is not None]
-    evals = [r for r in rows if "dev_accuracy" in r]
+    evals = [r for r in rows if any(k.startswith("dev_") for k in r)]
+    key = _dev_key(evals[0]) if evals else "dev_accuracy"
     return ([r["step"] for r in steps], [r["loss"] for r in steps],
-            [r["step"] for r in evals], [r["dev_accuracy"] for r in evals])
+            [r["step"] for r in evals], [r[key] for r in evals], key)
+
+
+def _grad_norms(run: Path) -> tuple[list, list]:
+    rows = [r for r in read_jsonl(RunDir(run).metrics) if r.get("grad_norm") is not None]
+    return [r["step"] for r in rows], [r["grad_norm"] for r in rows]
 
 
 def _label(run: Path) -> str:
@@ -38,18 +50,20 @@ def _smooth(values: list[float], window: int = 10) -> list[float]:
 
 
 def plot_runs(runs: list[Path], out: Path) -> Path:
-    """One figure: training loss (moving average of 10 steps) and dev accuracy for each run."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    """One figure: training loss (moving average of 10 steps) and the dev metric for each run."""
+    fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(11, 4))
+    key = "dev_accuracy"
     for run in runs:
-        steps, losses, eval_steps, accs = _curves(Path(run))
+        steps, losses, eval_steps, values, key = _curves(Path(run))
         label = _label(Path(run))
         ax_loss.plot(steps, _smooth(losses), label=label)
-        ax_acc.plot(eval_steps, accs, marker="o", label=label)
+        ax_dev.plot(eval_steps, values, marker="o", label=label)
+    name = key.replace("_", " ")
     ax_loss.set(xlabel="step", ylabel="training loss (10-step mean)", title="loss")
-    ax_acc.set(xlabel="step", ylabel="dev accuracy", title="dev accuracy")
-    for ax in (ax_loss, ax_acc):
+    ax_dev.set(xlabel="step", ylabel=name, title=name)
+    for ax in (ax_loss, ax_dev):
         ax.grid(alpha=0.3)
-    ax_acc.legend(fontsize=8)
+    ax_dev.legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -58,16 +72,22 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
 
 
 def plot_run(run: Path) -> list[Path]:
-    """``plots/loss.png`` and ``plots/dev_accuracy.png`` for one run."""
-    steps, losses, eval_steps, accs = _curves(run)
+    """``plots/loss.png``, ``plots/dev_<metric>.png`` (e.g. dev_accuracy, dev_f1) and, with an FO group,
+    ``plots/grad_norm.png`` for one run."""
+    steps, losses, eval_steps, values, key = _curves(run)
+    norm_steps, norms = _grad_norms(run)
+    panels = [("loss", steps, losses, "training loss"), (key, eval_steps, values, key.replace("_", " "))]
+    if norms:
+        panels.append(("grad_norm", norm_steps, norms, "FO gradient norm (before any clip)"))
     outputs = []
-    for name, xs, ys, ylabel in (("loss", steps, losses, "training loss"),
-                                 ("dev_accuracy", eval_steps, accs, "dev accuracy")):
+    for name, xs, ys, ylabel in panels:
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(xs, ys, marker="o" if name == "dev_accuracy" else None, alpha=0.5 if name == "loss" else 1)
-        if name == "loss":
+        ax.plot(xs, ys, marker="o" if name == key else None, alpha=0.5 if name != key else 1)
+        if name != key:
             ax.plot(xs, _smooth(ys), label="10-step mean")
             ax.legend()
+        if name == "grad_norm":
+            ax.set_yscale("log")
         ax.set(xlabel="step", ylabel=ylabel, title=_label(run))
         ax.grid(alpha=0.3)
         fig.tight_layout()

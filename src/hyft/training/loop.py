@@ -324,7 +324,8 @@ class Trainer:
         state.skipped += int(stats.skipped)
         self._log_metrics(state, {
             "step": step + 1, "epoch": run.sampler.epoch, "loss": stats.loss, "lr_zo": stats.lr_zo,
-            "lr_fo": stats.lr_fo, "zo_coef": stats.zo_coef, "seconds": round(seconds, 4), "skipped": stats.skipped,
+            "lr_fo": stats.lr_fo, "zo_coef": stats.zo_coef, "grad_norm": stats.grad_norm, "seconds": round(seconds, 4),
+            "skipped": stats.skipped,
         })
         return stats
 
