@@ -237,9 +237,8 @@ def test_diverging_run_stops_with_a_clear_error(tiny_dir, tmp_path):
     assert checkpoint["state"].step == skipped[0] - 1
 
 
-@pytest.mark.parametrize("method", ["fo-peft", "hybrid"])
-def test_max_grad_norm_clips_the_gradient_the_fo_optimizer_steps_with(method, tiny_dir, tmp_path, monkeypatch):
-    """Off by default (the runs so far did not clip); when set, AdamW sees a gradient of at most that norm."""
+def adamw_grad_norms(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The norm of the gradient each AdamW step is given, appended as the steps run."""
     seen: list[float] = []
     original = torch.optim.AdamW.step
 
@@ -249,6 +248,13 @@ def test_max_grad_norm_clips_the_gradient_the_fo_optimizer_steps_with(method, ti
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return seen
+
+
+@pytest.mark.parametrize("method", ["fo-peft", "hybrid"])
+def test_max_grad_norm_clips_the_gradient_the_fo_optimizer_steps_with(method, tiny_dir, tmp_path, monkeypatch):
+    """Off by default (the runs so far did not clip); when set, AdamW sees a gradient of at most that norm."""
+    seen = adamw_grad_norms(monkeypatch)
     Trainer(tiny_config(tiny_dir, method=method, steps=2, max_grad_norm=1e-3), tmp_path / "a", progress=False).run()
     clipped, seen[:] = list(seen), []
     Trainer(tiny_config(tiny_dir, method=method, steps=2), tmp_path / "b", progress=False).run()
@@ -261,15 +267,7 @@ def test_max_grad_norm_clips_the_gradient_the_fo_optimizer_steps_with(method, ti
 def test_logged_grad_norm_is_the_fo_gradients_norm_before_clipping(method, tiny_dir, tmp_path, monkeypatch):
     """Each step's row carries the norm of the gradient the FO optimizer is given (before any clip), the
     signal that precedes an FO blow-up; a method without an FO group logs none."""
-    seen: list[float] = []
-    original = torch.optim.AdamW.step
-
-    def step(self, *args, **kwargs):
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    seen = adamw_grad_norms(monkeypatch)
     Trainer(tiny_config(tiny_dir, method=method, steps=3), tmp_path / "a", progress=False).run()
     logged = [r["grad_norm"] for r in _metric_rows(tmp_path / "a") if "loss" in r]
     if method == "zo-full":
