@@ -74,7 +74,8 @@ def test_a_sharded_run_matches_one_unsharded_process(method, sharded_runs, tiny_
         assert close(r.get("loss"), s.get("loss"), rel), (r, s)
         if "loss" in r:
             assert close(r["zo_coef"], s["zo_coef"], rel + ULPS * ulp * abs(s["loss"]) / (2 * eps)), (r, s)
-            assert close(r["grad_norm"], s["grad_norm"], 1e-5 if not method.endswith("bf16") else 1e-2), (r, s)
+            # φ's gradient norm, gathered over the shards: it carries the base's drift (≤ 1e-6 after 4 updates)
+            assert close(r["grad_norm"], s["grad_norm"], 1e-4 if not method.endswith("bf16") else 1e-2), (r, s)
     (h2, *u2), (h1, *u1) = read_jsonl(two / "zo_log.jsonl"), read_jsonl(one / "zo_log.jsonl")
     assert h1 == h2 and [u["seed"] for u in u1] == [u["seed"] for u in u2] and len(u1) == 5
     # the gathered snapshot after 4 updates: the whole base as one process has it, to the coefficients' rounding
@@ -96,6 +97,17 @@ def test_a_sharded_run_matches_one_unsharded_process(method, sharded_runs, tiny_
         tol = 1e-5 if not method.endswith("bf16") else 1e-2
         assert adapter.keys() == mine.keys() and all((adapter[k].float() - mine[k].float()).abs().max() < tol
                                                      for k in adapter)
+
+
+def test_a_sharded_fo_full_logs_the_whole_models_gradient_norm(sharded_runs, tiny_dir, tmp_path):
+    """fo-full shards every weight, so each rank holds a slice of the gradient: the logged norm is the whole
+    gradient's (gathered), as one process computes it, not a rank's part."""
+    Trainer(config(tiny_dir, "fo-full", shard_mode="none"), tmp_path / "one", progress=False).run()
+    rows, ref = read_jsonl(sharded_runs / "fo-full" / "metrics.jsonl"), read_jsonl(tmp_path / "one" / "metrics.jsonl")
+    norms = [(r["grad_norm"], s["grad_norm"]) for r, s in zip(rows, ref, strict=True) if "loss" in r]
+    # step 1 only: both start from the same weights; after it, AdamW's first update (≈ lr·sign(g)) turns the
+    # shards' other summation order in near-zero gradient entries into different weights
+    assert len(norms) == 5 and close(*norms[0], 1e-6), norms
 
 
 @pytest.mark.parametrize("method", ["hybrid", "fo-full"])
