@@ -48,20 +48,27 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def _sample(row, unobserved_first: bool) -> dict[str, float]:
+    """One step timed by category (and the RNG draws it made). On a device the split's syncs slow the step,
+    so one more step is timed without them (``unobserved``), before or after: the order alternates by round,
+    so that neither measurement always finds the caches the other just warmed."""
+    sync = row.timer.synchronising
+    unobserved = row.timer.measure_unobserved(row.step) if sync and unobserved_first else None
+    before = row.generated()
+    sample = row.timer.measure(row.step)
+    sample["drawn"] = row.generated() - before
+    if sync:
+        sample["unobserved"] = unobserved if unobserved is not None else row.timer.measure_unobserved(row.step)
+    return sample
+
+
 def _timed_rows(built: list, warmup: int, repeats: int, peaks: dict[str, Any], log=print) -> dict[str, Any]:
     """Interleaved rounds over the rows (after ``warmup``); each row's medians, totals, RNG sweeps, temporaries.
     Where the timer synchronises a device, each round also times every row unobserved (``unobserved``)."""
     samples: dict[str, list[dict[str, float]]] = {row.name: [] for row in built}
     for round_ in range(warmup + repeats):
         for row in built:
-            # a device: the split's syncs slow the step, so time it without them too; the order alternates by
-            # round, so that neither measurement always finds the caches the other just warmed
-            unobserved = row.timer.synchronising and row.timer.measure_unobserved(row.step) if round_ % 2 else None
-            before = row.generated()
-            sample = row.timer.measure(row.step)
-            sample["drawn"] = row.generated() - before
-            if row.timer.synchronising:
-                sample["unobserved"] = unobserved or row.timer.measure_unobserved(row.step)
+            sample = _sample(row, unobserved_first=bool(round_ % 2))
             if round_ >= warmup:
                 samples[row.name].append(sample)
         log(f"round {round_ + 1}/{warmup + repeats}: " +
