@@ -93,6 +93,7 @@ def test_two_processes_match_one_and_replicas_are_bitwise_equal(method, two_proc
     for r, s in zip(rows, ref, strict=True):
         assert close(r.get("loss"), s.get("loss"), LOSS_TOL), (r, s)
         assert close(r.get("zo_coef"), s.get("zo_coef"), COEF_TOL), (r, s)
+        assert close(r.get("grad_norm"), s.get("grad_norm"), LOSS_TOL), (r, s)  # of the averaged gradient
         assert r.get("dev_accuracy") == s.get("dev_accuracy")
     if method != "fo-peft":  # the ZO logs: the same header, seeds, steps and rates; coefficients to rounding
         (h1, *u1), (h2, *u2) = read_jsonl(dp / "zo_log.jsonl"), read_jsonl(one / "zo_log.jsonl")

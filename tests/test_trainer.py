@@ -232,6 +232,8 @@ def test_diverging_run_stops_with_a_clear_error(tiny_dir, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     skipped = [r["step"] for r in rows if r.get("skipped")]
     assert len(skipped) == 3 and rows[-1]["skipped"]
+    # a skipped step stepped no φ: no gradient norm, where a stepped one has it
+    assert all((r["grad_norm"] is None) == r["skipped"] for r in rows if "loss" in r)
     # the last good checkpoint is kept: none is written during the streak of skipped steps
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert checkpoint["state"].step == skipped[0] - 1

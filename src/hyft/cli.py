@@ -83,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from hyft.tools.plot import plot_run
 
-    plot_run(Path(out))  # the run's curves (plot.png), beside its metrics
+    plot_run(Path(out))  # the run's curves (plots/*.png), beside its metrics
     head = results.get("metric", "accuracy")  # the task's headline metric
     zero_shot = results.get(f"zero_shot_test_{head}")
     if zero_shot is not None:

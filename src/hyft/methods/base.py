@@ -106,7 +106,9 @@ class StepStats:
     zo_coef: float | None = None  # the first direction's finite difference g
     zo_updates: list[ZOUpdate] = field(default_factory=list)  # one per direction, in the order applied
     skipped: bool = False  # a non-finite loss or coefficient: no update was applied
-    grad_norm: float | None = None  # the FO group's gradient norm before clipping (global batch; None: no FO step)
+    # the FO group's gradient norm before any clip, over the global batch; None where this method stepped no
+    # φ itself: no FO group, an external optimizer (HybridTrainer: the Trainer logs it), or a skipped step
+    grad_norm: float | None = None
 
 
 Rates = Callable[[str, int], float]  # (group "fo" | "zo", step) -> learning rate
@@ -134,7 +136,7 @@ class Method(ABC):
         # does a train-mode loss equal the eval-mode loss (no dropout)? measured on the first batch
         self._deterministic: bool | None = None
         self._batch: Encoded | None = None  # the batch of the current step
-        self._grad_norm: Tensor | None = None  # set by ``fo_update``, read into the step's StepStats
+        self._grad_norm: float | None = None  # set by ``fo_update``, copied into the step's StepStats
         self.optimizer = self._fo_optimizer() if groups.fo and not external_fo else None
         # ZO direction seeds only; derived from the run seed, so every rank draws the same directions
         self.seeds = torch.Generator().manual_seed(derive_seed(config.seed, "directions"))
@@ -148,9 +150,7 @@ class Method(ABC):
                 _ = self.train_loss_is_eval_loss  # measured before the step's first forward, once per run
                 self.engine.begin(step)  # low-rank directions: a new period folds and redraws V
             stats = self.update(batch, step)
-            if self._grad_norm is not None:  # one scalar read, after the step's updates were queued
-                norm = self._grad_norm
-                stats.grad_norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()  # FSDP2
+            stats.grad_norm = self._grad_norm
             return stats
         finally:
             self._batch = None  # no reference to the batch's tensors outlives its step
@@ -260,17 +260,26 @@ class Method(ABC):
             return self.lr_fo(step)
         params = [p for _, p in self.groups.fo]
         self.comm.average_grads(params)
-        # after averaging: the norm of the global batch's gradient (read only; clipping scales in place)
-        if self.config.max_grad_norm:
-            self._grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        else:
-            self._grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        self._grad_norm = self._norm_of_grads(params)
         lr = self.lr_fo(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return lr
+
+    def _norm_of_grads(self, params: list[nn.Parameter]) -> float | None:
+        """The averaged gradient's norm (the global batch's), read before the optimizer step is queued: the
+        step's loss was already read, so on a device the read waits for a few norm kernels only. Clips in
+        place when ``max_grad_norm`` is set; otherwise read only. None when no φ weight has a gradient."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return None
+        if self.config.max_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads)
+        return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()  # FSDP2: the whole gradient's
 
     def zo_update(self, seed: int, coef: float, step: int, shifts: tuple[float, ...] = ()) -> ZOUpdate:
         """θ ← θ − η_zo (c·z + λ θ), applied in place from the seed; returns the logged update.

@@ -52,13 +52,15 @@ def _smooth(values: list[float], window: int = 10) -> list[float]:
 def plot_runs(runs: list[Path], out: Path) -> Path:
     """One figure: training loss (moving average of 10 steps) and the dev metric for each run."""
     fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(11, 4))
-    key = "dev_accuracy"
+    keys: list[str] = []  # the dev metric of each run that has evaluations, in order, once each
     for run in runs:
         steps, losses, eval_steps, values, key = _curves(Path(run))
         label = _label(Path(run))
         ax_loss.plot(steps, _smooth(losses), label=label)
         ax_dev.plot(eval_steps, values, marker="o", label=label)
-    name = key.replace("_", " ")
+        if eval_steps and key not in keys:
+            keys.append(key)
+    name = " / ".join(k.replace("_", " ") for k in keys) or "dev accuracy"
     ax_loss.set(xlabel="step", ylabel="training loss (10-step mean)", title="loss")
     ax_dev.set(xlabel="step", ylabel=name, title=name)
     for ax in (ax_loss, ax_dev):
