@@ -279,3 +279,8 @@ def test_logged_grad_norm_is_the_fo_gradients_norm_before_clipping(method, tiny_
     clipped = tmp_path / "b"  # with a clip the row keeps the norm before it: step 1 is the same gradient
     Trainer(tiny_config(tiny_dir, method=method, steps=1, max_grad_norm=1e-3), clipped, progress=False).run()
     assert [r["grad_norm"] for r in _metric_rows(clipped) if "loss" in r] == pytest.approx(seen[:1], rel=1e-5)
+    quiet = tmp_path / "c"  # --no-log-grad-norm: no norm in the rows, the same training
+    Trainer(tiny_config(tiny_dir, method=method, steps=3, log_grad_norm=False), quiet, progress=False).run()
+    assert [r["grad_norm"] for r in _metric_rows(quiet) if "loss" in r] == [None] * 3
+    assert [r["loss"] for r in _metric_rows(quiet) if "loss" in r] == \
+        [r["loss"] for r in _metric_rows(tmp_path / "a") if "loss" in r]

@@ -271,13 +271,14 @@ class Method(ABC):
     def _norm_of_grads(self, params: list[nn.Parameter]) -> float | None:
         """The averaged gradient's norm (the global batch's), read before the optimizer step is queued: the
         step's loss was already read, so on a device the read waits for a few norm kernels only. Clips in
-        place when ``max_grad_norm`` is set; otherwise read only. None when no φ weight has a gradient."""
+        place when ``max_grad_norm`` is set; otherwise read only. None when no φ weight has a gradient or
+        ``log_grad_norm`` is off."""
         grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm) if self.config.max_grad_norm \
+            else None
+        if not grads or not self.config.log_grad_norm:
             return None
-        if self.config.max_grad_norm:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        else:
+        if norm is None:
             norm = torch.nn.utils.get_total_norm(grads)
         return (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()  # FSDP2: the whole gradient's
 
