@@ -5,6 +5,9 @@
                                                         # written into the README between its markers
     python scripts/grid.py list configs/study.yaml      # every run and its command, in run order
     touch runs/study/PAUSE                              # stop after the current run (rm it to go on)
+    python scripts/grid.py run configs/long.yaml --stop-at 22:15   # at 22:15 stop the run (it checkpoints)
+                                                        # and park it; an unparkable cell (session_hours)
+                                                        # starts only if it fits before then
     python scripts/grid.py park configs/long.yaml       # copy unfinished runs' resumable state into the
                                                         # grid's ``parked`` folder, to be committed
 
@@ -20,21 +23,24 @@ unfinished run's resumable files (``RunDir.portable_files``: the checkpoint, log
 base snapshots) into ``parked`` (a committed folder), and ``run`` copies them back into ``out`` for any run
 that has no checkpoint there. A run whose resumable files exceed ``park_limit_mb`` (fo-full: the whole
 model and AdamW's moments) cannot be parked and is said so; such runs must finish within one session
-(``--only``/``--exclude`` pick what runs). Each launch appends the host and commit it ran on to the run's
+(``--only``/``--exclude`` pick what runs; a cell's ``session_hours`` tells ``--stop-at`` how long it needs). Each launch appends the host and commit it ran on to the run's
 ``segments.jsonl``, and the record carries them: the seconds of a run resumed elsewhere mix hosts.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import itertools
 import json
 import os
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +60,7 @@ def value_tag(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-SPECIAL = ("grid", "tasks", "seeds", "tuned", "label")
+SPECIAL = ("grid", "tasks", "seeds", "tuned", "label", "session_hours")
 LOWER_IS_BETTER = ("loss", "perplexity")
 
 
@@ -133,7 +139,7 @@ def cell_runs(grid: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[
                 config = None if tuned is None else {**grid.get("base", {}), **fixed, **tuned, "task": task,
                                                      "seed": seed}
                 runs.append({"name": f"{task}-{name}-s{seed}", "cell": name, "label": cell.get("label", name),
-                             "config": config})
+                             "config": config, "session_hours": cell.get("session_hours")})
     return runs
 
 
@@ -286,7 +292,22 @@ def unpark(grid: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[str
     return said
 
 
-def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = False) -> None:
+def launch(argv: list[str], stop_at: float | None = None) -> int:
+    """Run ``hyft train`` to its end, or until ``stop_at`` (epoch seconds): then SIGTERM it, so that it saves a
+    checkpoint after its current step and exits 143, and wait for that. Returns the exit code."""
+    if stop_at is None:
+        return subprocess.run(argv, check=False).returncode
+    child = subprocess.Popen(argv)
+    try:
+        return child.wait(timeout=max(0.0, stop_at - time.time()))
+    except subprocess.TimeoutExpired:
+        print(f"[grid] --stop-at reached: SIGTERM to {Path(argv[0]).name} (it checkpoints, then exits)", flush=True)
+        child.send_signal(signal.SIGTERM)
+        return child.wait()
+
+
+def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = False,
+            stop_at: float | None = None) -> None:
     run_dir = out / run["name"]
     cmd = command(run["config"], run_dir)
     print(f"[grid] {run['name']}: {cmd}", flush=True)
@@ -315,7 +336,7 @@ def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = Fa
 
     if resuming:
         segment(checkpoint_step(run_dir))
-    code = 0 if argv is None else subprocess.run(argv, check=False).returncode
+    code = 0 if argv is None else launch(argv, stop_at)
     if argv is not None and not resuming and run_dir.is_dir():  # after it: a fresh start --overwrite's the folder
         segment(0)
     if code in (130, 137, 143, -2, -9, -15):  # interrupted (checkpoint kept): stop here, resume next time
@@ -365,7 +386,18 @@ def check(grid: dict[str, Any]) -> None:
                 raise SystemExit(f"[grid] {key}: {label!r} is not a cell's label (labels: {sorted(labels)})")
 
 
-def run_grid(grid: dict[str, Any], only: str | None, reuse: bool = False, exclude: str | None = None) -> None:
+def fits(run: dict[str, Any], out: Path, stop_at: float | None) -> bool:
+    """Can this run start now? A cell with ``session_hours`` (one that cannot be parked: it must finish within
+    one session) starts only if that much time is left before ``stop_at``; parkable runs always can."""
+    hours = run.get("session_hours")
+    return stop_at is None or not hours or stop_at - time.time() >= float(hours) * 3600
+
+
+def run_grid(grid: dict[str, Any], only: str | None, reuse: bool = False, exclude: str | None = None,
+             stop_at: float | None = None) -> None:
+    """Run what is missing, in order, one at a time. With ``stop_at``: the run in progress then is stopped
+    (it checkpoints), every unfinished run is parked (when the grid has ``parked``), and a cell that cannot be
+    parked is skipped while its ``session_hours`` do not fit before ``stop_at``."""
     check(grid)
     out, results_path = Path(grid["out"]), Path(grid["results"])
     out.mkdir(parents=True, exist_ok=True)
@@ -379,9 +411,20 @@ def run_grid(grid: dict[str, Any], only: str | None, reuse: bool = False, exclud
         pending = [r for r in sweep_runs(grid, results) + cell_runs(grid, results)
                    if r["name"] not in results and r["config"] is not None and (not only or only in r["name"])
                    and not (exclude and exclude in r["name"])]
-        if not pending:
+        skipped = [r for r in pending if not fits(r, out, stop_at)]
+        for r in skipped:
+            print(f"[grid] {r['name']}: skipped: it needs {r['session_hours']} h within one session (it cannot "
+                  f"be parked) and less is left before --stop-at", flush=True)
+        pending = [r for r in pending if r not in skipped]
+        if not pending or (stop_at is not None and time.time() >= stop_at):
             return
-        run_one(pending[0], out, results_path, reuse)
+        try:
+            run_one(pending[0], out, results_path, reuse, stop_at)
+        except SystemExit:
+            if stop_at is not None and time.time() >= stop_at and grid.get("parked"):
+                for line in park(grid):
+                    print(f"[grid] {line}", flush=True)
+            raise
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -692,19 +735,34 @@ def inject(readme: Path, text: str) -> None:
     readme.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
 
 
+def stop_time(hhmm: str) -> float:
+    """``HH:MM`` local time → epoch seconds: today's, or tomorrow's if today's has passed."""
+    try:
+        hour, minute = (int(x) for x in hhmm.split(":"))
+        now = datetime.datetime.now()
+        at = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    except ValueError as err:
+        raise SystemExit(f"[grid] --stop-at {hhmm!r}: expected HH:MM, e.g. 22:15") from err
+    return (at if at > now else at + datetime.timedelta(days=1)).timestamp()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["run", "render", "list", "park"])
     parser.add_argument("grid", help="grid YAML file")
     parser.add_argument("--only", default=None, help="run only the runs whose name contains this")
     parser.add_argument("--exclude", default=None, help="skip the runs whose name contains this")
+    parser.add_argument("--stop-at", default=None, metavar="HH:MM",
+                        help="run: at this local time (today, or tomorrow if it has passed) stop the run in "
+                             "progress (it checkpoints) and park what is unfinished; skip cells whose "
+                             "session_hours no longer fit")
     parser.add_argument("--reuse", action="store_true",
                         help="a cell identical to a finished sweep run takes its record (accuracy only: the "
                              "sweep's seconds may come from a shared machine)")
     args = parser.parse_args()
     grid = yaml.safe_load(Path(args.grid).read_text())
     if args.action == "run":
-        run_grid(grid, args.only, args.reuse, args.exclude)
+        run_grid(grid, args.only, args.reuse, args.exclude, stop_time(args.stop_at) if args.stop_at else None)
         text = render(grid)
         print(text)
         if grid.get("readme"):

@@ -362,3 +362,66 @@ def test_a_parked_run_resumes_in_a_fresh_checkout_as_if_never_stopped(tiny_dir, 
     (tmp_path / "results.jsonl").write_text(json.dumps({"name": "cell"}) + "\n")
     assert g.park(grid) == ["cell: recorded; its parked copy removed"] and not (tmp_path / "parked" / "cell").exists()
     assert g.unpark(grid, {"cell": {}}) == []
+
+
+def test_stop_at_terminates_the_run_so_that_it_checkpoints(tmp_path):
+    """At --stop-at the child gets SIGTERM (hyft train's cue to checkpoint and exit 143), not SIGKILL, and the
+    grid waits for it to finish doing so."""
+    import sys
+    import time
+
+    child = tmp_path / "child.py"
+    child.write_text("import signal, sys, time\n"
+                     "def stop(*_):\n"
+                     f"    open({str(tmp_path / 'saved')!r}, 'w').write('checkpoint')\n"
+                     "    sys.exit(143)\n"
+                     "signal.signal(signal.SIGTERM, stop)\n"
+                     "time.sleep(60)\n")
+    start = time.time()
+    assert grid_module.launch([sys.executable, str(child)], stop_at=start + 1.5) == 143
+    assert (tmp_path / "saved").read_text() == "checkpoint" and time.time() - start < 30
+    assert grid_module.launch([sys.executable, "-c", "pass"], stop_at=time.time() + 60) == 0
+
+
+def test_stop_at_skips_a_cell_that_cannot_be_parked_when_it_would_not_finish(tmp_path, monkeypatch):
+    import json
+    import time
+
+    g = grid_module
+    grid = {"out": str(tmp_path / "runs"), "results": str(tmp_path / "results.jsonl"), "base": {"steps": 10},
+            "cells": {"fo-full": {"method": "fo-full", "tasks": ["sst2"], "session_hours": 2},
+                      "fo-peft": {"method": "fo-peft", "tasks": ["sst2"]}}}
+    started: list[str] = []
+
+    def fake_run_one(run, out, results_path, reuse=False, stop_at=None):
+        started.append(run["name"])
+        with results_path.open("a") as f:
+            f.write(json.dumps({"name": run["name"]}) + "\n")
+
+    monkeypatch.setattr(g, "run_one", fake_run_one)
+    g.run_grid(grid, None, stop_at=time.time() + 3600)  # 1 h left: fo-full (2 h, unparkable) waits
+    assert started == ["sst2-fo-peft-s0"]
+    g.run_grid(grid, None, stop_at=time.time() + 3 * 3600)
+    assert started == ["sst2-fo-peft-s0", "sst2-fo-full-s0"]
+    assert g.stop_time("23:59") > time.time() and g.stop_time("00:00") - time.time() <= 24 * 3600
+    with pytest.raises(SystemExit, match="HH:MM"):
+        g.stop_time("22h15")
+
+
+def test_a_run_stopped_at_stop_at_is_parked(tmp_path, monkeypatch):
+    import time
+
+    g = grid_module
+    grid = {"out": str(tmp_path / "runs"), "results": str(tmp_path / "results.jsonl"), "base": {"steps": 10},
+            "parked": str(tmp_path / "parked"), "cells": {"hy": {"method": "hybrid", "tasks": ["sst2"]}}}
+
+    def stopped(run, out, results_path, reuse=False, stop_at=None):
+        time.sleep(max(0.0, stop_at - time.time()) + 0.05)
+        raise SystemExit(f"[grid] {run['name']} was interrupted (exit 143); run the grid again to resume it")
+
+    parked: list[str] = []
+    monkeypatch.setattr(g, "run_one", stopped)
+    monkeypatch.setattr(g, "park", lambda grid: parked.append("parked") or ["sst2-hy-s0: parked at step 5"])
+    with pytest.raises(SystemExit, match="interrupted"):
+        g.run_grid(grid, None, stop_at=time.time() + 0.2)
+    assert parked == ["parked"]
