@@ -23,8 +23,12 @@ unfinished run's resumable files (``RunDir.portable_files``: the checkpoint, log
 base snapshots) into ``parked`` (a committed folder), and ``run`` copies them back into ``out`` for any run
 that has no checkpoint there. A run whose resumable files exceed ``park_limit_mb`` (fo-full: the whole
 model and AdamW's moments) cannot be parked and is said so; such runs must finish within one session
-(``--only``/``--exclude`` pick what runs; a cell's ``session_hours`` tells ``--stop-at`` how long it needs). Each launch appends the host and commit it ran on to the run's
-``segments.jsonl``, and the record carries them: the seconds of a run resumed elsewhere mix hosts.
+(``--only``/``--exclude`` pick what runs; a cell's ``session_hours`` tells ``--stop-at`` how long it needs).
+Each launch appends the host and commit it ran on to the run's ``segments.jsonl``, and the record carries
+them: the seconds of a run resumed elsewhere mix hosts.
+
+``--stop-at`` needs a margin before the session's end: the running step, a dev evaluation if one is due (a
+minute or two on the long study's 500 examples), the checkpoint and the park copy.
 """
 
 from __future__ import annotations
@@ -293,17 +297,34 @@ def unpark(grid: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[str
 
 
 def launch(argv: list[str], stop_at: float | None = None) -> int:
-    """Run ``hyft train`` to its end, or until ``stop_at`` (epoch seconds): then SIGTERM it, so that it saves a
-    checkpoint after its current step and exits 143, and wait for that. Returns the exit code."""
+    """Run ``hyft train`` to its end, or until ``stop_at`` (epoch seconds). Then, or when the grid itself gets
+    SIGTERM or Ctrl-C, the child gets SIGTERM: hyft checkpoints at the end of its current step (and dev
+    evaluation, if one is due) and exits 143; the grid waits for that, so no child outlives it or is killed
+    while writing. (During setup or the final test hyft has no handler yet and dies at once, code -15; its last
+    checkpoint is kept.) Returns the exit code."""
     if stop_at is None:
         return subprocess.run(argv, check=False).returncode
     child = subprocess.Popen(argv)
-    try:
-        return child.wait(timeout=max(0.0, stop_at - time.time()))
-    except subprocess.TimeoutExpired:
-        print(f"[grid] --stop-at reached: SIGTERM to {Path(argv[0]).name} (it checkpoints, then exits)", flush=True)
+    stop = [False]
+
+    def forward(*_: Any) -> None:  # the grid is asked to stop: stop the child first
+        stop[0] = True
         child.send_signal(signal.SIGTERM)
-        return child.wait()
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        while True:
+            try:
+                return child.wait(timeout=1.0 if stop[0] else max(0.0, min(60.0, stop_at - time.time())))
+            except subprocess.TimeoutExpired:
+                if not stop[0] and time.time() >= stop_at:
+                    print(f"[grid] --stop-at reached: SIGTERM to {Path(argv[0]).name} (it checkpoints, then exits)",
+                          flush=True)
+                    forward()
+            except KeyboardInterrupt:
+                forward()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = False,
@@ -388,22 +409,33 @@ def check(grid: dict[str, Any]) -> None:
 
 def fits(run: dict[str, Any], out: Path, stop_at: float | None) -> bool:
     """Can this run start now? A cell with ``session_hours`` (one that cannot be parked: it must finish within
-    one session) starts only if that much time is left before ``stop_at``; parkable runs always can."""
+    one session) starts only if what it has left of them (its checkpoint in ``out`` counts) fits before
+    ``stop_at``; parkable runs always can."""
     hours = run.get("session_hours")
-    return stop_at is None or not hours or stop_at - time.time() >= float(hours) * 3600
+    if stop_at is None or not hours:
+        return True
+    done = checkpoint_step(out / run["name"]) / run["config"]["steps"] if run.get("config") else 0.0
+    return stop_at - time.time() >= float(hours) * (1 - done) * 3600
 
 
 def run_grid(grid: dict[str, Any], only: str | None, reuse: bool = False, exclude: str | None = None,
              stop_at: float | None = None) -> None:
     """Run what is missing, in order, one at a time. With ``stop_at``: the run in progress then is stopped
-    (it checkpoints), every unfinished run is parked (when the grid has ``parked``), and a cell that cannot be
-    parked is skipped while its ``session_hours`` do not fit before ``stop_at``."""
+    (it checkpoints) and every unfinished run is parked (when the grid has ``parked``), as after a SIGTERM
+    or Ctrl-C to the grid; a cell that cannot be parked is skipped while its ``session_hours`` do not fit
+    before ``stop_at``. A stop at ``stop_at`` returns (the report is rendered); other interruptions exit."""
     check(grid)
     out, results_path = Path(grid["out"]), Path(grid["results"])
     out.mkdir(parents=True, exist_ok=True)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     for line in unpark(grid, load_results(results_path)):
         print(line, flush=True)
+    said: set[str] = set()
+
+    def park_all() -> None:
+        for line in park(grid) if stop_at is not None and grid.get("parked") else []:
+            print(f"[grid] {line}", flush=True)
+
     while True:
         if (out / "PAUSE").exists():  # `touch OUT/PAUSE`: stop between runs (nothing to redo on resume)
             raise SystemExit(f"[grid] {out / 'PAUSE'} exists: stopped between runs; remove it and run again")
@@ -413,17 +445,25 @@ def run_grid(grid: dict[str, Any], only: str | None, reuse: bool = False, exclud
                    and not (exclude and exclude in r["name"])]
         skipped = [r for r in pending if not fits(r, out, stop_at)]
         for r in skipped:
-            print(f"[grid] {r['name']}: skipped: it needs {r['session_hours']} h within one session (it cannot "
-                  f"be parked) and less is left before --stop-at", flush=True)
+            if r["name"] not in said:
+                said.add(r["name"])
+                print(f"[grid] {r['name']}: skipped: it needs {r['session_hours']} h within one session (it "
+                      f"cannot be parked) and less is left before --stop-at", flush=True)
         pending = [r for r in pending if r not in skipped]
-        if not pending or (stop_at is not None and time.time() >= stop_at):
+        if stop_at is not None and time.time() >= stop_at:
+            print("[grid] --stop-at reached between runs", flush=True)
+            park_all()
+            return
+        if not pending:
             return
         try:
             run_one(pending[0], out, results_path, reuse, stop_at)
         except SystemExit:
-            if stop_at is not None and time.time() >= stop_at and grid.get("parked"):
-                for line in park(grid):
-                    print(f"[grid] {line}", flush=True)
+            park_all()  # stopped at stop_at, or the grid was signalled: either way the run checkpointed
+            if stop_at is not None and time.time() >= stop_at:
+                print(f"[grid] stopped at --stop-at: {pending[0]['name']} checkpointed; run the grid again to "
+                      "resume it", flush=True)
+                return
             raise
 
 
@@ -736,14 +776,19 @@ def inject(readme: Path, text: str) -> None:
 
 
 def stop_time(hhmm: str) -> float:
-    """``HH:MM`` local time → epoch seconds: today's, or tomorrow's if today's has passed."""
+    """``HH:MM`` local time → epoch seconds: the next such time, which must be within 12 hours (a time just
+    passed is refused, not taken as tomorrow's)."""
     try:
         hour, minute = (int(x) for x in hhmm.split(":"))
         now = datetime.datetime.now()
         at = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
     except ValueError as err:
         raise SystemExit(f"[grid] --stop-at {hhmm!r}: expected HH:MM, e.g. 22:15") from err
-    return (at if at > now else at + datetime.timedelta(days=1)).timestamp()
+    at = at if at > now else at + datetime.timedelta(days=1)
+    if at - now > datetime.timedelta(hours=12):
+        raise SystemExit(f"[grid] --stop-at {hhmm}: that is {(at - now).total_seconds() / 3600:.1f} h from now "
+                         f"({now:%H:%M} here): has it passed? give a time within 12 h")
+    return at.timestamp()
 
 
 def main() -> None:
@@ -762,7 +807,11 @@ def main() -> None:
     args = parser.parse_args()
     grid = yaml.safe_load(Path(args.grid).read_text())
     if args.action == "run":
-        run_grid(grid, args.only, args.reuse, args.exclude, stop_time(args.stop_at) if args.stop_at else None)
+        stop_at = stop_time(args.stop_at) if args.stop_at else None
+        if stop_at is not None:
+            print(f"[grid] will stop at {datetime.datetime.fromtimestamp(stop_at):%Y-%m-%d %H:%M} (local time, "
+                  f"{time.strftime('%Z')})", flush=True)
+        run_grid(grid, args.only, args.reuse, args.exclude, stop_at)
         text = render(grid)
         print(text)
         if grid.get("readme"):

@@ -365,22 +365,34 @@ def test_a_parked_run_resumes_in_a_fresh_checkout_as_if_never_stopped(tiny_dir, 
 
 
 def test_stop_at_terminates_the_run_so_that_it_checkpoints(tmp_path):
-    """At --stop-at the child gets SIGTERM (hyft train's cue to checkpoint and exit 143), not SIGKILL, and the
-    grid waits for it to finish doing so."""
+    """At --stop-at, or when the grid itself gets SIGTERM, the child gets SIGTERM (hyft train's cue to
+    checkpoint and exit 143), not SIGKILL, and the grid waits for it to finish doing so."""
+    import subprocess
     import sys
     import time
 
     child = tmp_path / "child.py"
     child.write_text("import signal, sys, time\n"
                      "def stop(*_):\n"
-                     f"    open({str(tmp_path / 'saved')!r}, 'w').write('checkpoint')\n"
+                     "    open(sys.argv[1], 'w').write('checkpoint')\n"
                      "    sys.exit(143)\n"
                      "signal.signal(signal.SIGTERM, stop)\n"
                      "time.sleep(60)\n")
     start = time.time()
-    assert grid_module.launch([sys.executable, str(child)], stop_at=start + 1.5) == 143
-    assert (tmp_path / "saved").read_text() == "checkpoint" and time.time() - start < 30
+    assert grid_module.launch([sys.executable, str(child), str(tmp_path / "a")], stop_at=start + 5) == 143
+    assert (tmp_path / "a").read_text() == "checkpoint" and time.time() - start < 30
     assert grid_module.launch([sys.executable, "-c", "pass"], stop_at=time.time() + 60) == 0
+    # the grid signalled long before its stop time: it stops the child first and only then returns
+    grid = subprocess.Popen([sys.executable, "-c", "import importlib.util, sys, time\n"
+                             f"spec = importlib.util.spec_from_file_location('g', {grid_module.__file__!r})\n"
+                             "g = importlib.util.module_from_spec(spec); spec.loader.exec_module(g)\n"
+                             f"code = g.launch([sys.executable, {str(child)!r}, {str(tmp_path / 'b')!r}], "
+                             "stop_at=time.time() + 3600)\n"
+                             "print('child exit', code)\n"], stdout=subprocess.PIPE, text=True)
+    time.sleep(5)  # both processes up, the child's handler installed
+    grid.send_signal(subprocess.signal.SIGTERM)
+    out, _ = grid.communicate(timeout=60)
+    assert out.strip() == "child exit 143" and (tmp_path / "b").read_text() == "checkpoint"
 
 
 def test_stop_at_skips_a_cell_that_cannot_be_parked_when_it_would_not_finish(tmp_path, monkeypatch):
@@ -401,27 +413,32 @@ def test_stop_at_skips_a_cell_that_cannot_be_parked_when_it_would_not_finish(tmp
     monkeypatch.setattr(g, "run_one", fake_run_one)
     g.run_grid(grid, None, stop_at=time.time() + 3600)  # 1 h left: fo-full (2 h, unparkable) waits
     assert started == ["sst2-fo-peft-s0"]
-    g.run_grid(grid, None, stop_at=time.time() + 3 * 3600)
+    monkeypatch.setattr(g, "checkpoint_step", lambda d: 6 if d.name == "sst2-fo-full-s0" else 0)
+    g.run_grid(grid, None, stop_at=time.time() + 3600)  # 6 of its 10 steps done this session: 0.8 h left to run
     assert started == ["sst2-fo-peft-s0", "sst2-fo-full-s0"]
-    assert g.stop_time("23:59") > time.time() and g.stop_time("00:00") - time.time() <= 24 * 3600
-    with pytest.raises(SystemExit, match="HH:MM"):
-        g.stop_time("22h15")
+    assert time.time() < g.stop_time(time.strftime("%H:%M", time.localtime(time.time() + 7200))) < time.time() + 7200
+    for bad, message in (("22h15", "HH:MM"), (time.strftime("%H:%M", time.localtime(time.time() - 120)), "passed")):
+        with pytest.raises(SystemExit, match=message):
+            g.stop_time(bad)
 
 
-def test_a_run_stopped_at_stop_at_is_parked(tmp_path, monkeypatch):
+def test_a_run_stopped_at_stop_at_is_parked_and_the_grid_returns(tmp_path, monkeypatch):
+    """run_one hands --stop-at to the launch; the interrupted run is parked and the grid returns (it renders)."""
     import time
 
     g = grid_module
     grid = {"out": str(tmp_path / "runs"), "results": str(tmp_path / "results.jsonl"), "base": {"steps": 10},
             "parked": str(tmp_path / "parked"), "cells": {"hy": {"method": "hybrid", "tasks": ["sst2"]}}}
+    seen: list[float | None] = []
 
-    def stopped(run, out, results_path, reuse=False, stop_at=None):
+    def stopped(argv, stop_at=None):  # runs until the stop time, then exits as hyft does on SIGTERM
+        seen.append(stop_at)
         time.sleep(max(0.0, stop_at - time.time()) + 0.05)
-        raise SystemExit(f"[grid] {run['name']} was interrupted (exit 143); run the grid again to resume it")
+        return 143
 
     parked: list[str] = []
-    monkeypatch.setattr(g, "run_one", stopped)
+    monkeypatch.setattr(g, "launch", stopped)
     monkeypatch.setattr(g, "park", lambda grid: parked.append("parked") or ["sst2-hy-s0: parked at step 5"])
-    with pytest.raises(SystemExit, match="interrupted"):
-        g.run_grid(grid, None, stop_at=time.time() + 0.2)
-    assert parked == ["parked"]
+    stop_at = time.time() + 0.5
+    g.run_grid(grid, None, stop_at=stop_at)
+    assert seen == [stop_at] and parked == ["parked"]
