@@ -327,9 +327,26 @@ def launch(argv: list[str], stop_at: float | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def other_settings(run: dict[str, Any], run_dir: Path) -> str:
+    """How the run directory's stored config differs from the cell's, on the keys the cell sets ('' when it
+    does not, or there is none). A key missing from an older config.yaml had its default then: hyft adds a
+    field only with a default that keeps the old behaviour."""
+    if not (run_dir / "config.yaml").is_file():
+        return ""
+    from hyft.config import RunConfig
+
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    wanted, defaults = RunConfig.from_dict(run["config"], source=run["name"]), RunConfig()
+    return ", ".join(f"{k}: {stored.get(k, getattr(defaults, k))!r} there, {getattr(wanted, k)!r} in the cell"
+                     for k in run["config"] if stored.get(k, getattr(defaults, k)) != getattr(wanted, k))
+
+
 def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = False,
             stop_at: float | None = None) -> None:
     run_dir = out / run["name"]
+    if differs := other_settings(run, run_dir):  # e.g. the grid file changed since: never record or resume it
+        raise SystemExit(f"[grid] {run_dir} was made with other settings ({differs}); it is not this cell's "
+                         "run: move it away to run the cell")
     cmd = command(run["config"], run_dir)
     print(f"[grid] {run['name']}: {cmd}", flush=True)
     exe = str(Path(sys.executable).parent / "hyft")

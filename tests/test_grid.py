@@ -442,3 +442,23 @@ def test_a_run_stopped_at_stop_at_is_parked_and_the_grid_returns(tmp_path, monke
     stop_at = time.time() + 0.5
     g.run_grid(grid, None, stop_at=stop_at)
     assert seen == [stop_at] and parked == ["parked"]
+
+
+def test_a_run_directory_made_with_other_settings_is_neither_recorded_nor_resumed(tmp_path):
+    """After a grid file changes a cell (here: clipping added), its old run directory must not stand in for it,
+    even when its config.yaml predates the key (then the key had its default)."""
+    import json
+
+    g = grid_module
+    run_dir = tmp_path / "runs" / "sst2-fo-s0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("method: fo-peft\ntask: sst2\nseed: 0\nsteps: 10\n")  # no max_grad_norm
+    (run_dir / "results.json").write_text(json.dumps({"method": "fo-peft", "metric": "accuracy"}))
+    cell = {"name": "sst2-fo-s0", "cell": "fo", "label": "fo",
+            "config": {"steps": 10, "method": "fo-peft", "task": "sst2", "seed": 0, "max_grad_norm": 1.0}}
+    assert g.other_settings(cell, run_dir) == "max_grad_norm: 0.0 there, 1.0 in the cell"
+    with pytest.raises(SystemExit, match="other settings"):
+        g.run_one(cell, tmp_path / "runs", tmp_path / "results.jsonl")
+    assert not (tmp_path / "results.jsonl").exists()
+    same = {**cell, "config": {k: v for k, v in cell["config"].items() if k != "max_grad_norm"}}
+    assert g.other_settings(same, run_dir) == ""
