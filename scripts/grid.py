@@ -815,7 +815,7 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="run only the runs whose name contains this")
     parser.add_argument("--exclude", default=None, help="skip the runs whose name contains this")
     parser.add_argument("--stop-at", default=None, metavar="HH:MM",
-                        help="run: at this local time (today, or tomorrow if it has passed) stop the run in "
+                        help="run: at this local time (the next one, within 12 h) stop the run in "
                              "progress (it checkpoints) and park what is unfinished; skip cells whose "
                              "session_hours no longer fit")
     parser.add_argument("--reuse", action="store_true",
