@@ -260,7 +260,10 @@ class Method(ABC):
             return self.lr_fo(step)
         params = [p for _, p in self.groups.fo]
         self.comm.average_grads(params)
-        self._grad_norm = self._norm_of_grads(params)
+        # after averaging: the global batch's gradient, clipped in place when asked (the clip returns its norm)
+        clipped = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm) if self.config.max_grad_norm \
+            else None
+        self._grad_norm = self._norm_of_grads(params, clipped)
         lr = self.lr_fo(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -268,14 +271,11 @@ class Method(ABC):
         self.optimizer.zero_grad(set_to_none=True)
         return lr
 
-    def _norm_of_grads(self, params: list[nn.Parameter]) -> float | None:
-        """The averaged gradient's norm (the global batch's), read before the optimizer step is queued: the
-        step's loss was already read, so on a device the read waits for a few norm kernels only. Clips in
-        place when ``max_grad_norm`` is set; otherwise read only. None when no φ weight has a gradient or
-        ``log_grad_norm`` is off."""
+    def _norm_of_grads(self, params: list[nn.Parameter], norm: Tensor | None) -> float | None:
+        """The averaged gradient's norm before any clip (``norm``, when the clip already computed it), read
+        before the optimizer step is queued: the step's loss was already read, so on a device the read waits
+        for a few norm kernels only. None when no φ weight has a gradient or ``log_grad_norm`` is off."""
         grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm) if self.config.max_grad_norm \
-            else None
         if not grads or not self.config.log_grad_norm:
             return None
         if norm is None:
