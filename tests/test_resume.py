@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from hyft.cli import main
+from hyft.config import RunConfig
+from hyft.training.loop import config_changes
 
 STEPS = 40
 
@@ -131,3 +133,9 @@ def test_resume_with_a_different_config_is_refused(reference_run, tmp_path, caps
     assert main(["train", "--resume", str(out), "--lr-fo", "0.9"]) == 2  # the CLI's own path, in this process
     err = capsys.readouterr().err
     assert "cannot resume" in err and "lr_fo: 0.3 -> 0.9" in err
+
+
+def test_a_key_missing_from_an_older_checkpoints_config_counts_as_its_default():
+    stored = {k: v for k, v in RunConfig().to_dict().items() if k != "max_grad_norm"}  # saved before the key
+    assert config_changes(stored, RunConfig()) == ""
+    assert config_changes(stored, RunConfig(max_grad_norm=1.0)) == "max_grad_norm: 0.0 -> 1.0"

@@ -642,8 +642,11 @@ def direct_params(config: RunConfig, groups: ParamGroups) -> list[tuple[str, nn.
 
 
 def config_changes(stored: dict[str, Any], config: RunConfig) -> str:
-    """``key: old -> new`` for every value of ``config`` that differs from ``stored`` ('' when none)."""
-    return ", ".join(f"{k}: {v!r} -> {getattr(config, k, None)!r}" for k, v in stored.items()
+    """``key: old -> new`` for every value of ``config`` that differs from ``stored`` ('' when none). A key
+    missing from ``stored`` (saved before hyft had it) counts as its default: hyft adds a key only with a
+    default that keeps the old behaviour."""
+    was = {**RunConfig().to_dict(), **stored}
+    return ", ".join(f"{k}: {v!r} -> {getattr(config, k, None)!r}" for k, v in was.items()
                      if getattr(config, k, None) != v)
 
 
