@@ -143,3 +143,21 @@ def test_on_a_device_the_step_is_also_timed_without_the_splits_synchronisations(
                "machine": {"device": "cuda", "gpu": "g", "cores": 1, "torch_threads": 1, "torch": "t"}}
     assert targets(results)[0][:2] == ("zo-full step / two no-grad forwards", pytest.approx(1.3))
     assert "| zo | 1.300 | 2.60 | 2.000 | 1.000 |" in markdown(results)
+
+
+@pytest.mark.parametrize("precision", ["none", "bfloat16"])
+def test_bench_rows_compute_their_forwards_under_the_asked_autocast(tiny_dir, precision):
+    """``hyft bench --autocast``: every linear layer of every forward in a row's step computes in that precision."""
+    from hyft.tools.bench.rows import build_row
+
+    rows = [build_row(name, tiny_dir, 2, 8, "float32", "cpu", autocast=precision)
+            for name in ("forward", "fo-peft", "hybrid-two-sided-separate", "mezo")]
+    seen: set[torch.dtype] = set()
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, _i, out: seen.add(out.dtype) if isinstance(m, torch.nn.Linear) else None)
+    try:
+        for row in rows:
+            row.step()
+    finally:
+        handle.remove()
+    assert seen == {torch.bfloat16 if precision == "bfloat16" else torch.float32}

@@ -189,8 +189,23 @@ def test_a_fresh_run_into_a_directory_with_a_zo_log_is_refused(tiny_dir, tmp_pat
     assert len((tmp_path / "zo_log.jsonl").read_text().splitlines()) == 2  # replaced, not appended
 
 
+def test_bf16_training_arguments_run_every_forward_of_the_step_under_autocast(tiny_dir, tmp_path):
+    """TrainingArguments(bf16=True) is hyft's --autocast bfloat16: the FO pass and both SPSA points compute in
+    bf16 over float32 weights, and the step still updates θ (in float32) and φ."""
+    model, t = trainer(tiny_dir, tmp_path, steps=2, bf16=True)
+    seen: list[torch.dtype] = []
+    layer = next(m for name, m in model.named_modules() if name.endswith("mlp.down_proj"))
+    layer.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    t.train()
+    assert t.run_config.autocast == "bfloat16"
+    assert seen and set(seen) == {torch.bfloat16}, seen
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert any("lora_" in n for n in moved) and any("lora_" not in n for n in moved)
+
+
 @pytest.mark.parametrize(("kw", "hybrid", "message"), [
-    (dict(bf16=True), {}, "autocast"),
     (dict(gradient_accumulation_steps=2), {}, "gradient_accumulation_steps"),
     ({}, dict(method="nosuch"), "must be one of"),
     ({}, dict(zo_dist="uniform"), "zo_dist must be one of"),

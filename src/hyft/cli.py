@@ -49,7 +49,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     result = evaluate_task(model, tokenizer, task, examples, batch_size=args.batch_size, normalize=args.normalize,
-                           max_length=args.max_length, desc=f"{args.task}/{args.split}")
+                           max_length=args.max_length, desc=f"{args.task}/{args.split}", precision=args.autocast)
     print(
         f"{args.task} {args.split}: {result.describe()} (n={result.n}, "
         f"{result.examples_per_second:.1f} examples/s, {result.seconds:.1f}s)"
@@ -58,6 +58,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         record = {
             "task": args.task, "model": args.model, "split": args.split, "n": result.n, **result.metrics,
             "seconds": round(result.seconds, 3), "seed": args.seed, "normalize": args.normalize, "dtype": args.dtype,
+            "autocast": args.autocast,
             "max_length": args.max_length,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -158,7 +159,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise HyftError(f"unknown benchmark row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
     results = run_bench(args.model, args.batch_size, args.seq_len, args.rows, args.repeats, args.warmup,
                         args.dtype, args.device, memory=not args.no_memory, out=args.out, sweeps=args.sweeps,
-                        launches=args.launches)
+                        launches=args.launches, autocast=args.autocast)
     from hyft.tools.bench.report import markdown
 
     print(markdown(results))
@@ -212,6 +213,8 @@ def _training_commands(sub: Any) -> None:
     p.add_argument("--normalize", default="mean", choices=["mean", "sum"], help="candidate score")
     p.add_argument("--max-length", type=int, default=512, help="prompt tokens kept (long contexts lose their start)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--autocast", default="none", choices=["none", "bfloat16", "float16"],
+                   help="mixed precision: forwards in this precision over the --dtype weights (as hyft train's)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     p.set_defaults(func=cmd_eval)
@@ -269,6 +272,8 @@ def _tool_commands(sub: Any) -> None:
     p.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds (medians are reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--autocast", default="none", choices=["none", "bfloat16", "float16"],
+                   help="every row's forwards in this precision over float32 weights (hyft train --autocast)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-memory", action="store_true", help="skip the per-row peak-memory subprocesses")
     p.add_argument("--out", default="runs/bench", help="directory for bench.json, bench.md and split.png")

@@ -63,6 +63,9 @@ class RunConfig:
     seed: int = field(default=0, metadata={"help": "root seed: data sampling, order, ZO directions"})
     dtype: str = field(default="float32", metadata={"help": "weights dtype: float32, bfloat16 or float16"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when present)"})
+    autocast: str = field(default="none", metadata={
+        "help": "mixed precision: none, bfloat16 or float16 forwards (torch.autocast, as transformers' --bf16) "
+                "over float32 weights, gradients and updates; every training and evaluation forward"})
     # data and budget
     num_train: int = field(default=1000, metadata={"help": "training examples sampled (MeZO protocol)"})
     num_dev: int = field(default=500, metadata={"help": "dev examples sampled from the training file"})
@@ -191,6 +194,9 @@ class RunConfig:
             (self.loss in ("classification", "lm"), "loss must be classification or lm"),
             (self.normalize in ("mean", "sum"), "normalize must be mean or sum"),
             (self.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16"),
+            (self.autocast in ("none", "bfloat16", "float16"), "autocast must be none, bfloat16 or float16"),
+            (self.autocast == "none" or self.dtype == "float32", "autocast computes in lower precision over "
+             "float32 weights: use dtype float32 with it"),
             (self.lora_r > 0, "lora_r must be > 0"),
             (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
             (self.max_length > 1, "max_length must be > 1"),

@@ -351,11 +351,15 @@ class ZOEngine(EngineState):
             bias = module.bias
             if bias_index is not None:
                 (bias,) = self._perturbed_values([bias_index], step_seed, scale)
-            out = h.new_empty((*h.shape[:-1], rows))
+            out: Tensor | None = None
             for r0 in range(0, rows, per):
                 r1 = min(r0 + per, rows)
-                out[..., r0:r1] = F.linear(h, self._perturbed_rows(i, step_seed, scale, r0, r1),
-                                           None if bias is None else bias[r0:r1])
+                block = F.linear(h, self._perturbed_rows(i, step_seed, scale, r0, r1),
+                                 None if bias is None else bias[r0:r1])
+                if out is None:  # the dtype F.linear gives (under autocast: its precision, not h's)
+                    out = block.new_empty((*h.shape[:-1], rows))
+                out[..., r0:r1] = block
+            assert out is not None
             return out
         return head
 

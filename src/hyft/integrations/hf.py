@@ -39,6 +39,7 @@ from hyft.engine.zoconfig import ZOConfig
 from hyft.errors import HyftError
 from hyft.methods import METHODS, Method
 from hyft.methods.params import split_groups
+from hyft.precision import autocast
 from hyft.training import checkpoint
 
 
@@ -85,7 +86,8 @@ class TokenObjective:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "_scale")}
         wrapped = self.trainer.model_wrapped
         model = wrapped if self.wrapped and wrapped is not None else self.trainer.model
-        logits = model(**inputs).logits
+        with autocast(self.trainer.run_config.autocast, inputs["input_ids"].device):  # hyft's --autocast
+            logits = model(**inputs).logits
         labels = batch["labels"]
         if labels.dim() > 1:  # causal LM: token t predicts label t + 1
             logits, labels = logits[..., :-1, :], labels[..., 1:]
@@ -128,10 +130,6 @@ class HybridTrainer(Trainer):
             raise HyftError("HybridTrainer: load_best_model_at_end would roll back the adapter but not the base "
                             "(θ lives in the ZO log); pick the best checkpoint afterwards and replay its zo_updates")
         spec = METHODS[hybrid.method]
-        if (args.bf16 or args.fp16) and spec.zo is not None:
-            raise HyftError("HybridTrainer: bf16/fp16 autocast over float32 weights makes L(θ+εz) − L(θ−εz) mostly "
-                            "rounding noise; load the model in bfloat16 (dtype=torch.bfloat16) and turn "
-                            "TrainingArguments bf16/fp16 off")
         if spec.fo is None and args.world_size > 1:
             raise HyftError(f"{hybrid.method} in HybridTrainer runs on one process (DDP needs a gradient to "
                             "synchronise); for data parallel ZO use torchrun ... hyft train")
@@ -146,7 +144,9 @@ class HybridTrainer(Trainer):
             raise HyftError(f"HybridTrainer cannot perturb weights of dtype {sorted(map(str, zo_dtypes))}")
         values = {f.name: getattr(h, f.name) for f in dataclasses.fields(h)
                   if f.name not in ("seed", "overwrite_zo_log")}
-        values.update(seed=a.seed if h.seed is None else h.seed, dtype=dtype, loss="lm",
+        # TrainingArguments bf16/fp16: the method's forwards (SPSA points included) under the same autocast
+        precision = ("bfloat16" if a.bf16 else "float16" if a.fp16 else "none") if dtype == "float32" else "none"
+        values.update(seed=a.seed if h.seed is None else h.seed, dtype=dtype, loss="lm", autocast=precision,
                       steps=max(a.max_steps, 1), lr_fo=a.learning_rate, model=_model_name(self.model))
         return RunConfig.from_dict(values, source="HybridArguments")
 

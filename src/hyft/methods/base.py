@@ -21,6 +21,7 @@ from hyft.engine.factory import Engine, make_engine
 from hyft.engine.zo import ZOUpdate
 from hyft.methods.params import ParamGroups
 from hyft.methods.schedule import lr_at
+from hyft.precision import autocast
 from hyft.seeds import derive_seed
 from hyft.tasks.base import Example
 from hyft.tasks.scoring import (
@@ -83,9 +84,12 @@ class Objective:
         return self.loss(batch)
 
     def loss(self, batch: Batch) -> Tensor:
-        if self.config.loss == "lm":
-            return lm_loss(self.model, batch)
-        return classification_loss(candidate_scores(self.model, batch, self.config.normalize), batch.gold)
+        """Every training forward (FO and ZO) is this one, so ``autocast`` covers them all; backward runs
+        outside it, as torch.autocast asks."""
+        with autocast(self.config.autocast, self.device):
+            if self.config.loss == "lm":
+                return lm_loss(self.model, batch)
+            return classification_loss(candidate_scores(self.model, batch, self.config.normalize), batch.gold)
 
     def backward(self, pieces: Pieces) -> Tensor:
         """Backprop the weighted loss of each piece in turn (gradients accumulate); returns the total loss,

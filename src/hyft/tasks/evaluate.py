@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from hyft.distributed import Communicator
+from hyft.precision import autocast
 from hyft.tasks.base import Example, Task
 from hyft.tasks.generation import generate
 from hyft.tasks.metrics import exact_match, f1
@@ -55,15 +56,17 @@ class EvalResult:
 
 def evaluate_task(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task, examples: Sequence[Example],
                   batch_size: int = 16, normalize: Normalize = "mean", max_length: int = 256,
-                  progress: bool = True, desc: str = "eval", comm: Communicator | None = None) -> EvalResult:
+                  progress: bool = True, desc: str = "eval", comm: Communicator | None = None,
+                  precision: str = "none") -> EvalResult:
     """The task's own metrics: accuracy (choice), EM/F1 of greedy answers (generate), token-weighted loss and
-    perplexity of the gold completions (lm)."""
-    if task.kind == "generate":
-        return evaluate_generation(model, tokenizer, examples, batch_size, task.max_new_tokens, task.stop,
-                                   max_length, progress, desc, comm)
-    if task.kind == "lm":
-        return evaluate_lm(model, tokenizer, examples, batch_size, max_length, progress, desc, comm)
-    return evaluate(model, tokenizer, examples, batch_size, normalize, max_length, progress, desc, comm)
+    perplexity of the gold completions (lm); ``precision``: the forwards' autocast (as in training)."""
+    with autocast(precision, next(model.parameters()).device):
+        if task.kind == "generate":
+            return evaluate_generation(model, tokenizer, examples, batch_size, task.max_new_tokens, task.stop,
+                                       max_length, progress, desc, comm)
+        if task.kind == "lm":
+            return evaluate_lm(model, tokenizer, examples, batch_size, max_length, progress, desc, comm)
+        return evaluate(model, tokenizer, examples, batch_size, normalize, max_length, progress, desc, comm)
 
 
 def _grad_free(model: nn.Module) -> AbstractContextManager:

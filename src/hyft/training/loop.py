@@ -220,7 +220,7 @@ class Trainer:
     def _zero_shot(self, model: nn.Module, tokenizer, test: list, state: TrainState, comm: Communicator) -> None:
         c = self.config
         zero = evaluate_task(model, tokenizer, self.task, test, c.eval_batch_size, c.normalize, c.max_length,
-                             self.progress, "zero-shot test", comm)
+                             self.progress, "zero-shot test", comm, c.autocast)
         state.zero_shot = zero.accuracy  # the headline metric; every metric is in extra
         state.extra["zero_shot_metrics"] = zero.metrics
         self.log(f"zero-shot test {zero.describe()} (n={len(test)})")
@@ -341,7 +341,7 @@ class Trainer:
         """Dev accuracy now; a new best keeps its direct weights (in a file) and its index into the ZO log."""
         c, state = self.config, run.state
         result = evaluate_task(run.model, run.tokenizer, self.task, run.dev, c.eval_batch_size, c.normalize,
-                               c.max_length, False, comm=self.eval_comm)
+                               c.max_length, False, comm=self.eval_comm, precision=c.autocast)
         self._log_metrics(state, {"step": state.step, **{f"dev_{k}": v for k, v in result.metrics.items()},
                                   "eval_seconds": round(result.seconds, 3)})
         state.dev_accuracy = result.score  # what best-dev selection maximises: accuracy, F1 or −loss
@@ -385,7 +385,7 @@ class Trainer:
         self.restore(best, run.direct, run.method, model)
         self.model, self.tokenizer = model, run.tokenizer  # the best-dev state, for callers of the library
         test = evaluate_task(model, run.tokenizer, self.task, run.splits.test, c.eval_batch_size, c.normalize,
-                             c.max_length, self.progress, "test", self.eval_comm)
+                             c.max_length, self.progress, "test", self.eval_comm, c.autocast)
         if run.method.engine is not None:
             run.method.engine.materialize()  # low-rank directions: the saved (and returned) weights are complete
         if comm.world > 1:  # every rank's peaks: sharding divides the weights, not the activations

@@ -93,7 +93,7 @@ def _timed_rows(built: list, warmup: int, repeats: int, peaks: dict[str, Any], l
 def run_bench(model: str = "smollm2-135m", batch_size: int = 16, seq_len: int = 64, rows: list[str] | None = None,
               repeats: int = 5, warmup: int = 1, dtype: str = "float32", device: str = "auto",
               memory: bool = True, out: str | Path | None = None, log=print, sweeps: bool = False,
-              launches: bool = False) -> dict[str, Any]:
+              launches: bool = False, autocast: str = "none") -> dict[str, Any]:
     """Time every row, measure memory, write ``bench.json``, ``bench.md`` and ``split.png`` to ``out``.
 
     ``sweeps``: also time one RNG sweep of the model's weight count against its limits; ``launches``: also
@@ -117,12 +117,13 @@ def run_bench(model: str = "smollm2-135m", batch_size: int = 16, seq_len: int = 
     if memory:  # first, while this process is small: the subprocesses are forked from it
         for name in names:
             log(f"memory: {name}")
-            peaks[name] = measure(name, model, batch_size, seq_len, dtype, str(dev))
-    log(f"building {len(names)} rows on {dev} ({model}, batch {batch_size} x seq {seq_len}, {dtype})")
-    built = [build_row(n, model, batch_size, seq_len, dtype, str(dev)) for n in names]
+            peaks[name] = measure(name, model, batch_size, seq_len, dtype, str(dev), autocast=autocast)
+    log(f"building {len(names)} rows on {dev} ({model}, batch {batch_size} x seq {seq_len}, {dtype}, "
+        f"autocast {autocast})")
+    built = [build_row(n, model, batch_size, seq_len, dtype, str(dev), autocast=autocast) for n in names]
     results: dict[str, Any] = {"rows": _timed_rows(built, warmup, repeats, peaks, log), **extra}
     results["setup"] = {"model": model, "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype,
-                        "repeats": repeats, "warmup": warmup, "noise_scheme": noise.SCHEME,
+                        "autocast": autocast, "repeats": repeats, "warmup": warmup, "noise_scheme": noise.SCHEME,
                         "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv)}
     results["machine"] = machine(dev)
     if out is not None:

@@ -20,10 +20,11 @@ MMAP_THRESHOLD = 256 * 1024  # bytes: allocations this large are mmap-ed, and un
 
 
 def measure(row: str, model: str, batch_size: int, seq_len: int, dtype: str, device: str,
-            steps: int = 3) -> dict[str, float]:
+            steps: int = 3, autocast: str = "none") -> dict[str, float]:
     """Run ``steps`` steps of ``row`` in a subprocess and return its peaks in MB."""
     cmd = [sys.executable, "-m", "hyft.tools.bench.memory", row, "--model", model, "--batch-size", str(batch_size),
-           "--seq-len", str(seq_len), "--dtype", dtype, "--device", device, "--steps", str(steps)]
+           "--seq-len", str(seq_len), "--dtype", dtype, "--device", device, "--steps", str(steps),
+           "--autocast", autocast]
     # glibc keeps freed blocks in its free lists, so without this the same row's peak RSS varied by ±300 MB
     # between runs; returning blocks of ≥ 256 KiB to the OS on free makes the peak the live peak
     env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), **os.environ, "TQDM_DISABLE": "1"}
@@ -45,8 +46,10 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--autocast", default="none")
     a = p.parse_args()
-    row = build_row(a.row, a.model, a.batch_size, a.seq_len, a.dtype, a.device, timed=False)
+    row = build_row(a.row, a.model, a.batch_size, a.seq_len, a.dtype, a.device, timed=False,
+                    autocast=a.autocast)
     loaded = peak_rss_mb()
     for _ in range(a.steps):
         row.step()

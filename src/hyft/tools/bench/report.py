@@ -96,7 +96,8 @@ def markdown(results: dict[str, Any]) -> str:
     where = m.get("gpu") or m["cpu"]
     unobserved = all("unobserved" in r for r in rows.values()) and bool(rows)
     lines = [
-        f"{s['model']}, batch {s['batch_size']} × sequence {s['seq_len']}, {s['dtype']}, on {m['device']} "
+        f"{s['model']}, batch {s['batch_size']} × sequence {s['seq_len']}, {s['dtype']}"
+        + (f" with {s['autocast']} autocast" if s.get("autocast", "none") != "none" else "") + f", on {m['device']} "
         f"({where}; {m['cores']} cores, {m['torch_threads']} torch threads), torch {m['torch']}. "
         f"Medians of {s['repeats']} interleaved repeats after {s['warmup']} warm-up."
         + (" *step s* is the step timed without the split's synchronisations, which the device needs for the "

@@ -101,12 +101,13 @@ class _Temporaries:
 
 
 def build_row(name: str, model_name: str, batch_size: int, seq_len: int, dtype: str, device: str,
-              timed: bool = True) -> Row:
-    """One row on a fresh copy of the model (steps change weights; rows must not share them)."""
+              timed: bool = True, autocast: str = "none") -> Row:
+    """One row on a fresh copy of the model (steps change weights; rows must not share them); ``autocast``:
+    every forward of the row in that precision (``--autocast``)."""
     if name not in ROWS:
         raise ValueError(f"unknown benchmark row {name!r}; choose from {', '.join(ROWS)}")
     label, overrides = ROWS[name]
-    config = RunConfig(model=model_name, dtype=dtype, device=device, **overrides)
+    config = RunConfig(model=model_name, dtype=dtype, device=device, autocast=autocast, **overrides)
     model, tokenizer = load_model(model_name, dtype, device)
     dev = next(model.parameters()).device
     batch = fixed_batch(len(tokenizer), batch_size, seq_len, dev)
