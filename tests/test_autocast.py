@@ -23,10 +23,10 @@ def record_forward_dtypes(model: torch.nn.Module) -> list[torch.dtype]:
     return seen
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize(("fused", "dist"), [(False, "gaussian"), (True, "gaussian"), (True, "lowrank")])
 def test_autocast_computes_every_forward_of_a_hybrid_step_in_bfloat16_over_float32_weights(tokenizer, examples,
-                                                                                          fused):
-    config = RunConfig(method="hybrid", autocast="bfloat16", fused=fused, zo_dist="gaussian", lr_zo=1e-3,
+                                                                                          fused, dist):
+    config = RunConfig(method="hybrid", autocast="bfloat16", fused=fused, zo_dist=dist, lr_zo=1e-3,
                        lr_fo=1e-2).validate()
     model, groups = prepare(tiny_model("llama", len(tokenizer)), config)
     seen = record_forward_dtypes(model)
@@ -60,8 +60,26 @@ def test_evaluation_runs_under_the_runs_autocast(tokenizer, examples):
     assert mixed.n == plain.n
 
 
-def test_autocast_needs_float32_weights_and_a_known_precision():
-    with pytest.raises(HyftError, match="use dtype float32"):
-        RunConfig(autocast="bfloat16", dtype="bfloat16").validate()
-    with pytest.raises(HyftError, match="autocast must be"):
-        RunConfig(autocast="fp8").validate()
+def test_a_training_run_evaluates_under_its_autocast(tiny_dir, tmp_path, monkeypatch):
+    """The loop hands its autocast to every evaluation: zero-shot, dev and test (low-rank: after updates,
+    whose A Vᵀ term the unperturbed forwards add)."""
+    import hyft.training.loop as loop
+
+    asked, real = [], loop.evaluate_task
+    monkeypatch.setattr(loop, "evaluate_task", lambda *a, **kw: asked.append(kw.get("precision")) or real(*a, **kw))
+    config = RunConfig(model=tiny_dir, task="sst2", num_train=16, num_dev=4, num_test=4, steps=4, batch_size=4,
+                       eval_every=2, eval_batch_size=4, method="hybrid", zo_dist="lowrank", zo_lazy=2,
+                       autocast="bfloat16", zero_shot=True).validate()
+    loop.Trainer(config, tmp_path / "run", progress=False).run()
+    assert asked == ["bfloat16"] * 4  # zero-shot, dev at steps 2 and 4, test
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    (dict(dtype="bfloat16"), "use dtype float32"),
+    (dict(autocast="float16"), "autocast must be none or bfloat16"),
+    (dict(shard="fsdp"), "shard fsdp does not support autocast"),
+    (dict(auto_lr=True), "auto_lr's ε window assumes float32"),
+])
+def test_autocast_refuses_what_it_does_not_support_in_one_line(values, message):
+    with pytest.raises(HyftError, match=message):
+        RunConfig(**{"autocast": "bfloat16", **values}).validate()

@@ -14,7 +14,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 import hyft
+from hyft.distributed import Communicator
 from hyft.errors import HyftError
+from hyft.integrations.hf import TokenObjective
 from hyft.methods import METHODS
 from hyft.tools.replay import replay
 
@@ -196,9 +198,14 @@ def test_bf16_training_arguments_run_every_forward_of_the_step_under_autocast(ti
     seen: list[torch.dtype] = []
     layer = next(m for name, m in model.named_modules() if name.endswith("mlp.down_proj"))
     layer.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    assert t.run_config.autocast == "bfloat16"
+    # the method's own loss autocasts (before train(), accelerate has not wrapped the model's forward yet)
+    objective = TokenObjective(t, Communicator(), wrapped=False)
+    objective(objective.encode(t.data_collator(t.train_dataset[:4])))
+    assert seen == [torch.bfloat16]
+    seen.clear()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     t.train()
-    assert t.run_config.autocast == "bfloat16"
     assert seen and set(seen) == {torch.bfloat16}, seen
     assert all(p.dtype == torch.float32 for p in model.parameters())
     moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
@@ -207,6 +214,7 @@ def test_bf16_training_arguments_run_every_forward_of_the_step_under_autocast(ti
 
 @pytest.mark.parametrize(("kw", "hybrid", "message"), [
     (dict(gradient_accumulation_steps=2), {}, "gradient_accumulation_steps"),
+    (dict(fp16=True), {}, "does not support fp16"),
     ({}, dict(method="nosuch"), "must be one of"),
     ({}, dict(zo_dist="uniform"), "zo_dist must be one of"),
 ])
@@ -257,4 +265,13 @@ def test_accelerates_fsdp_is_refused_in_one_line_pointing_at_hyft_sharding(tiny_
     trainer.is_fsdp_enabled = True
     with pytest.raises(HyftError, match="--shard fsdp") as err:
         trainer._refuse_unsupported()
+    assert "\n" not in str(err.value)
+
+
+def test_bf16_autocast_over_bf16_zo_weights_is_refused_in_one_line(tiny_dir, tmp_path):
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=True)
+    with pytest.raises(HyftError, match="bf16=True autocasts float32 weights") as err:
+        hyft.HybridTrainer(model=model, args=args, train_dataset=[])
     assert "\n" not in str(err.value)

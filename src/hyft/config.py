@@ -64,8 +64,8 @@ class RunConfig:
     dtype: str = field(default="float32", metadata={"help": "weights dtype: float32, bfloat16 or float16"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when present)"})
     autocast: str = field(default="none", metadata={
-        "help": "mixed precision: none, bfloat16 or float16 forwards (torch.autocast, as transformers' --bf16) "
-                "over float32 weights, gradients and updates; every training and evaluation forward"})
+        "help": "mixed precision: none or bfloat16 forwards (torch.autocast, as transformers' --bf16) over "
+                "float32 weights, gradients and updates; every training and evaluation forward"})
     # data and budget
     num_train: int = field(default=1000, metadata={"help": "training examples sampled (MeZO protocol)"})
     num_dev: int = field(default=500, metadata={"help": "dev examples sampled from the training file"})
@@ -194,9 +194,14 @@ class RunConfig:
             (self.loss in ("classification", "lm"), "loss must be classification or lm"),
             (self.normalize in ("mean", "sum"), "normalize must be mean or sum"),
             (self.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16"),
-            (self.autocast in ("none", "bfloat16", "float16"), "autocast must be none, bfloat16 or float16"),
+            (self.autocast in ("none", "bfloat16"), "autocast must be none or bfloat16 (float16 would need loss "
+             "scaling)"),
             (self.autocast == "none" or self.dtype == "float32", "autocast computes in lower precision over "
              "float32 weights: use dtype float32 with it"),
+            (self.autocast == "none" or self.shard == "none", "shard fsdp does not support autocast yet (FSDP2 "
+             "casts through its MixedPrecisionPolicy, untested here)"),
+            (self.autocast == "none" or not self.auto_lr, "auto_lr's ε window assumes float32 forwards: run "
+             "`hyft probe` without autocast, or pass lr_fo, lr_zo and eps"),
             (self.lora_r > 0, "lora_r must be > 0"),
             (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
             (self.max_length > 1, "max_length must be > 1"),

@@ -10,7 +10,7 @@ import torch
 from hyft.errors import HyftError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-AUTOCAST = ("none", "bfloat16", "float16")
+AUTOCAST = ("none", "bfloat16")  # float16 would need loss scaling (a GradScaler), which hyft does not do
 
 
 def autocast(name: str, device: torch.device | str) -> AbstractContextManager:

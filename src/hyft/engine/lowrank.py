@@ -250,7 +250,9 @@ class LowRankEngine(EngineState):
         rows = out.view(-1, out.shape[-1])
         if torch.is_grad_enabled() and out.requires_grad:  # autograd records the sum (hybrid's FO pass)
             return torch.addmm(rows, left, right).view_as(out)
-        rows.addmm_(left, right)  # in place: no new activation-sized tensor (a page-faulting allocation on CPU)
+        # in place: no new activation-sized tensor (a page-faulting allocation on CPU); under autocast the rows
+        # are bfloat16 and the factors are not, and addmm_ is not autocast
+        rows.addmm_(left.to(rows.dtype), right.to(rows.dtype))
         return None
 
     def _swap_in(self, module: nn.Module, _args: object) -> None:

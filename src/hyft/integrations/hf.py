@@ -129,6 +129,9 @@ class HybridTrainer(Trainer):
         if getattr(args, "load_best_model_at_end", False):
             raise HyftError("HybridTrainer: load_best_model_at_end would roll back the adapter but not the base "
                             "(θ lives in the ZO log); pick the best checkpoint afterwards and replay its zo_updates")
+        if args.fp16:
+            raise HyftError("HybridTrainer does not support fp16: its loss needs scaling, which the method's "
+                            "backward does not do; use bf16=True")
         spec = METHODS[hybrid.method]
         if spec.fo is None and args.world_size > 1:
             raise HyftError(f"{hybrid.method} in HybridTrainer runs on one process (DDP needs a gradient to "
@@ -144,8 +147,11 @@ class HybridTrainer(Trainer):
             raise HyftError(f"HybridTrainer cannot perturb weights of dtype {sorted(map(str, zo_dtypes))}")
         values = {f.name: getattr(h, f.name) for f in dataclasses.fields(h)
                   if f.name not in ("seed", "overwrite_zo_log")}
-        # TrainingArguments bf16/fp16: the method's forwards (SPSA points included) under the same autocast
-        precision = ("bfloat16" if a.bf16 else "float16" if a.fp16 else "none") if dtype == "float32" else "none"
+        if a.bf16 and dtype != "float32":
+            raise HyftError(f"HybridTrainer: bf16=True autocasts float32 weights, and the ZO weights are {dtype}; "
+                            "turn bf16 off (they already compute in it) or load the model in float32")
+        # TrainingArguments bf16: the method's forwards (SPSA points included) under the same autocast
+        precision = "bfloat16" if a.bf16 else "none"
         values.update(seed=a.seed if h.seed is None else h.seed, dtype=dtype, loss="lm", autocast=precision,
                       steps=max(a.max_steps, 1), lr_fo=a.learning_rate, model=_model_name(self.model))
         return RunConfig.from_dict(values, source="HybridArguments")

@@ -220,7 +220,7 @@ class Trainer:
     def _zero_shot(self, model: nn.Module, tokenizer, test: list, state: TrainState, comm: Communicator) -> None:
         c = self.config
         zero = evaluate_task(model, tokenizer, self.task, test, c.eval_batch_size, c.normalize, c.max_length,
-                             self.progress, "zero-shot test", comm, c.autocast)
+                             self.progress, "zero-shot test", comm, precision=c.autocast)
         state.zero_shot = zero.accuracy  # the headline metric; every metric is in extra
         state.extra["zero_shot_metrics"] = zero.metrics
         self.log(f"zero-shot test {zero.describe()} (n={len(test)})")
@@ -385,7 +385,7 @@ class Trainer:
         self.restore(best, run.direct, run.method, model)
         self.model, self.tokenizer = model, run.tokenizer  # the best-dev state, for callers of the library
         test = evaluate_task(model, run.tokenizer, self.task, run.splits.test, c.eval_batch_size, c.normalize,
-                             c.max_length, self.progress, "test", self.eval_comm, c.autocast)
+                             c.max_length, self.progress, "test", self.eval_comm, precision=c.autocast)
         if run.method.engine is not None:
             run.method.engine.materialize()  # low-rank directions: the saved (and returned) weights are complete
         if comm.world > 1:  # every rank's peaks: sharding divides the weights, not the activations
