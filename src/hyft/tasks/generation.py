@@ -1,5 +1,5 @@
 """Greedy answers for generation tasks: batched, left-padded, with the KV cache (transformers' ``generate``),
-cut at the first stop string.
+cut at the first stop string; a batch stops decoding once every row has produced one.
 
 Left padding keeps every prompt's last token at the same position, so a batch generates what each prompt
 generates alone (``tests/test_generation.py`` checks it token for token).
@@ -31,6 +31,10 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
     side, trunc = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # a row that has produced a stop string is done, and the batch ends when every row is: what follows a
+    # stop is cut anyway, so the answers are the same and the decoding steps fewer
+    stops = [s for s in stop if s]
+    until = {"stop_strings": stops, "tokenizer": tokenizer} if stops else {}
     was_training = model.training
     model.eval()
     out: list[str] = []
@@ -39,7 +43,7 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
             batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True,
                               truncation=max_length is not None, max_length=max_length).to(device)
             tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                    pad_token_id=pad, use_cache=True)
+                                    pad_token_id=pad, use_cache=True, **until)
             new = tokens[:, batch["input_ids"].shape[1]:]
             out += [cut_at_stop(tokenizer.decode(t, skip_special_tokens=True), stop) for t in new]
     finally:
