@@ -400,11 +400,21 @@ def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = Fa
     from hyft.methods import METHODS
 
     if record.get("zo_log_best_index") and METHODS[record["method"]].zo_on_base:  # the ZO updates' reach
-        from hyft.tools.replay import base_movement
-
-        record["base_movement"] = base_movement(run_dir, log=lambda _: None)
+        record["base_movement"] = movement(run_dir)
     with results_path.open("a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def movement(run_dir: Path) -> float:
+    """``hyft.tools.replay.base_movement`` of a finished run, in a fresh process: this one may have imported hyft
+    hours before the run started, and the run wrote its config.yaml with the code there now (a key added since
+    made the old RunConfig refuse it, and stopped a grid)."""
+    code = ("import sys; from hyft.tools.replay import base_movement; "
+            "print(base_movement(sys.argv[1], log=lambda _: None))")
+    proc = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"[grid] the base movement of {run_dir} failed:\n{proc.stderr[-2000:]}")
+    return float(proc.stdout.split()[-1])
 
 
 def check(grid: dict[str, Any]) -> None:

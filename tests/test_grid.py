@@ -330,6 +330,9 @@ def test_a_parked_run_resumes_in_a_fresh_checkout_as_if_never_stopped(tiny_dir, 
 
     Trainer(RunConfig(**values), tmp_path / "ref", progress=False).run()
     reference = comparable(tmp_path / "ref")
+    from hyft.tools.replay import base_movement  # the grid's own, in a fresh process: the same number
+
+    assert g.movement(tmp_path / "ref") == base_movement(tmp_path / "ref", log=lambda _: None) > 0
     assert reference[3] <= STOP  # the best-dev weights parked are the ones the test restores
 
     grid = {"out": str(tmp_path / "runs"), "results": str(tmp_path / "results.jsonl"),
