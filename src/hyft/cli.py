@@ -14,6 +14,7 @@ from typing import Any
 
 from hyft.config import RunConfig
 from hyft.errors import HyftError
+from hyft.precision import AUTOCAST
 from hyft.rundir import RunDir
 
 Command = Callable[[argparse.Namespace], int]
@@ -213,7 +214,7 @@ def _training_commands(sub: Any) -> None:
     p.add_argument("--normalize", default="mean", choices=["mean", "sum"], help="candidate score")
     p.add_argument("--max-length", type=int, default=512, help="prompt tokens kept (long contexts lose their start)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--autocast", default="none", choices=["none", "bfloat16"],
+    p.add_argument("--autocast", default="none", choices=list(AUTOCAST),
                    help="mixed precision: forwards in bfloat16 over the --dtype weights (as hyft train's)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
@@ -272,7 +273,7 @@ def _tool_commands(sub: Any) -> None:
     p.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds (medians are reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--autocast", default="none", choices=["none", "bfloat16"],
+    p.add_argument("--autocast", default="none", choices=list(AUTOCAST),
                    help="every row's forwards in bfloat16 over float32 weights (hyft train --autocast)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-memory", action="store_true", help="skip the per-row peak-memory subprocesses")

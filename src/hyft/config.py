@@ -15,6 +15,7 @@ from hyft.errors import HyftError
 from hyft.files import read_mapping
 from hyft.methods import METHODS, MethodSpec
 from hyft.methods.params import peft_config
+from hyft.precision import AUTOCAST
 from hyft.seeds import derive_seed
 
 
@@ -194,7 +195,7 @@ class RunConfig:
             (self.loss in ("classification", "lm"), "loss must be classification or lm"),
             (self.normalize in ("mean", "sum"), "normalize must be mean or sum"),
             (self.dtype in ("float32", "bfloat16", "float16"), "dtype must be float32, bfloat16 or float16"),
-            (self.autocast in ("none", "bfloat16"), "autocast must be none or bfloat16 (float16 would need loss "
+            (self.autocast in AUTOCAST, "autocast must be none or bfloat16 (float16 would need loss "
              "scaling)"),
             (self.autocast == "none" or self.dtype == "float32", "autocast computes in lower precision over "
              "float32 weights: use dtype float32 with it"),
