@@ -33,18 +33,17 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from hyft.engine import cpu_kernel
+from hyft.engine import cpu_kernel, device_kernel
+from hyft.engine.counter import BLOCK, GAMMA, M1, M2, direction_key, to_i64
+from hyft.engine.counter import mix64 as mix64  # re-exported: the tests' reference
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 SCHEME = "counter-v3"  # the (seed, position) → z mapping; recorded in ZO logs so replay refuses another one
-BLOCK = 1024  # elements: z is generated in whole, aligned blocks
 CPU_PIECE = 1 << 20  # 1 Mi elements: large enough that ATen's threads share each op, 18 MiB of scratch
 DEVICE_PIECE = 1 << 24  # 16 Mi elements on accelerators: one piece for most tensors
 FULL_PRECISION = (torch.float32, torch.float64)  # written directly; lower precisions go through fp32
 
-_MASK64 = (1 << 64) - 1
-_GAMMA = 0x9E3779B97F4A7C15
-_M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_GAMMA, _M1, _M2 = GAMMA, M1, M2
 _HALF = BLOCK // 2
 _BLOCK_BITS = BLOCK.bit_length() - 1
 _TRANSCENDENTAL = 1 << 16  # log/cos/sin run on slices of 2 ATen grains: split (if at all) in aligned halves
@@ -56,23 +55,7 @@ def check_dist(dist: str) -> None:
         raise ValueError(f"unknown direction distribution {dist!r}; choose {', '.join(DISTRIBUTIONS)}")
 
 
-def _i64(x: int) -> int:
-    """The int64 with the same 64 bits as the unsigned ``x`` (torch has no uint64 arithmetic)."""
-    x &= _MASK64
-    return x - (1 << 64) if x >> 63 else x
-
-
-def mix64(x: int) -> int:
-    """SplitMix64's finaliser on a Python int (the reference the tensor code is tested against)."""
-    x &= _MASK64
-    x = ((x ^ (x >> 30)) * _M1) & _MASK64
-    x = ((x ^ (x >> 27)) * _M2) & _MASK64
-    return x ^ (x >> 31)
-
-
-def direction_key(seed: int) -> int:
-    """The 64-bit key of direction ``seed``: every bit of the seed matters (no 32-bit truncation)."""
-    return mix64(seed ^ 0x5851F42D4C957F2D)
+_i64 = to_i64
 
 
 def _mix_(x: Tensor, tmp: Tensor) -> Tensor:
@@ -174,6 +157,10 @@ def fill_(out: Tensor, seed: int, start: int, dist: str) -> Tensor:
         raise ValueError(f"fill_ needs whole blocks of {BLOCK} (start {start}, length {n})")
     DRAWN.add(n)
     key = direction_key(seed)
+    fused = device_kernel.current(out.device)
+    if fused is not None and device_kernel.takes(out) and out.dtype == torch.float32:
+        check_dist(dist)
+        return fused.fill_(out, key, start, dist)
     if dist == "gaussian":
         lib = kernel() if out.device.type == "cpu" else None
         if lib is None or not cpu_kernel.gaussian_(lib, out, key, start // 2):

@@ -25,7 +25,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from hyft.engine import noise
+from hyft.engine import device_kernel, noise
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,11 @@ class Target:
         return self.p.dtype not in noise.FULL_PRECISION
 
 
+def _fusable(p: Tensor, r: Tensor | None) -> bool:
+    """Whether the fused device kernels can take this tensor and its residual."""
+    return device_kernel.takes(p) and (r is None or device_kernel.takes(r))
+
+
 def _true_value(p: Tensor, r: Tensor | None) -> Tensor:
     """θ (+ r) in fp32 for a piece of a low-precision tensor."""
     return p.float() if r is None else p.float().add_(r.float())
@@ -63,6 +68,10 @@ def _perturb_calls(t: Target, out: Tensor, scale: float, dist: str, lo: int, hi:
     src = t.p.detach().reshape(-1)
     res = None if t.r is None else t.r.reshape(-1)
     device, o = src.device, t.start
+    fused = device_kernel.current(device)
+    if fused is not None and _fusable(src, res) and device_kernel.takes(out):
+        noise.DRAWN.add(hi - lo)
+        return [partial(fused.perturb_, out, src, res, noise.direction_key(t.seed), o, lo, scale, dist)]
 
     def work(a: int, b: int) -> None:  # a, b: global positions of a whole-block piece of z
         i, j = max(a, o + lo), min(b, o + hi)
@@ -195,6 +204,17 @@ def update_(targets: list[Target], step: float, decay: float, dist: str, applied
         if r is not None:
             r.copy_(true.sub_(piece.float()))
 
+    fused = device_kernel.current(targets[0].p.device) if targets else None
+    if fused is not None and all(_fusable(t.p, t.r) for t in targets):
+        for t in targets:
+            if shifts and t.low_precision:
+                raise ValueError("in-place shifts are exact only in full precision")
+            noise.DRAWN.add(t.p.numel())
+            fused.update_(t.p.view(-1), None if t.r is None else t.r.view(-1), noise.direction_key(t.seed),
+                          noise.direction_key(t.seed ^ SR_SALT), t.start, step, decay, dist,
+                          None if applied is None else (applied.eps, applied.two_sided), shifts,
+                          rounding == "stochastic" and t.p.dtype == torch.bfloat16)
+        return
     calls = []
     for t in targets:
         flat = t.p.view(-1)
@@ -203,3 +223,40 @@ def update_(targets: list[Target], step: float, decay: float, dist: str, applied
                   for a, b in noise.pieces(t.start, t.start + flat.numel(), flat.device)]
     if calls:
         noise.run(calls, targets[0].p.device)
+
+
+def check_fused_kernels(kernels: device_kernel.Kernels, device: torch.device) -> str | None:
+    """None if every kernel reproduces the torch-op path bitwise on ``device``; else the first difference."""
+    gen = torch.Generator().manual_seed(0)
+    n = 3 * noise.BLOCK + 77  # a ragged end
+    for dist in noise.DISTRIBUTIONS:
+        for start in (0, 5 * noise.BLOCK + 300):  # a shard that starts inside a block
+            seed = 2**63 + 12345
+            with device_kernel.disabled():
+                ref = noise.segment(n, seed, start, dist, device)
+            with device_kernel.forced(kernels):
+                mine = noise.segment(n, seed, start, dist, device)
+            if not torch.equal(ref.view(torch.int32), mine.view(torch.int32)):
+                return f"z ({dist}, start {start})"
+            for dtype, residual, applied, shifts, rounding in (
+                    (torch.float32, False, None, (1e-3, -2e-3), "nearest"),
+                    (torch.bfloat16, True, Applied(1e-3, True), (), "nearest"),
+                    (torch.bfloat16, False, Applied(1e-3, False), (), "nearest"),
+                    (torch.bfloat16, False, Applied(1e-3, True), (), "stochastic"),
+                    (torch.float16, True, None, (), "nearest")):
+                theta = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
+                res = (torch.randn(n, generator=gen) * 1e-3).to(device=device, dtype=dtype) if residual else None
+                outs = []
+                for fused in (False, True):
+                    t = Target(theta.clone(), None if res is None else res.clone(), seed, start)
+                    with device_kernel.forced(kernels) if fused else device_kernel.disabled():
+                        plus = perturbed_range(t, 1e-3, dist, 17, n)
+                        update_([t], 2e-3, 1e-4, dist, None if shifts else applied, shifts, rounding)
+                    outs.append([plus, t.p] + ([] if t.r is None else [t.r]))
+                for a, b in zip(*outs, strict=True):
+                    if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
+                        return f"arithmetic ({dist}, {dtype}, residual {residual}, {rounding}, start {start})"
+    return None
+
+
+device_kernel.register_self_check(check_fused_kernels)
