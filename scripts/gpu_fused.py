@@ -3,8 +3,10 @@ whole model, and how long do a ZO update sweep and a perturbed forward take with
 
 On a random Llama in bf16 (TinyLlama's 1.17 B shape, as ``gpu_check.py bench``), with the default engine
 (residual, nearest rounding) and with stochastic rounding, for Gaussian and Rademacher z: one perturbed
-forward's loss and one update's weights and residuals by each path (bitwise compared), then the median
-seconds of ``--repeats`` update sweeps and perturbed forwards by each path (synchronised at both ends only).
+forward's loss and one update's weights and residuals by the torch ops and by the default dispatch (each
+variant checked on first use; a refused one warns, and the warnings are recorded), bitwise compared; then the
+median seconds of ``--repeats`` update sweeps and perturbed forwards by each (synchronised at both ends only)
+and the fused launches of one update.
 Writes ``OUT/gpu_fused.json`` and prints it.
 
     python scripts/gpu_fused.py --device cuda --out $OUT            # on the GPU (scripts/gpu_run.sh)
@@ -17,6 +19,8 @@ import argparse
 import json
 import statistics
 import time
+import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -47,20 +51,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", default="1b", choices=sorted(SHAPES))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--force", action="store_true", help="use the kernels even if the self-check refuses")
+    parser.add_argument("--force", action="store_true", help="use the kernels unchecked (the CPU interpreter)")
     parser.add_argument("--out", default="runs/gpu-fused")
     args = parser.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    kernels = device_kernel.for_device(device) if device.type != "cpu" else None
     summary: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                     "torch": torch.__version__, "kept_by_self_check": kernels is not None}
-    if kernels is None and args.force:
-        kernels = device_kernel.Kernels()
-    if kernels is None:
-        print(json.dumps(summary))
-        return
-    summary["fp_fusion"] = kernels.fp_fusion
+                     "torch": torch.__version__}
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **SHAPES[args.size]))
     model = model.to(device=device, dtype=torch.bfloat16).eval()
@@ -72,30 +69,37 @@ def main() -> None:
         for rounding in ("nearest", "stochastic"):
             row: dict = {"dist": dist, "rounding": rounding}
             results = []
-            for fused in (False, True):
+            for key in ("torch_ops", "fused"):
                 with torch.no_grad():
                     for (_, p), p0 in zip(params, original, strict=True):
                         p.copy_(p0)
-                    engine = ZOEngine(model, params, dist=dist, eps=1e-3, compensate=rounding == "nearest",
-                                      rounding=rounding)
-                    path = device_kernel.forced(kernels) if fused else device_kernel.disabled()
-                    with path:
-                        with engine.perturbed(11, 1e-3):
-                            loss = model(input_ids=ids).logits.float().logsumexp(-1).mean()
-                        engine.update(ZOUpdate(step=0, seed=11, coef=0.5, lr=1e-4))
-                        results.append((loss, [p.detach().clone() for _, p in params],
-                                        [r.clone() for r in engine.residuals if r is not None]))
+                engine = ZOEngine(model, params, dist=dist, eps=1e-3, compensate=rounding == "nearest",
+                                  rounding=rounding)
+                if key == "torch_ops":
+                    path = device_kernel.disabled()
+                else:  # as a run would: each variant checked on first use (or forced, --force)
+                    path = device_kernel.forced(device_kernel.Kernels()) if args.force else nullcontext()
+                with path, torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", RuntimeWarning)
+                    with engine.perturbed(11, 1e-3):
+                        loss = model(input_ids=ids).logits.float().logsumexp(-1).mean()
+                    engine.update(ZOUpdate(step=0, seed=11, coef=0.5, lr=1e-4))
+                    results.append((loss, [p.detach().clone() for _, p in params],
+                                    [r.clone() for r in engine.residuals if r is not None]))
 
-                        def update(engine=engine) -> None:
-                            engine.update(ZOUpdate(step=1, seed=12, coef=0.5, lr=1e-4))
+                    def update(engine=engine) -> None:
+                        engine.update(ZOUpdate(step=1, seed=12, coef=0.5, lr=1e-4))
 
-                        def forward(engine=engine) -> None:
-                            with engine.perturbed(13, 1e-3):
-                                model(input_ids=ids)
+                    def forward(engine=engine) -> None:
+                        with engine.perturbed(13, 1e-3):
+                            model(input_ids=ids)
 
-                        key = "fused" if fused else "torch_ops"
-                        row[f"update_s_{key}"] = timed(update, sync, args.repeats)
-                        row[f"perturbed_forward_s_{key}"] = timed(forward, sync, args.repeats)
+                    row[f"update_s_{key}"] = timed(update, sync, args.repeats)
+                    row[f"perturbed_forward_s_{key}"] = timed(forward, sync, args.repeats)
+                    before = device_kernel.Launches.count
+                    update()
+                    row[f"fused_launches_per_update_{key}"] = device_kernel.Launches.count - before
+                row[f"warnings_{key}"] = [str(w.message)[:300] for w in caught]
             (loss_a, ps_a, rs_a), (loss_b, ps_b, rs_b) = results
             row["same_loss_bits"] = bool(torch.equal(loss_a, loss_b))
             row["same_weight_bits"] = all(torch.equal(a.view(torch.int16), b.view(torch.int16))

@@ -1,9 +1,11 @@
 """The fused device kernels (Triton), run here in Triton's interpreter: the same source as on a GPU, with
-numpy's float math. Their hashing, indexing, roundings and update rule must reproduce the torch-op path;
-only the Gaussian's log/cos/sin (numpy's, not the CUDA or MKL library's) may differ, by a few ulp. On a GPU the
-self-check demands every bit before the kernels are used (tests/test_device.py)."""
+numpy's float math (and exact fused multiply-adds). Their hashing, indexing, roundings and update rules must
+give the torch-op path's bits; only the Gaussian's log/cos/sin (numpy's, not MKL's or CUDA's) differ by an
+ulp, so Gaussian arithmetic is compared with both paths fed the same z. On a GPU each variant is checked
+bitwise before use (tests/test_device.py)."""
 
 import importlib
+import itertools
 import sys
 
 import pytest
@@ -18,34 +20,41 @@ from tests.conftest import tiny_model
 
 pytest.importorskip("triton")
 
-N = 3 * noise.BLOCK + 77  # a ragged end
-START = 5 * noise.BLOCK + 300  # a shard that starts inside a block
+N = zmath.CHECK_SIZE
+START = zmath.CHECK_STARTS[1]  # a shard that starts inside a block
+
+
+def forget_triton_zo() -> None:
+    """Make the next launch import the kernels' module again (it reads TRITON_INTERPRET when imported)."""
+    dk._module.cache_clear()
+    dk._importable.cache_clear()
+    dk.clear()
+    noise._tables_checked.clear()
+    sys.modules.pop("hyft.engine.triton_zo", None)
+    if hasattr(hyft.engine, "triton_zo"):
+        delattr(hyft.engine, "triton_zo")
 
 
 @pytest.fixture
 def kernels(monkeypatch):
-    """The kernels in Triton's interpreter (TRITON_INTERPRET is read when their module is imported)."""
+    """The kernels in Triton's interpreter."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     forget_triton_zo()
     yield dk.Kernels()
     forget_triton_zo()
 
 
-def forget_triton_zo() -> None:
-    """Make the next use import the kernels' module again (it reads TRITON_INTERPRET when imported)."""
-    dk._kernels.cache_clear()
-    sys.modules.pop("hyft.engine.triton_zo", None)
-    if hasattr(hyft.engine, "triton_zo"):
-        delattr(hyft.engine, "triton_zo")
-
-
 def ulps(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((a.view(torch.int32).long() - b.view(torch.int32).long()).abs().max())
 
 
+def same_bits(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
 @pytest.mark.parametrize("start", [0, START])
 def test_fused_z_is_the_counter_generators_z(kernels, start):
-    """Rademacher bitwise; Gaussian to 4 ulp (numpy's log/cos/sin here; on a GPU the self-check wants 0)."""
+    """Rademacher bitwise; Gaussian to 4 ulp (numpy's log/cos/sin here; on a GPU the check wants 0)."""
     seed = 2**63 + 12345  # every bit of a 64-bit seed matters
     for dist, tolerance in (("rademacher", 0), ("gaussian", 4)):
         with dk.disabled():
@@ -55,42 +64,55 @@ def test_fused_z_is_the_counter_generators_z(kernels, start):
         assert ulps(ref, mine) <= tolerance, dist
 
 
-CASES = [  # dtype, residual, applied direction, in-place shifts, rounding
-    (torch.float32, False, None, (1e-3, -2e-3), "nearest"),
-    (torch.float32, False, None, (), "nearest"),
-    (torch.bfloat16, True, zmath.Applied(1e-3, True), (), "nearest"),
-    (torch.bfloat16, False, zmath.Applied(1e-3, False), (), "nearest"),
-    (torch.bfloat16, False, zmath.Applied(1e-3, True), (), "stochastic"),
-    (torch.float16, True, None, (), "nearest"),
+ONE, TWO = zmath.Applied(1e-3, False), zmath.Applied(1e-3, True)
+CASES = [  # dtype, residual, applied direction, in-place shifts, rounding, step, decay: every kernel flag
+    *[(torch.float32, False, None, shifts, "nearest", step, decay)
+      for shifts, (step, decay) in itertools.product([(), (1e-3,), (1e-3, -2e-3), (1e-3, -2e-3, 1e-3)],
+                                                      [(2e-3, 1e-4), (2e-3, 0.0), (0.0, 1e-4)])],
+    (torch.bfloat16, True, TWO, (), "nearest", 2e-3, 1e-4),
+    (torch.bfloat16, True, ONE, (), "nearest", 2e-3, 0.0),
+    (torch.bfloat16, True, None, (), "nearest", 2e-3, 0.0),
+    (torch.bfloat16, False, ONE, (), "nearest", 2e-3, 1e-4),
+    (torch.bfloat16, False, TWO, (), "stochastic", 2e-3, 1e-4),
+    (torch.bfloat16, False, None, (), "stochastic", 2e-3, 0.0),
+    (torch.float16, True, TWO, (), "nearest", 2e-3, 1e-4),
+    (torch.float16, True, None, (), "nearest", 2e-3, 0.0),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{str(c[0])[6:]}-r{int(c[1])}-{c[4]}-shifts{len(c[3])}")
-@pytest.mark.parametrize("start", [0, START])
-def test_fused_perturb_and_update_are_the_torch_ops(kernels, case, start):
-    """θ + r + s·z from an unaligned offset, then the update (decay, applied direction, residual, stochastic
-    rounding, shifts): with Rademacher z, the same bits in θ (a residual may differ by an fp32 ulp of what it
-    holds: numpy does not fuse the multiply-add that torch's CPU kernel fuses)."""
-    dtype, residual, applied, shifts, rounding = case
-    gen = torch.Generator().manual_seed(start)
+def case_id(c) -> str:
+    applied = "none" if c[2] is None else ("two" if c[2].two_sided else "one")
+    return f"{str(c[0])[6:]}-r{int(c[1])}-{applied}-{c[4]}-shifts{len(c[3])}-step{c[5]}-decay{c[6]}"
+
+
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_fused_perturb_and_update_are_the_torch_ops(kernels, monkeypatch, case, dist):
+    """θ + r + s·z over an unaligned range of a shard, then the update: the same bits in the perturbed copy, θ
+    and the residual. For Gaussian z the torch path is fed the kernels' z (their log/cos differ by an ulp
+    here), so what is compared is the arithmetic around it."""
+    dtype, residual, applied, shifts, rounding, step, decay = case
+    if dist == "gaussian":
+        drawn = noise.z_piece
+
+        def kernels_z(seed, a, b, dist_, device):
+            with dk.forced(kernels):
+                return drawn(seed, a, b, dist_, device)
+
+        monkeypatch.setattr(noise, "z_piece", kernels_z)
+    gen = torch.Generator().manual_seed(7)
     theta = torch.randn(N, generator=gen).to(dtype)
     res = (torch.randn(N, generator=gen) * 1e-3).to(dtype) if residual else None
     outs = []
-    for fused in (False, True):
-        t = zmath.Target(theta.clone(), None if res is None else res.clone(), 99, start)
-        with dk.forced(kernels) if fused else dk.disabled():
-            plus = zmath.perturbed_range(t, 1e-3, "rademacher", 17, N)
-            zmath.update_([t], 2e-3, 1e-4, "rademacher", applied, shifts, rounding)
+    for path in (dk.disabled(), dk.forced(kernels)):
+        t = zmath.Target(theta.clone(), None if res is None else res.clone(), 99, START)
+        with path:
+            plus = zmath.perturbed_range(t, 1e-3, dist, 17, N)
+            zmath.update_([t], step, decay, dist, applied, shifts, rounding)
         outs.append((plus, t.p, t.r))
-    (plus, p, r), (plus_k, p_k, r_k) = outs
-    assert torch.equal(plus.view(torch.uint8), plus_k.view(torch.uint8))
-    assert torch.equal(p.view(torch.uint8), p_k.view(torch.uint8))
-    assert (r is None) == (r_k is None)
-    if r is not None:
-        gap = (r.float() - r_k.float()).abs()
-        # an fp32 ulp of θ + r moves what r holds by that much, or r by one of its own bf16 ulps near a tie
-        assert (gap <= 2.4e-7 * p.float().abs() + 2.0**-7 * r.float().abs()).all()
-        assert (gap > 0).float().mean() < 0.01
+    assert not torch.equal(outs[0][1], theta) or step == 0.0  # the update moved θ
+    for name, a, b in zip(("θ + s·z", "θ", "residual"), *outs, strict=True):
+        assert same_bits(a, b), name
 
 
 def test_fused_engine_step_is_the_torch_engines_step(kernels):
@@ -98,10 +120,10 @@ def test_fused_engine_step_is_the_torch_engines_step(kernels):
     same loss and weights with the kernels as with torch's ops (fp32, Rademacher)."""
     ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
     results = []
-    for fused in (False, True):
+    for path in (dk.disabled(), dk.forced(kernels)):
         model = tiny_model("llama", 300)  # tied: the embedding and head are streamed
         engine = ZOEngine(model, select_params(model), dist="rademacher", eps=1e-3)
-        with torch.no_grad(), (dk.forced(kernels) if fused else dk.disabled()):
+        with torch.no_grad(), path:
             with engine.perturbed(7, 1e-3):
                 loss = model(input_ids=ids, labels=ids).loss
             engine.update(ZOUpdate(step=0, seed=7, coef=0.5, lr=1e-3))
@@ -111,21 +133,44 @@ def test_fused_engine_step_is_the_torch_engines_step(kernels):
     assert all(torch.equal(a, b) for a, b in zip(ps, ps_k, strict=True))
 
 
-def test_a_kernel_that_differs_from_the_torch_ops_is_refused_with_a_warning(kernels, monkeypatch):
-    """Here the Gaussian's numpy math differs by an ulp from MKL's: the self-check must refuse the kernels
-    (one warning) and the torch ops take over, so no log depends on which path drew it."""
+def test_each_variant_is_checked_once_and_a_kernel_that_differs_is_refused(kernels, monkeypatch):
+    """The dispatcher (on CPU only in the interpreter, by request): a variant whose kernel gives the torch
+    ops' bits is used after one check; one whose kernel is off by a bit warns once and runs as torch ops,
+    with the torch ops' result."""
     monkeypatch.setenv("HYFT_DEVICE_KERNEL", "interpret")
-    dk._checked.cache_clear()
-    try:
-        with pytest.warns(RuntimeWarning, match="differ from torch's ops"):
-            assert dk.for_device(torch.device("cpu")) is None
-        assert zmath.check_fused_kernels(kernels, torch.device("cpu")).startswith("z (gaussian")
-    finally:
-        dk._checked.cache_clear()
+    gen = torch.Generator().manual_seed(1)
+    theta, res = torch.randn(N, generator=gen).bfloat16(), (torch.randn(N, generator=gen) * 1e-3).bfloat16()
+
+    def step(decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+        t = zmath.Target(theta.clone(), res.clone(), 5, 0)
+        zmath.update_([t], 2e-3, decay, "rademacher", TWO)
+        return t.p, t.r
+
+    with dk.disabled():
+        expected = step(1e-4)
+    before = dk.Launches.count
+    assert all(same_bits(a, b) for a, b in zip(step(1e-4), expected, strict=True))
+    assert dk.Launches.count > before  # checked (both paths), then used
+    before = dk.Launches.count
+    step(1e-4)
+    assert dk.Launches.count == before + 1  # no second check
+
+    right = dk.Kernels.update_
+
+    def off_by_a_bit(self, p, *args, **kwargs):
+        right(self, p, *args, **kwargs)
+        p.view(torch.int16)[0] ^= 1
+
+    monkeypatch.setattr(dk.Kernels, "update_", off_by_a_bit)
+    with dk.disabled():
+        expected = step(0.0)
+    with pytest.warns(RuntimeWarning, match="differs from torch's ops"):
+        got = step(0.0)  # another variant (no decay): checked, refused
+    assert all(same_bits(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def test_fused_kernels_launch_once_per_tensor_per_sweep():
-    """Counted on meta tensors: an update sweep is one launch per ZO tensor, against many ATen ops."""
+    """Counted on meta tensors (no Triton needed): an update sweep is one launch per ZO tensor."""
     model = tiny_model("llama", 300).to("meta")
     params = select_params(model)
     engine = ZOEngine(model, params, dist="gaussian", eps=1e-3)
@@ -136,9 +181,8 @@ def test_fused_kernels_launch_once_per_tensor_per_sweep():
 
 
 def test_kernels_compile_for_an_h200_here():
-    """The interpreter does not type-check as the compiler does: compile every kernel variant the engine
-    launches to a cubin for sm_90 (an H200), with the argument types Triton infers from Python ints (32-bit
-    unsigned key halves, 32-bit starts)."""
+    """The interpreter does not type-check as the compiler does: compile each kernel, with every value of
+    every flag at least once, to a cubin for sm_90 (an H200)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -147,21 +191,30 @@ def test_kernels_compile_for_an_h200_here():
         pytest.skip("this Triton has no CUDA backend")
     forget_triton_zo()
     tz = importlib.import_module("hyft.engine.triton_zo")
-
-    ints = {"start": "i32", "n": "i32", "key_lo": "u32", "key_hi": "u32"}
-    floats = {"neg_step": "fp32", "keep": "fp32", "s0": "fp32", "s1": "fp32", "s2": "fp32", "eps": "fp32",
-              "inv": "fp32"}
-    cases = [(tz.fill, {"out": "*fp32", **ints}, {"GAUSS": g}) for g in (True, False)]
-    for t in ("bf16", "fp16", "fp32"):
+    ints = {"start": "i64", "n": "i64", "key_lo": "u32", "key_hi": "u32"}
+    floats = dict.fromkeys(["neg_step", "keep", "s0", "s1", "s2", "eps", "inv"], "fp32")
+    cases = [(tz.box_muller_tables, {"radius_out": "*fp32", "cos_out": "*fp32", "sin_out": "*fp32", "n": "i32"},
+              {})]
+    cases += [(tz.fill, {"out": "*fp32", **ints}, {"GAUSS": g}) for g in (True, False)]
+    for t, gauss, fma in (("bf16", True, True), ("fp16", False, False), ("fp32", True, False)):
         cases.append((tz.perturb, {"out": f"*{t}", "p": f"*{t}", "r": f"*{t}", **ints, "lo": "i64", "scale": "fp32"},
-                      {"GAUSS": True, "LOW": t != "fp32", "HAS_R": t != "fp32"}))
-        cases.append((tz.update, {"p": f"*{t}", "r": f"*{t}", **ints, "sr_lo": "u32", "sr_hi": "i32", **floats},
-                      {"GAUSS": True, "LOW": t != "fp32", "HAS_R": t == "fp16", "DECAY": True, "STEP": True,
-                       "NSHIFT": 2 if t == "fp32" else 0, "APPLIED": t != "fp32", "TWO_SIDED": True,
-                       "STOCHASTIC": t == "bf16"}))
+                      {"GAUSS": gauss, "LOW": t != "fp32", "HAS_R": t == "bf16", "FMA": fma}))
+    update = {"sr_lo": "u32", "sr_hi": "u32", **floats}
+    for t, flags in (
+            ("fp32", dict(NSHIFT=3, DECAY=True, STEP=False, APPLIED=False, HAS_R=False, STOCHASTIC=False)),
+            ("fp32", dict(NSHIFT=1, DECAY=False, STEP=True, APPLIED=False, HAS_R=False, STOCHASTIC=False)),
+            ("bf16", dict(NSHIFT=0, DECAY=True, STEP=True, APPLIED=True, TWO_SIDED=True, HAS_R=True,
+                          STOCHASTIC=False)),
+            ("bf16", dict(NSHIFT=0, DECAY=False, STEP=True, APPLIED=True, TWO_SIDED=False, HAS_R=False,
+                          STOCHASTIC=True)),
+            ("fp16", dict(NSHIFT=0, DECAY=True, STEP=True, APPLIED=False, HAS_R=True, STOCHASTIC=False))):
+        for gauss in (True, False):
+            cases.append((tz.update, {"p": f"*{t}", "r": f"*{t}", **ints, **update},
+                          {"TWO_SIDED": True, **flags, "GAUSS": gauss, "LOW": t != "fp32", "FMA": gauss}))
     for fn, signature, flags in cases:
         flags = {**flags, "TILE_": dk.TILE}
         compiled = triton.compile(ASTSource(fn=fn, signature={**signature, **dict.fromkeys(flags, "constexpr")},
                                             constexprs=flags), target=GPUTarget("cuda", 90, 32),
-                                   options={"enable_fp_fusion": True})
+                                  options={"enable_fp_fusion": False})
         assert compiled.asm["cubin"], (fn.__name__, flags)
+    forget_triton_zo()

@@ -1,23 +1,24 @@
 """Fused Triton kernels for the ZO arithmetic on an accelerator: one launch per tensor where the torch ops take
-~25-45 (draw z, build θ + r + s·z, update θ and its residual).
+34-45 (draw z, build θ + r + s·z, update θ and its residual).
 
-Why: on a GPU the engine's sweeps are bound by the host, not the device. A two-sided bf16 step of a 1.17 B
-Llama issues ~22 k ATen ops (``hyft bench --launches``), and at the ~9-15 µs each that the first H200 lease's
-step times imply, that is the whole of its perturb and update time (BENCHMARKS.md). MeZO's reference issues
-2 per tensor. Each kernel here computes z(seed) at its positions in registers (the same counter-based hash and
-Box-Muller transform as :mod:`hyft.engine.noise`, see :mod:`hyft.engine.counter`) and does the arithmetic of
-:mod:`hyft.engine.zmath` on it in one pass.
+Why: on a GPU the engine's sweeps were bound by their launch count. A two-sided bf16 step of a 1.17 B Llama
+launched ~15-17 k kernels, and the first H200 lease's perturb and update seconds come to ~13 µs per launch,
+as MeZO's 1.6 k launches do (``scripts/launch_budget.py``, BENCHMARKS.md). Each kernel here computes z(seed)
+at its positions in registers (the counter hash and Box-Muller layout of :mod:`hyft.engine.noise`, constants
+in :mod:`hyft.engine.counter`) and applies :mod:`hyft.engine.zmath`'s rule to it in the same pass.
 
-Used only where it is bitwise equal to the torch-op path, like the CPU kernel: on first use per device a
-self-check runs both paths on a few tensors (Gaussian and Rademacher; fp32, bf16 with and without the residual,
-fp16; shifts, decay, the applied direction, stochastic rounding) and keeps the kernels only if every bit agrees,
-trying Triton's FMA contraction on, then off. Anything else (no Triton, a failed compile or check,
-``HYFT_DEVICE_KERNEL=0``) falls back to the torch ops, which give the same numbers with more launches. A log
-therefore replays bitwise whichever path drew it.
+Used only where bitwise equal to the torch-op path, like the CPU kernel. Each *variant* (a direction family,
+dtype, residual or not, applied direction, shifts, decay, rounding: one compiled kernel each) is checked on
+its first use on a device by its caller (zmath, noise), which runs both paths on small tensors with the
+call's own scalars; a Gaussian variant also needs the float transform to agree on all 2²⁴ of each of its
+inputs (``noise.check_gaussian_tables``). A variant is tried with fused multiply-adds where torch adds with
+``alpha``, then with separate multiplies and adds; one that matches neither warns once and runs as torch ops.
+Anything else (no Triton, a failed compile, ``HYFT_DEVICE_KERNEL=0``) also falls back to the torch ops, which
+give the same numbers with more launches. A ZO log therefore replays bitwise whichever path drew it.
 
-On the CPU machine the same kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, numpy's float math):
-the tests check their integer hashing and stochastic rounding bitwise, their indexing, and their floats to a
-few ulp; ``hyft bench --launches`` counts their launches on meta tensors.
+On the CPU machine the same kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, numpy's float math
+with exact fused multiply-adds), which is how they are tested there; ``hyft bench --launches`` counts their
+launches on meta tensors.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -42,6 +43,8 @@ TILE = 1024  # elements per Triton program
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernels read and write; fp64 takes torch ops
 MAX_SHIFTS = 3
 _state = threading.local()
+_verified: dict[tuple[torch.device, Hashable], Kernels | None] = {}
+_lock = threading.RLock()
 
 
 class Launches:
@@ -50,25 +53,32 @@ class Launches:
     count = 0
 
 
-def _disabled() -> bool:
-    return getattr(_state, "disabled", False)
-
-
 @contextmanager
-def disabled() -> Iterator[None]:
-    """Within the block this thread takes the torch-op path (the self-check's reference)."""
-    before = _disabled()
-    _state.disabled = True
+def _mode(mode: Kernels | str) -> Iterator[None]:
+    """This thread's path until the block ends; the innermost block wins."""
+    before = getattr(_state, "mode", None)
+    _state.mode = mode
     try:
         yield
     finally:
-        _state.disabled = before
+        _state.mode = before
+
+
+def disabled() -> Any:
+    """Within the block this thread takes the torch-op path (the checks' reference)."""
+    return _mode("torch")
+
+
+def forced(kernels: Kernels) -> Any:
+    """Within the block this thread's zmath and noise calls use ``kernels`` on any device, unchecked (the
+    checks themselves, tests, and ``scripts/gpu_fused.py``)."""
+    return _mode(kernels)
 
 
 @contextmanager
 def counting_on_meta() -> Iterator[None]:
     """Within the block, meta tensors take the fused path and only count its launches (``hyft bench
-    --launches``: what an accelerator with the kernels would issue)."""
+    --launches``: what an accelerator with the kernels would launch)."""
     before = getattr(_state, "meta", False)
     _state.meta = True
     try:
@@ -77,130 +87,131 @@ def counting_on_meta() -> Iterator[None]:
         _state.meta = before
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 @cache
-def _kernels() -> Any:
-    """The jitted kernels, imported on first use (``TRITON_INTERPRET`` is read when they are defined)."""
-    triton_zo = importlib.import_module("hyft.engine.triton_zo")
-    return triton_zo.fill, triton_zo.perturb, triton_zo.update
-
-
-def _split(key: int) -> tuple[int, int]:
-    return key & 0xFFFFFFFF, key >> 32
+def _module() -> Any:
+    """The kernels' module, imported on first launch (``TRITON_INTERPRET`` is read when it is imported)."""
+    return importlib.import_module("hyft.engine.triton_zo")
 
 
 @dataclass(frozen=True)
 class Kernels:
-    """The fused kernels with one FMA-contraction setting (the one that reproduced the torch ops here)."""
+    """The fused kernels; ``fma``: whether an add with ``alpha`` is one fused multiply-add (torch's CUDA and
+    vectorised CPU kernels) or a multiply, then an add."""
 
-    fp_fusion: bool = True
+    fma: bool = True
 
-    def _launch(self, kernel: Any, n: int, *args: Any, **constexprs: Any) -> None:
-        Launches.count += 1
-        if n == 0 or args[0].is_meta:
+    def _launch(self, name: str, n: int, *args: Any, **constexprs: Any) -> None:
+        if n == 0:
             return
-        grid = (-(-n // TILE),)
-        options = {} if _interpret() else {"enable_fp_fusion": self.fp_fusion}
-        kernel[grid](*args, TILE_=TILE, **constexprs, **options)
+        Launches.count += 1
+        if args[0].is_meta:
+            return
+        module = _module()
+        kernel = getattr(module, name)
+        options = {} if module.INTERPRETED else {"enable_fp_fusion": False}
+        device = args[0].device
+        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+            kernel[(-(-n // TILE),)](*args, TILE_=TILE, **constexprs, **options)
 
     def fill_(self, out: Tensor, key: int, start: int, dist: str) -> Tensor:
         """out (float32, contiguous) ← z[start : start + len(out)] of the direction with 64-bit ``key``."""
-        fill, _, _ = _kernels()
-        self._launch(fill, out.numel(), out, start, out.numel(), *_split(key), GAUSS=dist == "gaussian")
+        self._launch("fill", out.numel(), out, start, out.numel(), *_split(key), GAUSS=dist == "gaussian")
         return out
 
     def perturb_(self, out: Tensor, p: Tensor, r: Tensor | None, key: int, start: int, lo: int,
                  scale: float, dist: str) -> None:
         """out (flat, θ's dtype) ← elements lo : lo + len(out) of θ + r + scale·z, z from global position
         ``start`` (a shard's first element) on."""
-        _, perturb, _ = _kernels()
-        low = p.dtype != torch.float32
-        self._launch(perturb, out.numel(), out, p, p if r is None else r, start, lo, out.numel(), *_split(key),
-                     scale, GAUSS=dist == "gaussian", LOW=low, HAS_R=r is not None)
+        self._launch("perturb", out.numel(), out, p, p if r is None else r, start, lo, out.numel(), *_split(key),
+                     scale, GAUSS=dist == "gaussian", LOW=p.dtype != torch.float32, HAS_R=r is not None,
+                     FMA=self.fma)
 
     def update_(self, p: Tensor, r: Tensor | None, key: int, sr_key: int, start: int, step: float,
                 decay: float, dist: str, applied: tuple[float, bool] | None, shifts: tuple[float, ...],
                 stochastic: bool) -> None:
         """zmath.update_ on one flat tensor (and its residual), in place."""
-        _, _, update = _kernels()
-        low = p.dtype != torch.float32
         eps, two_sided = applied if applied is not None else (1.0, True)
         padded = (*shifts, 0.0, 0.0, 0.0)[:MAX_SHIFTS]
-        self._launch(update, p.numel(), p, p if r is None else r, start, p.numel(), *_split(key), *_split(sr_key),
-                     -step, 1.0 - decay, *padded, eps, 1.0 / (eps * (2.0 if two_sided else 1.0)),
-                     GAUSS=dist == "gaussian", LOW=low, HAS_R=r is not None, DECAY=bool(decay),
-                     STEP=bool(step), NSHIFT=len(shifts), APPLIED=applied is not None, TWO_SIDED=two_sided,
-                     STOCHASTIC=stochastic)
+        self._launch("update", p.numel(), p, p if r is None else r, start, p.numel(), *_split(key),
+                     *_split(sr_key), -step, 1.0 - decay, *padded, eps, 1.0 / (eps * (2.0 if two_sided else 1.0)),
+                     GAUSS=dist == "gaussian", LOW=p.dtype != torch.float32, HAS_R=r is not None,
+                     DECAY=bool(decay), STEP=bool(step), NSHIFT=len(shifts), APPLIED=applied is not None,
+                     TWO_SIDED=two_sided, STOCHASTIC=stochastic, FMA=self.fma)
+
+    def box_muller_tables(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """The radius, cos and sin for each of the 2²⁴ values of their 24-bit inputs."""
+        n = 1 << 24
+        outs = tuple(torch.empty(n, dtype=torch.float32, device=device) for _ in range(3))
+        self._launch("box_muller_tables", n, *outs, n)
+        return outs
 
 
-_self_check: Callable[[Kernels, torch.device], str | None] | None = None
+def _split(key: int) -> tuple[int, int]:
+    return key & 0xFFFFFFFF, key >> 32
 
 
-def register_self_check(check: Callable[[Kernels, torch.device], str | None]) -> None:
-    """Set the check that must find no differing bit before the kernels are used (zmath registers it: this
-    module cannot import the torch-op path it is checked against)."""
-    global _self_check
-    _self_check = check
+def takes(*tensors: Tensor | None) -> bool:
+    """Whether the kernels can read and write these tensors together: contiguous, one dtype they handle, one
+    device (None: no such tensor)."""
+    present = [t for t in tensors if t is not None]
+    first = present[0]
+    return all(t.is_contiguous() and t.dtype == first.dtype and t.device == first.device for t in present) and \
+        first.dtype in DTYPES
 
 
-def takes(t: Tensor) -> bool:
-    """Whether the kernels can read and write ``t`` (contiguous, a dtype they handle)."""
-    return t.dtype in DTYPES and t.is_contiguous()
+def kernels_for(device: torch.device, variant: Hashable, check: Callable[[Kernels], str | None]) -> Kernels | None:
+    """The kernels for one variant of a call on ``device``, or None for the torch ops.
 
-
-def for_device(device: torch.device) -> Kernels | None:
-    """The kernels to use on ``device``, or None for the torch ops: an accelerator whose self-check passed,
-    or meta tensors while counting launches."""
-    if _disabled():
-        return None
+    ``check(kernels)`` runs the variant both ways on small tensors and says how they differ (None: bitwise
+    equal); it runs once per device and variant. Forced kernels (:func:`forced`) and meta counting skip it.
+    """
+    mode = getattr(_state, "mode", None)
+    if mode is not None:
+        return None if mode == "torch" else mode
     if device.type == "meta":
         return Kernels() if getattr(_state, "meta", False) else None
-    if device.type == "cpu" and not (_interpret() and os.environ.get("HYFT_DEVICE_KERNEL") == "interpret"):
+    if device.type == "cpu" and not (os.environ.get("TRITON_INTERPRET") == "1"
+                                     and os.environ.get("HYFT_DEVICE_KERNEL") == "interpret"):
         return None
-    return _checked(device)
+    if os.environ.get("HYFT_DEVICE_KERNEL", "1") == "0" or not _importable():
+        return None
+    key = (device, variant)
+    if key not in _verified:
+        with _lock:
+            if key not in _verified:
+                _verified[key] = _verify(device, variant, check)
+    return _verified[key]
 
 
 @cache
-def _checked(device: torch.device) -> Kernels | None:
-    if os.environ.get("HYFT_DEVICE_KERNEL", "1") == "0":
-        return None
+def _importable() -> bool:
     try:
-        _kernels()
-    except ImportError:
-        log.debug("device kernels off: Triton is not installed")
-        return None
-    if _self_check is None:  # registered by hyft.engine.zmath, whose torch ops are the reference
-        return None
+        _module()
+    except Exception as e:  # no Triton, or one too old or broken: the torch ops take over
+        log.debug("device kernels off: %s", e)
+        return False
+    return True
+
+
+def _verify(device: torch.device, variant: Hashable, check: Callable[[Kernels], str | None]) -> Kernels | None:
     failures = []
-    for fp_fusion in (True, False):
+    for fma in (True, False):
+        kernels = Kernels(fma)
         try:
-            problem = _self_check(Kernels(fp_fusion), device)
-        except Exception as e:  # a compile or launch failure: the torch ops take over
+            with disabled():  # the check's own calls pick their path by forced() only
+                problem = check(kernels)
+        except Exception as e:  # a compile or launch failure
             problem = f"{type(e).__name__}: {e}"
         if problem is None:
-            return Kernels(fp_fusion)
-        failures.append(problem)
-    warnings.warn(f"hyft: the fused device kernels differ from torch's ops on {device} ({failures[0][:160]}); "
-                  "using torch's ops, which give the same numbers with more kernel launches", RuntimeWarning,
-                  stacklevel=3)
+            return kernels
+        failures.append(f"{'fused' if fma else 'separate'} multiply-adds: {problem[:120]}")
+    warnings.warn(f"hyft: a fused device kernel differs from torch's ops on {device} for {variant} "
+                  f"({'; '.join(failures)}); that variant runs as torch's ops, which give the same numbers with more "
+                  "kernel launches", RuntimeWarning, stacklevel=4)
     return None
 
 
-@contextmanager
-def forced(kernels: Kernels) -> Iterator[None]:
-    """Within the block, this thread's zmath and noise calls use ``kernels`` on any device (the self-check)."""
-    before = getattr(_state, "forced", None)
-    _state.forced = kernels
-    try:
-        yield
-    finally:
-        _state.forced = before
-
-
-def current(device: torch.device) -> Kernels | None:
-    """What zmath and noise call: a forced set (the self-check), else :func:`for_device`."""
-    forced = getattr(_state, "forced", None)
-    return forced if forced is not None and not _disabled() else for_device(device)
+def clear() -> None:
+    """Forget every check (tests)."""
+    with _lock:
+        _verified.clear()

@@ -52,11 +52,6 @@ class Target:
         return self.p.dtype not in noise.FULL_PRECISION
 
 
-def _fusable(p: Tensor, r: Tensor | None) -> bool:
-    """Whether the fused device kernels can take this tensor and its residual."""
-    return device_kernel.takes(p) and (r is None or device_kernel.takes(r))
-
-
 def _true_value(p: Tensor, r: Tensor | None) -> Tensor:
     """θ (+ r) in fp32 for a piece of a low-precision tensor."""
     return p.float() if r is None else p.float().add_(r.float())
@@ -68,8 +63,8 @@ def _perturb_calls(t: Target, out: Tensor, scale: float, dist: str, lo: int, hi:
     src = t.p.detach().reshape(-1)
     res = None if t.r is None else t.r.reshape(-1)
     device, o = src.device, t.start
-    fused = device_kernel.current(device)
-    if fused is not None and _fusable(src, res) and device_kernel.takes(out):
+    fused = _perturb_kernels(t, out, scale, dist)
+    if fused is not None:
         noise.DRAWN.add(hi - lo)
         return [partial(fused.perturb_, out, src, res, noise.direction_key(t.seed), o, lo, scale, dist)]
 
@@ -204,59 +199,97 @@ def update_(targets: list[Target], step: float, decay: float, dist: str, applied
         if r is not None:
             r.copy_(true.sub_(piece.float()))
 
-    fused = device_kernel.current(targets[0].p.device) if targets else None
-    if fused is not None and all(_fusable(t.p, t.r) for t in targets):
-        for t in targets:
-            if shifts and t.low_precision:
-                raise ValueError("in-place shifts are exact only in full precision")
-            noise.DRAWN.add(t.p.numel())
-            fused.update_(t.p.view(-1), None if t.r is None else t.r.view(-1), noise.direction_key(t.seed),
-                          noise.direction_key(t.seed ^ SR_SALT), t.start, step, decay, dist,
-                          None if applied is None else (applied.eps, applied.two_sided), shifts,
-                          rounding == "stochastic" and t.p.dtype == torch.bfloat16)
-        return
-    calls = []
+    if shifts and any(t.low_precision for t in targets):
+        raise ValueError("in-place shifts are exact only in full precision")
+    torch_targets = []
     for t in targets:
+        fused = _update_kernels(t, step, decay, dist, applied, shifts, rounding)
+        if fused is None:
+            torch_targets.append(t)
+            continue
+        noise.DRAWN.add(t.p.numel())
+        fused.update_(t.p.view(-1), None if t.r is None else t.r.view(-1), noise.direction_key(t.seed),
+                      noise.direction_key(t.seed ^ SR_SALT), t.start, step, decay, dist,
+                      None if applied is None else (applied.eps, applied.two_sided), shifts,
+                      rounding == "stochastic" and t.p.dtype == torch.bfloat16)
+    calls = []
+    for t in torch_targets:
         flat = t.p.view(-1)
         res = None if t.r is None else t.r.view(-1)
         calls += [partial(work, t, flat, res, a, b)
                   for a, b in noise.pieces(t.start, t.start + flat.numel(), flat.device)]
     if calls:
-        noise.run(calls, targets[0].p.device)
+        noise.run(calls, torch_targets[0].p.device)
 
 
-def check_fused_kernels(kernels: device_kernel.Kernels, device: torch.device) -> str | None:
-    """None if every kernel reproduces the torch-op path bitwise on ``device``; else the first difference."""
-    gen = torch.Generator().manual_seed(0)
-    n = 3 * noise.BLOCK + 77  # a ragged end
-    for dist in noise.DISTRIBUTIONS:
-        for start in (0, 5 * noise.BLOCK + 300):  # a shard that starts inside a block
-            seed = 2**63 + 12345
-            with device_kernel.disabled():
-                ref = noise.segment(n, seed, start, dist, device)
-            with device_kernel.forced(kernels):
-                mine = noise.segment(n, seed, start, dist, device)
-            if not torch.equal(ref.view(torch.int32), mine.view(torch.int32)):
-                return f"z ({dist}, start {start})"
-            for dtype, residual, applied, shifts, rounding in (
-                    (torch.float32, False, None, (1e-3, -2e-3), "nearest"),
-                    (torch.bfloat16, True, Applied(1e-3, True), (), "nearest"),
-                    (torch.bfloat16, False, Applied(1e-3, False), (), "nearest"),
-                    (torch.bfloat16, False, Applied(1e-3, True), (), "stochastic"),
-                    (torch.float16, True, None, (), "nearest")):
-                theta = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
-                res = (torch.randn(n, generator=gen) * 1e-3).to(device=device, dtype=dtype) if residual else None
-                outs = []
-                for fused in (False, True):
-                    t = Target(theta.clone(), None if res is None else res.clone(), seed, start)
-                    with device_kernel.forced(kernels) if fused else device_kernel.disabled():
-                        plus = perturbed_range(t, 1e-3, dist, 17, n)
-                        update_([t], 2e-3, 1e-4, dist, None if shifts else applied, shifts, rounding)
-                    outs.append([plus, t.p] + ([] if t.r is None else [t.r]))
-                for a, b in zip(*outs, strict=True):
-                    if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
-                        return f"arithmetic ({dist}, {dtype}, residual {residual}, {rounding}, start {start})"
-    return None
+# The fused device kernels (hyft.engine.device_kernel): each variant of a call is checked against the torch ops
+# above on its first use on a device, on tensors of CHECK_SIZE elements from two offsets (one inside a block)
+# with the call's own scalars.
+CHECK_SIZE = 3 * noise.BLOCK + 77  # a ragged end
+CHECK_STARTS = (0, 5 * noise.BLOCK + 300)
+CHECK_SEED = 2**63 + 12345  # every bit of a 64-bit seed matters
 
 
-device_kernel.register_self_check(check_fused_kernels)
+def _sample(dtype: torch.dtype, residual: bool, device: torch.device, seed: int) -> tuple[Tensor, Tensor | None]:
+    gen = torch.Generator().manual_seed(seed)
+    theta = torch.randn(CHECK_SIZE, generator=gen).to(device=device, dtype=dtype)
+    r = (torch.randn(CHECK_SIZE, generator=gen) * 1e-3).to(device=device, dtype=dtype) if residual else None
+    return theta, r
+
+
+def _differ(a: list[Tensor | None], b: list[Tensor | None]) -> bool:
+    return any(x is not None and not torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+               for x, y in zip(a, b, strict=True))
+
+
+def _gaussian_ready(kernels: device_kernel.Kernels, device: torch.device, dist: str) -> str | None:
+    return noise.check_gaussian_tables(kernels, device) if dist == "gaussian" else None
+
+
+def _perturb_kernels(t: Target, out: Tensor, scale: float, dist: str) -> device_kernel.Kernels | None:
+    device = t.p.device
+    if not device_kernel.takes(t.p, t.r, out):
+        return None
+    residual = t.r is not None
+
+    def check(kernels: device_kernel.Kernels) -> str | None:
+        if problem := _gaussian_ready(kernels, device, dist):
+            return problem
+        for start in CHECK_STARTS:
+            theta, r = _sample(t.p.dtype, residual, device, start)
+            outs = []
+            for path in (device_kernel.disabled(), device_kernel.forced(kernels)):
+                with path:
+                    outs.append([perturbed_range(Target(theta, r, CHECK_SEED, start), scale, dist, 17, CHECK_SIZE)])
+            if _differ(*outs):
+                return f"θ + s·z from {start}"
+        return None
+
+    return device_kernel.kernels_for(device, ("perturb", dist, t.p.dtype, residual), check)
+
+
+def _update_kernels(t: Target, step: float, decay: float, dist: str, applied: Applied | None,
+                    shifts: tuple[float, ...], rounding: str) -> device_kernel.Kernels | None:
+    device = t.p.device
+    if not device_kernel.takes(t.p, t.r) or len(shifts) > device_kernel.MAX_SHIFTS:
+        return None
+    residual = t.r is not None
+    variant = ("update", dist, t.p.dtype, residual, None if applied is None else applied.two_sided, len(shifts),
+               bool(decay), bool(step), rounding)
+
+    def check(kernels: device_kernel.Kernels) -> str | None:
+        if problem := _gaussian_ready(kernels, device, dist):
+            return problem
+        for start in CHECK_STARTS:
+            theta, r = _sample(t.p.dtype, residual, device, start)
+            outs = []
+            for path in (device_kernel.disabled(), device_kernel.forced(kernels)):
+                sample = Target(theta.clone(), None if r is None else r.clone(), CHECK_SEED, start)
+                with path:
+                    update_([sample], step, decay, dist, applied, shifts, rounding)
+                outs.append([sample.p, sample.r])
+            if _differ(*outs):
+                return f"update from {start}"
+        return None
+
+    return device_kernel.kernels_for(device, variant, check)
