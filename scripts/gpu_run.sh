@@ -5,6 +5,7 @@
 # time limit, so one slow or failing step leaves the others' figures:
 #   1. tests/test_device.py (CUDA-only properties) and one trainer test (device auto: CUDA), on the device
 #   2. the CPU logs replayed on the device, and a device run replayed there (gpu_check.py check)
+#   2b. the fused Triton kernels: kept by their self-check? the torch ops' bits on a 1.17 B model? how fast?
 #   3. hyft bench rows on a random 1.17 B Llama in bf16, with the launch counts of a 7B step
 #   4. scripts/gpu_profile.py on that model: launches, syncs and device time by op, per step
 set -u
@@ -20,6 +21,8 @@ timeout 100 python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_device.py \
 echo "pytest: $(tail -1 "$OUT/pytest.txt")"
 timeout 90 python3 scripts/gpu_check.py check --in runs/gpu-check --device cuda --out /tmp/gc --bench-size none \
   > /tmp/gc.log 2>&1; echo "check rc=$?"; cp /tmp/gc/gpu_check.json "$OUT/" 2>/dev/null || tail -30 /tmp/gc.log
+timeout 90 python3 scripts/gpu_fused.py --device cuda --out /tmp/gf > /tmp/gf.log 2>&1
+echo "fused rc=$?"; cp /tmp/gf/gpu_fused.json "$OUT/" 2>/dev/null; tail -12 /tmp/gf.log
 timeout 240 python3 scripts/gpu_check.py bench --out /tmp/gb --device cuda --size 1b > /tmp/gb.log 2>&1
 echo "bench rc=$?"; cp /tmp/gb/bench/bench.json /tmp/gb/bench/bench.md /tmp/gb.log "$OUT/" 2>/dev/null; tail -40 /tmp/gb.log
 # 4. where the step time goes (torch.profiler, unobserved rows): the question the first lease left open

@@ -73,3 +73,36 @@ def test_token_logprobs_in_row_chunks_are_the_whole_batch_bits_on_cuda(tokenizer
     for logp, grads in results[1:]:
         assert torch.equal(logp, results[0][0])
         assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1], strict=True))
+
+
+@cuda
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_fused_kernels_are_kept_and_give_the_torch_ops_bits_on_cuda(dist, dtype):
+    """The engine's common variants (perturbed forwards, a bf16 update with its residual, fp32 shifts) pass
+    their bitwise checks here, no warning, and a whole step equals the torch ops' step."""
+    import warnings
+    from contextlib import nullcontext
+
+    from hyft.engine import device_kernel
+    from hyft.engine.zo import ZOEngine, ZOUpdate, select_params
+    from tests.conftest import tiny_model
+
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0)).cuda()
+    results = []
+    for path in (device_kernel.disabled(), nullcontext()):
+        model = tiny_model("llama", 300).to(device="cuda", dtype=dtype)
+        engine = ZOEngine(model, select_params(model), dist=dist, eps=1e-3)
+        before = device_kernel.Launches.count
+        with warnings.catch_warnings(), torch.no_grad(), path:
+            warnings.simplefilter("error", RuntimeWarning)
+            with engine.perturbed(7, 1e-3):
+                loss = model(input_ids=ids, labels=ids).loss
+            if engine.can_shift:
+                engine.shift_(7, 1e-3)
+            engine.update(ZOUpdate(step=0, seed=7, coef=0.5, lr=1e-3, shifts=(1e-3,) if engine.can_shift else ()))
+        results.append((loss, [p.detach().clone() for _, p in engine.params], device_kernel.Launches.count - before))
+    (loss, ps, torch_launches), (loss_k, ps_k, fused_launches) = results
+    assert torch_launches == 0 and fused_launches > 0
+    assert torch.equal(loss, loss_k)
+    assert all(torch.equal(a, b) for a, b in zip(ps, ps_k, strict=True))

@@ -33,18 +33,17 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from hyft.engine import cpu_kernel
+from hyft.engine import cpu_kernel, device_kernel
+from hyft.engine.counter import BLOCK, GAMMA, M1, M2, direction_key, to_i64
+from hyft.engine.counter import mix64 as mix64  # re-exported: the tests' reference
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 SCHEME = "counter-v3"  # the (seed, position) → z mapping; recorded in ZO logs so replay refuses another one
-BLOCK = 1024  # elements: z is generated in whole, aligned blocks
 CPU_PIECE = 1 << 20  # 1 Mi elements: large enough that ATen's threads share each op, 18 MiB of scratch
 DEVICE_PIECE = 1 << 24  # 16 Mi elements on accelerators: one piece for most tensors
 FULL_PRECISION = (torch.float32, torch.float64)  # written directly; lower precisions go through fp32
 
-_MASK64 = (1 << 64) - 1
-_GAMMA = 0x9E3779B97F4A7C15
-_M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_GAMMA, _M1, _M2 = GAMMA, M1, M2
 _HALF = BLOCK // 2
 _BLOCK_BITS = BLOCK.bit_length() - 1
 _TRANSCENDENTAL = 1 << 16  # log/cos/sin run on slices of 2 ATen grains: split (if at all) in aligned halves
@@ -56,23 +55,7 @@ def check_dist(dist: str) -> None:
         raise ValueError(f"unknown direction distribution {dist!r}; choose {', '.join(DISTRIBUTIONS)}")
 
 
-def _i64(x: int) -> int:
-    """The int64 with the same 64 bits as the unsigned ``x`` (torch has no uint64 arithmetic)."""
-    x &= _MASK64
-    return x - (1 << 64) if x >> 63 else x
-
-
-def mix64(x: int) -> int:
-    """SplitMix64's finaliser on a Python int (the reference the tensor code is tested against)."""
-    x &= _MASK64
-    x = ((x ^ (x >> 30)) * _M1) & _MASK64
-    x = ((x ^ (x >> 27)) * _M2) & _MASK64
-    return x ^ (x >> 31)
-
-
-def direction_key(seed: int) -> int:
-    """The 64-bit key of direction ``seed``: every bit of the seed matters (no 32-bit truncation)."""
-    return mix64(seed ^ 0x5851F42D4C957F2D)
+_i64 = to_i64
 
 
 def _mix_(x: Tensor, tmp: Tensor) -> Tensor:
@@ -174,6 +157,9 @@ def fill_(out: Tensor, seed: int, start: int, dist: str) -> Tensor:
         raise ValueError(f"fill_ needs whole blocks of {BLOCK} (start {start}, length {n})")
     DRAWN.add(n)
     key = direction_key(seed)
+    fused = _fill_kernels(out, dist)
+    if fused is not None:
+        return fused.fill_(out, key, start, dist)
     if dist == "gaussian":
         lib = kernel() if out.device.type == "cpu" else None
         if lib is None or not cpu_kernel.gaussian_(lib, out, key, start // 2):
@@ -215,17 +201,77 @@ def gaussian_torch_(out: Tensor, key: int, start: int) -> Tensor:
     # angle from the low 24 bits
     x.bitwise_and_((1 << 24) - 1)
     b.copy_(x).mul_(2 * math.pi * 2.0**-24)
-    step = _transcendental_slice(out.device, m)
-    for lo in range(0, m, step):  # see the module docstring: no scalar tails on CPU
-        hi = min(lo + step, m)
-        a[lo:hi].log_()
-        torch.cos(b[lo:hi], out=c[lo:hi])
-        b[lo:hi].sin_()
-    a.mul_(-2.0).sqrt_()
+    _box_muller_(a, b, c)
     halves = out.view(-1, 2, _HALF)
     torch.mul(a.view(-1, _HALF), c.view(-1, _HALF), out=halves[:, 0])
     torch.mul(a.view(-1, _HALF), b.view(-1, _HALF), out=halves[:, 1])
     return out
+
+
+def _box_muller_(a: Tensor, b: Tensor, c: Tensor) -> None:
+    """In place: a ← sqrt(−2 ln a) (the radius from u), c ← cos b, b ← sin b (the angle's two sides)."""
+    step = _transcendental_slice(a.device, a.numel())
+    for lo in range(0, a.numel(), step):  # see the module docstring: no scalar tails on CPU
+        hi = min(lo + step, a.numel())
+        a[lo:hi].log_()
+        torch.cos(b[lo:hi], out=c[lo:hi])
+        b[lo:hi].sin_()
+    a.mul_(-2.0).sqrt_()
+
+
+def box_muller_tables(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The radius, cos and sin that :func:`gaussian_torch_` computes for each of the 2²⁴ values of their 24-bit
+    inputs (the high and the low word of a hash): every float z can be made of."""
+    n = 1 << 24
+    a, b, c = (torch.empty(n, dtype=torch.float32, device=device) for _ in range(3))
+    a.copy_(torch.arange(1, n + 1, device=device)).mul_(2.0**-24)
+    b.copy_(torch.arange(n, device=device)).mul_(2 * math.pi * 2.0**-24)
+    _box_muller_(a, b, c)
+    return a, c, b
+
+
+_tables_checked: dict[torch.device, str | None] = {}
+
+
+def check_gaussian_tables(kernels: device_kernel.Kernels, device: torch.device) -> str | None:
+    """None if the fused kernels' Box–Muller transform gives torch's bits for all 2²⁴ radii and angles on
+    ``device`` (then, the hash being integer arithmetic, every Gaussian z agrees); else what differs. Once
+    per device: the transform has no multiply-add to choose."""
+    if device not in _tables_checked:
+        with device_kernel.disabled():
+            ref = box_muller_tables(device)
+        mine = kernels.box_muller_tables(device)
+        names = ("radius", "cos", "sin")
+        bad = [name for name, x, y in zip(names, ref, mine, strict=True)
+               if not torch.equal(x.view(torch.int32), y.view(torch.int32))]
+        _tables_checked[device] = f"Box-Muller {', '.join(bad)} differ" if bad else None
+    return _tables_checked[device]
+
+
+def _fill_kernels(out: Tensor, dist: str) -> device_kernel.Kernels | None:
+    """The fused kernels for this fill, checked against the torch ops on first use on a device."""
+    if out.dtype != torch.float32 or not device_kernel.takes(out):
+        return None
+    check_dist(dist)
+    device = out.device
+
+    def check(kernels: device_kernel.Kernels) -> str | None:
+        if dist == "gaussian" and (problem := check_gaussian_tables(kernels, device)):
+            return problem
+        n = 3 * BLOCK + 77
+        for start in (0, 5 * BLOCK + 300):
+            paths = (device_kernel.disabled(), device_kernel.forced(kernels))
+            ref, mine = (_segment_with(path, n, 2**63 + 12345, start, dist, device) for path in paths)
+            if not torch.equal(ref.view(torch.int32), mine.view(torch.int32)):
+                return f"z from {start}"
+        return None
+
+    return device_kernel.kernels_for(device, ("fill", dist), check)
+
+
+def _segment_with(path, n: int, seed: int, start: int, dist: str, device: torch.device) -> Tensor:
+    with path:
+        return segment(n, seed, start, dist, device)
 
 
 def at(index: Tensor, seed: int, dist: str) -> Tensor:

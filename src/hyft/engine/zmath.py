@@ -25,7 +25,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from hyft.engine import noise
+from hyft.engine import device_kernel, noise
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,10 @@ def _perturb_calls(t: Target, out: Tensor, scale: float, dist: str, lo: int, hi:
     src = t.p.detach().reshape(-1)
     res = None if t.r is None else t.r.reshape(-1)
     device, o = src.device, t.start
+    fused = _perturb_kernels(t, out, scale, dist)
+    if fused is not None:
+        noise.DRAWN.add(hi - lo)
+        return [partial(fused.perturb_, out, src, res, noise.direction_key(t.seed), o, lo, scale, dist)]
 
     def work(a: int, b: int) -> None:  # a, b: global positions of a whole-block piece of z
         i, j = max(a, o + lo), min(b, o + hi)
@@ -195,11 +199,97 @@ def update_(targets: list[Target], step: float, decay: float, dist: str, applied
         if r is not None:
             r.copy_(true.sub_(piece.float()))
 
-    calls = []
+    if shifts and any(t.low_precision for t in targets):
+        raise ValueError("in-place shifts are exact only in full precision")
+    torch_targets = []
     for t in targets:
+        fused = _update_kernels(t, step, decay, dist, applied, shifts, rounding)
+        if fused is None:
+            torch_targets.append(t)
+            continue
+        noise.DRAWN.add(t.p.numel())
+        fused.update_(t.p.view(-1), None if t.r is None else t.r.view(-1), noise.direction_key(t.seed),
+                      noise.direction_key(t.seed ^ SR_SALT), t.start, step, decay, dist,
+                      None if applied is None else (applied.eps, applied.two_sided), shifts,
+                      rounding == "stochastic" and t.p.dtype == torch.bfloat16)
+    calls = []
+    for t in torch_targets:
         flat = t.p.view(-1)
         res = None if t.r is None else t.r.view(-1)
         calls += [partial(work, t, flat, res, a, b)
                   for a, b in noise.pieces(t.start, t.start + flat.numel(), flat.device)]
     if calls:
-        noise.run(calls, targets[0].p.device)
+        noise.run(calls, torch_targets[0].p.device)
+
+
+# The fused device kernels (hyft.engine.device_kernel): each variant of a call is checked against the torch ops
+# above on its first use on a device, on tensors of CHECK_SIZE elements from two offsets (one inside a block)
+# with the call's own scalars.
+CHECK_SIZE = 3 * noise.BLOCK + 77  # a ragged end
+CHECK_STARTS = (0, 5 * noise.BLOCK + 300)
+CHECK_SEED = 2**63 + 12345  # every bit of a 64-bit seed matters
+
+
+def _sample(dtype: torch.dtype, residual: bool, device: torch.device, seed: int) -> tuple[Tensor, Tensor | None]:
+    gen = torch.Generator().manual_seed(seed)
+    theta = torch.randn(CHECK_SIZE, generator=gen).to(device=device, dtype=dtype)
+    r = (torch.randn(CHECK_SIZE, generator=gen) * 1e-3).to(device=device, dtype=dtype) if residual else None
+    return theta, r
+
+
+def _differ(a: list[Tensor | None], b: list[Tensor | None]) -> bool:
+    return any(x is not None and not torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+               for x, y in zip(a, b, strict=True))
+
+
+def _gaussian_ready(kernels: device_kernel.Kernels, device: torch.device, dist: str) -> str | None:
+    return noise.check_gaussian_tables(kernels, device) if dist == "gaussian" else None
+
+
+def _perturb_kernels(t: Target, out: Tensor, scale: float, dist: str) -> device_kernel.Kernels | None:
+    device = t.p.device
+    if not device_kernel.takes(t.p, t.r, out):
+        return None
+    residual = t.r is not None
+
+    def check(kernels: device_kernel.Kernels) -> str | None:
+        if problem := _gaussian_ready(kernels, device, dist):
+            return problem
+        for start in CHECK_STARTS:
+            theta, r = _sample(t.p.dtype, residual, device, start)
+            outs = []
+            for path in (device_kernel.disabled(), device_kernel.forced(kernels)):
+                with path:
+                    outs.append([perturbed_range(Target(theta, r, CHECK_SEED, start), scale, dist, 17, CHECK_SIZE)])
+            if _differ(*outs):
+                return f"θ + s·z from {start}"
+        return None
+
+    return device_kernel.kernels_for(device, ("perturb", dist, t.p.dtype, residual), check)
+
+
+def _update_kernels(t: Target, step: float, decay: float, dist: str, applied: Applied | None,
+                    shifts: tuple[float, ...], rounding: str) -> device_kernel.Kernels | None:
+    device = t.p.device
+    if not device_kernel.takes(t.p, t.r) or len(shifts) > device_kernel.MAX_SHIFTS:
+        return None
+    residual = t.r is not None
+    variant = ("update", dist, t.p.dtype, residual, None if applied is None else applied.two_sided, len(shifts),
+               bool(decay), bool(step), rounding)
+
+    def check(kernels: device_kernel.Kernels) -> str | None:
+        if problem := _gaussian_ready(kernels, device, dist):
+            return problem
+        for start in CHECK_STARTS:
+            theta, r = _sample(t.p.dtype, residual, device, start)
+            outs = []
+            for path in (device_kernel.disabled(), device_kernel.forced(kernels)):
+                sample = Target(theta.clone(), None if r is None else r.clone(), CHECK_SEED, start)
+                with path:
+                    update_([sample], step, decay, dist, applied, shifts, rounding)
+                outs.append([sample.p, sample.r])
+            if _differ(*outs):
+                return f"update from {start}"
+        return None
+
+    return device_kernel.kernels_for(device, variant, check)

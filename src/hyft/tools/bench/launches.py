@@ -1,6 +1,8 @@
 """Kernel launches of the ZO engine on an accelerator, counted on the CPU machine: the engine itself runs
 on a ``meta`` copy of the model (shapes only, no memory, the accelerator's piece and lookahead sizes) under
-a dispatch mode that counts every ATen op that would launch a kernel (views and allocations excluded)."""
+a dispatch mode that counts every ATen op that would launch a kernel (views and allocations excluded), plus
+the fused device kernels' launches (:mod:`hyft.engine.device_kernel`), counted both without them (torch's
+ops, the fallback) and with them."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hyft.engine import noise
+from hyft.engine import device_kernel, noise
 from hyft.engine.lowrank import LowRankEngine
 from hyft.engine.zo import ZOEngine, ZOUpdate, select_params
 
@@ -33,9 +35,11 @@ class LaunchCounter(TorchDispatchMode):
 
 
 def count(fn: Callable[[], Any]) -> int:
+    """ATen ops that launch a kernel, plus fused device-kernel launches, issued by ``fn()``."""
+    fused = device_kernel.Launches.count
     with LaunchCounter() as counter:
         fn()
-    return counter.launches
+    return counter.launches + device_kernel.Launches.count - fused
 
 
 def perturbed_forward_launches(engine: ZOEngine | LowRankEngine, model: nn.Module, tokens: int, seed: int = 1,
@@ -64,12 +68,27 @@ def zo_launches(model: nn.Module, tokens: int = 1024) -> dict[str, Any]:
     device = params[0][1].device
     pieces = sum(len(list(noise.pieces(0, p.numel(), device))) for _, p in params)
     previous_chunks = sum(-(-p.numel() // (1 << 18)) for _, p in params)
+    with device_kernel.counting_on_meta():
+        fused_update = count(lambda: engine.update(ZOUpdate(step=0, seed=1, coef=1.0, lr=1e-6)))
+        fused_forward = perturbed_forward_launches(engine, model, tokens)
     return {
         "tensors": len(params), "numel": sum(p.numel() for _, p in params), "dtype": str(params[0][1].dtype),
         "pieces_per_sweep": pieces, "update_sweep": update, "perturbed_forward": forward,
         "two_sided_step": 2 * forward + update, "streamed_modules": len(engine.streamed), "tokens": tokens,
         "previous_scheme_chunks_per_sweep": previous_chunks,
+        "fused": {"update_sweep": fused_update, "perturbed_forward": fused_forward,
+                  "two_sided_step": 2 * fused_forward + fused_update},
+        "mezo_sweep": mezo_sweep_launches(params),
     }
+
+
+def mezo_sweep_launches(params: list[tuple[str, nn.Parameter]]) -> int:
+    """Launches of one sweep of the MeZO reference (``torch.normal`` and ``add_`` per tensor)."""
+    from hyft.tools.bench.mezo import MeZOReference
+
+    reference = MeZOReference([p for _, p in params], loss=lambda: torch.zeros(()))
+    with torch.no_grad():
+        return count(lambda: reference.perturb(1, 1.0))
 
 
 def llama_7b_launches(dtype: torch.dtype = torch.bfloat16, tokens: int = 1024) -> dict[str, Any]:

@@ -71,7 +71,17 @@ def _launches(results: dict[str, Any]) -> list[str]:
             f"| perturbed forward ({la['streamed_modules']} streamed modules) | {la['perturbed_forward']:,} |",
             f"| two-sided step (2 forwards + update) | {la['two_sided_step']:,} |",
             f"| previous scheme: chunks per sweep (each ≥ 2 launches) | {la['previous_scheme_chunks_per_sweep']:,} |",
-            *_lowrank_launches(la.get("lowrank"))]
+            *_fused_launches(la), *_lowrank_launches(la.get("lowrank"))]
+
+
+def _fused_launches(la: dict[str, Any]) -> list[str]:
+    fused, mezo = la.get("fused"), la.get("mezo_sweep")
+    if not fused:
+        return []
+    return [f"| fused device kernels: update sweep | {fused['update_sweep']:,} |",
+            f"| fused device kernels: perturbed forward | {fused['perturbed_forward']:,} |",
+            f"| fused device kernels: two-sided step | {fused['two_sided_step']:,} |",
+            *([f"| MeZO reference: one sweep (torch.normal + add_ per tensor; 4 a step) | {mezo:,} |"] if mezo else [])]
 
 
 LOWRANK_LAUNCH_TARGET = 2300  # MeZO's per-tensor torch.normal on the same model: roughly 2.3 k per step
