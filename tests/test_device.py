@@ -88,6 +88,8 @@ def test_the_fused_kernels_are_kept_and_give_the_torch_ops_bits_on_cuda(dist, dt
     from hyft.engine.zo import ZOEngine, ZOUpdate, select_params
     from tests.conftest import tiny_model
 
+    device_kernel.clear()  # earlier tests' checks (and any refusal they warned about) start over
+    noise._tables_checked.clear()
     ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0)).cuda()
     results = []
     for path in (device_kernel.disabled(), nullcontext()):
@@ -104,5 +106,7 @@ def test_the_fused_kernels_are_kept_and_give_the_torch_ops_bits_on_cuda(dist, dt
         results.append((loss, [p.detach().clone() for _, p in engine.params], device_kernel.Launches.count - before))
     (loss, ps, torch_launches), (loss_k, ps_k, fused_launches) = results
     assert torch_launches == 0 and fused_launches > 0
+    checked = {variant: chosen for (where, variant), chosen in device_kernel._verified.items() if where.type == "cuda"}
+    assert checked and all(chosen is not None for chosen in checked.values()), checked
     assert torch.equal(loss, loss_k)
     assert all(torch.equal(a, b) for a, b in zip(ps, ps_k, strict=True))

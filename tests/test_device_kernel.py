@@ -5,8 +5,10 @@ ulp, so Gaussian arithmetic is compared with both paths fed the same z. On a GPU
 bitwise before use (tests/test_device.py)."""
 
 import importlib
+import importlib.util
 import itertools
 import sys
+import warnings
 
 import pytest
 import torch
@@ -18,8 +20,8 @@ from hyft.engine.zo import ZOEngine, ZOUpdate, select_params
 from hyft.tools.bench.launches import count
 from tests.conftest import tiny_model
 
-pytest.importorskip("triton")
-
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+CPU = torch.device("cpu")
 N = zmath.CHECK_SIZE
 START = zmath.CHECK_STARTS[1]  # a shard that starts inside a block
 
@@ -37,10 +39,12 @@ def forget_triton_zo() -> None:
 
 @pytest.fixture
 def kernels(monkeypatch):
-    """The kernels in Triton's interpreter."""
+    """The kernels in Triton's interpreter, with torch's multiply-add semantics on this CPU."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs Triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     forget_triton_zo()
-    yield dk.Kernels()
+    yield dk.Kernels(dk.torch_fuses(CPU))
     forget_triton_zo()
 
 
@@ -94,12 +98,7 @@ def test_fused_perturb_and_update_are_the_torch_ops(kernels, monkeypatch, case, 
     dtype, residual, applied, shifts, rounding, step, decay = case
     if dist == "gaussian":
         drawn = noise.z_piece
-
-        def kernels_z(seed, a, b, dist_, device):
-            with dk.forced(kernels):
-                return drawn(seed, a, b, dist_, device)
-
-        monkeypatch.setattr(noise, "z_piece", kernels_z)
+        monkeypatch.setattr(noise, "z_piece", lambda *a: _forced_z(kernels, drawn, *a))
     gen = torch.Generator().manual_seed(7)
     theta = torch.randn(N, generator=gen).to(dtype)
     res = (torch.randn(N, generator=gen) * 1e-3).to(dtype) if residual else None
@@ -167,6 +166,35 @@ def test_each_variant_is_checked_once_and_a_kernel_that_differs_is_refused(kerne
     with pytest.warns(RuntimeWarning, match="differs from torch's ops"):
         got = step(0.0)  # another variant (no decay): checked, refused
     assert all(same_bits(a, b) for a, b in zip(got, expected, strict=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # once: the refusal is remembered
+        again = step(0.0)
+    assert all(same_bits(a, b) for a, b in zip(again, expected, strict=True))
+    refused = [variant for (_, variant), chosen in dk._verified.items() if chosen is None]
+    assert refused == [("update", "rademacher", torch.bfloat16, True, True, 0, False, True, "nearest")]
+
+
+def test_the_kernels_add_with_alphas_rounding_as_torch_does(kernels, monkeypatch):
+    """Where θ = −round(s·z), θ + s·z is round(s·z)'s rounding error under a fused multiply-add and 0 under a
+    multiply and an add: the probe's choice (this CPU's torch) gives torch's bits, the other does not."""
+    drawn = noise.z_piece
+    monkeypatch.setattr(noise, "z_piece", lambda *a: _forced_z(kernels, drawn, *a))
+    scale = 1 + 2.0**-12
+    with dk.forced(kernels):
+        z = noise.segment(N, 99, 0, "gaussian", CPU)
+    theta = -(z * scale)  # fp32 products, rounded
+    with dk.disabled():
+        expected = zmath.perturbed_range(zmath.Target(theta, None, 99, 0), scale, "gaussian", 0, N)
+    assert (expected != 0).float().mean() > 0.3  # the input tells the two apart
+    for fma in (True, False):
+        with dk.forced(dk.Kernels(fma)):
+            got = zmath.perturbed_range(zmath.Target(theta, None, 99, 0), scale, "gaussian", 0, N)
+        assert same_bits(got, expected) == (fma == dk.torch_fuses(CPU))
+
+
+def _forced_z(kernels, drawn, seed, a, b, dist, device):
+    with dk.forced(kernels):
+        return drawn(seed, a, b, dist, device)
 
 
 def test_fused_kernels_launch_once_per_tensor_per_sweep():
@@ -180,6 +208,7 @@ def test_fused_kernels_launch_once_per_tensor_per_sweep():
         assert count(update) == len(params) < torch_ops
 
 
+@needs_triton
 def test_kernels_compile_for_an_h200_here():
     """The interpreter does not type-check as the compiler does: compile each kernel, with every value of
     every flag at least once, to a cubin for sm_90 (an H200)."""
@@ -193,8 +222,8 @@ def test_kernels_compile_for_an_h200_here():
     tz = importlib.import_module("hyft.engine.triton_zo")
     ints = {"start": "i64", "n": "i64", "key_lo": "u32", "key_hi": "u32"}
     floats = dict.fromkeys(["neg_step", "keep", "s0", "s1", "s2", "eps", "inv"], "fp32")
-    cases = [(tz.box_muller_tables, {"radius_out": "*fp32", "cos_out": "*fp32", "sin_out": "*fp32", "n": "i32"},
-              {})]
+    cases = [(tz.box_muller_tables, {"radius_out": "*fp32", "cos_out": "*fp32", "sin_out": "*fp32", "first": "i64",
+                                     "n": "i64"}, {})]
     cases += [(tz.fill, {"out": "*fp32", **ints}, {"GAUSS": g}) for g in (True, False)]
     for t, gauss, fma in (("bf16", True, True), ("fp16", False, False), ("fp32", True, False)):
         cases.append((tz.perturb, {"out": f"*{t}", "p": f"*{t}", "r": f"*{t}", **ints, "lo": "i64", "scale": "fp32"},
@@ -215,6 +244,6 @@ def test_kernels_compile_for_an_h200_here():
         flags = {**flags, "TILE_": dk.TILE}
         compiled = triton.compile(ASTSource(fn=fn, signature={**signature, **dict.fromkeys(flags, "constexpr")},
                                             constexprs=flags), target=GPUTarget("cuda", 90, 32),
-                                  options={"enable_fp_fusion": False})
+                                  options=dk._options())
         assert compiled.asm["cubin"], (fn.__name__, flags)
     forget_triton_zo()

@@ -7,12 +7,13 @@ as MeZO's 1.6 k launches do (``scripts/launch_budget.py``, BENCHMARKS.md). Each 
 at its positions in registers (the counter hash and Box-Muller layout of :mod:`hyft.engine.noise`, constants
 in :mod:`hyft.engine.counter`) and applies :mod:`hyft.engine.zmath`'s rule to it in the same pass.
 
-Used only where bitwise equal to the torch-op path, like the CPU kernel. Each *variant* (a direction family,
-dtype, residual or not, applied direction, shifts, decay, rounding: one compiled kernel each) is checked on
-its first use on a device by its caller (zmath, noise), which runs both paths on small tensors with the
-call's own scalars; a Gaussian variant also needs the float transform to agree on all 2²⁴ of each of its
-inputs (``noise.check_gaussian_tables``). A variant is tried with fused multiply-adds where torch adds with
-``alpha``, then with separate multiplies and adds; one that matches neither warns once and runs as torch ops.
+Used only where bitwise equal to the torch-op path, like the CPU kernel. Where torch adds with ``alpha`` the
+kernels use a fused multiply-add or a multiply and an add, as a probe shows torch does on that device
+(:func:`torch_fuses`). Each *variant* (a direction family, dtype, residual or not, applied direction, shifts,
+decay, rounding: one compiled kernel each) is checked on its first use on a device by its caller (zmath,
+noise), which runs both paths on small tensors with the call's own scalars; a Gaussian variant also needs the
+float transform to agree on all 2²⁴ of each of its inputs (``noise.check_gaussian_tables``). A variant that
+differs, or cannot be checked, warns once and runs as torch ops.
 Anything else (no Triton, a failed compile, ``HYFT_DEVICE_KERNEL=0``) also falls back to the torch ops, which
 give the same numbers with more launches. A ZO log therefore replays bitwise whichever path drew it.
 
@@ -108,7 +109,7 @@ class Kernels:
             return
         module = _module()
         kernel = getattr(module, name)
-        options = {} if module.INTERPRETED else {"enable_fp_fusion": False}
+        options = {} if module.INTERPRETED else _options()
         device = args[0].device
         with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
             kernel[(-(-n // TILE),)](*args, TILE_=TILE, **constexprs, **options)
@@ -138,12 +139,34 @@ class Kernels:
                      DECAY=bool(decay), STEP=bool(step), NSHIFT=len(shifts), APPLIED=applied is not None,
                      TWO_SIDED=two_sided, STOCHASTIC=stochastic, FMA=self.fma)
 
-    def box_muller_tables(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-        """The radius, cos and sin for each of the 2²⁴ values of their 24-bit inputs."""
-        n = 1 << 24
+    def box_muller_tables(self, first: int, n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """The radius, cos and sin for the 24-bit inputs first … first + n − 1."""
         outs = tuple(torch.empty(n, dtype=torch.float32, device=device) for _ in range(3))
-        self._launch("box_muller_tables", n, *outs, n)
+        self._launch("box_muller_tables", n, *outs, first, n)
         return outs
+
+
+@cache
+def _options() -> dict[str, bool]:
+    """Compile options: no multiply-add contraction (the kernels spell out every fused multiply-add), and no
+    flush-to-zero in libdevice's math (torch's CUDA math keeps subnormals), where this Triton has the option."""
+    import dataclasses
+
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    fields = {f.name for f in dataclasses.fields(CUDAOptions)}
+    return {name: False for name in ("enable_fp_fusion", "enable_reflect_ftz") if name in fields}
+
+
+@cache
+def torch_fuses(device: torch.device) -> bool:
+    """Whether torch's ``add(t, b, alpha=s)`` on ``device`` is one fused multiply-add (one rounding) or a
+    multiply and an add, probed where the two differ: t = −(1 + 2⁻¹¹), b = s = 1 + 2⁻¹²; s·b + t is 2⁻²⁴
+    exactly, and rounding s·b first gives 0."""
+    t = torch.full((64,), -(1 + 2.0**-11), device=device)
+    b = torch.full((64,), 1 + 2.0**-12, device=device)
+    got = torch.add(t, b, alpha=1 + 2.0**-12)
+    return bool((got == 2.0**-24).all())
 
 
 def _split(key: int) -> tuple[int, int]:
@@ -194,20 +217,23 @@ def _importable() -> bool:
 
 
 def _verify(device: torch.device, variant: Hashable, check: Callable[[Kernels], str | None]) -> Kernels | None:
-    failures = []
-    for fma in (True, False):
-        kernels = Kernels(fma)
-        try:
-            with disabled():  # the check's own calls pick their path by forced() only
-                problem = check(kernels)
-        except Exception as e:  # a compile or launch failure
-            problem = f"{type(e).__name__}: {e}"
-        if problem is None:
-            return kernels
-        failures.append(f"{'fused' if fma else 'separate'} multiply-adds: {problem[:120]}")
-    warnings.warn(f"hyft: a fused device kernel differs from torch's ops on {device} for {variant} "
-                  f"({'; '.join(failures)}); that variant runs as torch's ops, which give the same numbers with more "
-                  "kernel launches", RuntimeWarning, stacklevel=4)
+    """The kernels for ``variant`` if ``check`` finds them bitwise equal, with torch's multiply-add semantics
+    on this device (probed: samples of realistic scale rarely tell the two apart); else None, warned once.
+    (The mode is per thread: the engine issues every piece from the calling thread, ``noise.run``.)"""
+    kernels = Kernels(torch_fuses(device))
+    try:
+        with disabled():  # the check's own calls pick their path by forced() only
+            problem = check(kernels)
+    except Exception as e:  # a compile, launch or memory failure: not a difference, but not usable either
+        warnings.warn(f"hyft: a fused device kernel could not be checked on {device} for {variant} "
+                      f"({type(e).__name__}: {str(e)[:160]}); that variant runs as torch's ops", RuntimeWarning,
+                      stacklevel=4)
+        return None
+    if problem is None:
+        return kernels
+    warnings.warn(f"hyft: a fused device kernel differs from torch's ops on {device} for {variant} ({problem[:160]});"
+                  " that variant runs as torch's ops, which give the same numbers with more kernel launches",
+                  RuntimeWarning, stacklevel=4)
     return None
 
 

@@ -219,32 +219,33 @@ def _box_muller_(a: Tensor, b: Tensor, c: Tensor) -> None:
     a.mul_(-2.0).sqrt_()
 
 
-def box_muller_tables(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """The radius, cos and sin that :func:`gaussian_torch_` computes for each of the 2²⁴ values of their 24-bit
-    inputs (the high and the low word of a hash): every float z can be made of."""
-    n = 1 << 24
+def box_muller_tables(first: int, n: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The radius, cos and sin that :func:`gaussian_torch_` computes for the 24-bit inputs first … first + n − 1
+    (a hash's high and low words): all 2²⁴ of them are every float a Gaussian z can be made of."""
     a, b, c = (torch.empty(n, dtype=torch.float32, device=device) for _ in range(3))
-    a.copy_(torch.arange(1, n + 1, device=device)).mul_(2.0**-24)
-    b.copy_(torch.arange(n, device=device)).mul_(2 * math.pi * 2.0**-24)
+    a.copy_(torch.arange(first + 1, first + n + 1, device=device)).mul_(2.0**-24)
+    b.copy_(torch.arange(first, first + n, device=device)).mul_(2 * math.pi * 2.0**-24)
     _box_muller_(a, b, c)
     return a, c, b
 
 
+TABLE_CHUNK = 1 << 20  # ~30 MiB of temporaries at a time
 _tables_checked: dict[torch.device, str | None] = {}
 
 
 def check_gaussian_tables(kernels: device_kernel.Kernels, device: torch.device) -> str | None:
     """None if the fused kernels' Box–Muller transform gives torch's bits for all 2²⁴ radii and angles on
-    ``device`` (then, the hash being integer arithmetic, every Gaussian z agrees); else what differs. Once
-    per device: the transform has no multiply-add to choose."""
+    ``device`` (then, the hash being integer arithmetic and z one multiply, every Gaussian z agrees); else what
+    differs. Once per device (the transform has no multiply-add to choose), in chunks."""
     if device not in _tables_checked:
-        with device_kernel.disabled():
-            ref = box_muller_tables(device)
-        mine = kernels.box_muller_tables(device)
-        names = ("radius", "cos", "sin")
-        bad = [name for name, x, y in zip(names, ref, mine, strict=True)
-               if not torch.equal(x.view(torch.int32), y.view(torch.int32))]
-        _tables_checked[device] = f"Box-Muller {', '.join(bad)} differ" if bad else None
+        bad: set[str] = set()
+        for first in range(0, 1 << 24, TABLE_CHUNK):
+            with device_kernel.disabled():
+                ref = box_muller_tables(first, TABLE_CHUNK, device)
+            mine = kernels.box_muller_tables(first, TABLE_CHUNK, device)
+            bad |= {name for name, x, y in zip(("radius", "cos", "sin"), ref, mine, strict=True)
+                    if not torch.equal(x.view(torch.int32), y.view(torch.int32))}
+        _tables_checked[device] = f"Box-Muller {', '.join(sorted(bad))} differ" if bad else None
     return _tables_checked[device]
 
 

@@ -2,9 +2,9 @@
 first used: ``TRITON_INTERPRET=1`` must be set before that to run them on CPU tensors).
 
 Float arithmetic is spelled out operation by operation, as torch's ops do it: every ``torch.add(a, b,
-alpha=s)`` of the torch path is one ``madd`` (a fused multiply-add where ``FMA``, which is what torch's CUDA
-and vectorised CPU kernels compute; a multiply, then an add, otherwise), every other op is a plain op, and the
-kernels are compiled with contraction off, so no other multiply-add is fused.
+alpha=s)`` of the torch path is one ``madd`` (a fused multiply-add where ``FMA``, a multiply, then an add,
+otherwise: ``device_kernel.torch_fuses`` says which torch does), every other op is a plain op, and the kernels
+are compiled with contraction and flush-to-zero off, so no other multiply-add is fused and subnormals stay.
 """
 
 import math
@@ -102,14 +102,14 @@ def rounded(t, dtype: tl.constexpr):
 
 
 @triton.jit
-def box_muller_tables(radius_out, cos_out, sin_out, n, TILE_: tl.constexpr):
-    """Every value the Gaussian's float transform can produce: the radius for each of the 2²⁴ high words and
-    cos and sin for each of the 2²⁴ low words (the self-check compares all of them with torch's ops)."""
+def box_muller_tables(radius_out, cos_out, sin_out, first: tl.int64, n: tl.int64, TILE_: tl.constexpr):
+    """The Gaussian's float transform for the 24-bit inputs first … first + n − 1: the radius of each high
+    word, cos and sin of each low word (the check compares all 2²⁴ of each with torch's ops)."""
     k = tl.program_id(0).to(tl.int64) * TILE_ + tl.arange(0, TILE_)
     mask = k < n
-    tl.store(radius_out + k, radius(k), mask=mask)
-    tl.store(cos_out + k, trig(k, False), mask=mask)
-    tl.store(sin_out + k, trig(k, True), mask=mask)
+    tl.store(radius_out + k, radius(first + k), mask=mask)
+    tl.store(cos_out + k, trig(first + k, False), mask=mask)
+    tl.store(sin_out + k, trig(first + k, True), mask=mask)
 
 
 @triton.jit
