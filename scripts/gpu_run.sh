@@ -21,7 +21,7 @@ timeout 100 python3 -m pytest -q -p no:cacheprovider -n 4 tests/test_device.py \
 echo "pytest: $(tail -1 "$OUT/pytest.txt")"
 timeout 90 python3 scripts/gpu_check.py check --in runs/gpu-check --device cuda --out /tmp/gc --bench-size none \
   > /tmp/gc.log 2>&1; echo "check rc=$?"; cp /tmp/gc/gpu_check.json "$OUT/" 2>/dev/null || tail -30 /tmp/gc.log
-timeout 90 python3 scripts/gpu_fused.py --device cuda --out /tmp/gf > /tmp/gf.log 2>&1
+timeout 120 python3 scripts/gpu_fused.py --device cuda --out /tmp/gf > /tmp/gf.log 2>&1
 echo "fused rc=$?"; cp /tmp/gf/gpu_fused.json "$OUT/" 2>/dev/null; tail -12 /tmp/gf.log
 timeout 240 python3 scripts/gpu_check.py bench --out /tmp/gb --device cuda --size 1b > /tmp/gb.log 2>&1
 echo "bench rc=$?"; cp /tmp/gb/bench/bench.json /tmp/gb/bench/bench.md /tmp/gb.log "$OUT/" 2>/dev/null; tail -40 /tmp/gb.log

@@ -1,9 +1,9 @@
 """Fused Triton kernels for the ZO arithmetic on an accelerator: one launch per tensor where the torch ops take
 34-45 (draw z, build θ + r + s·z, update θ and its residual).
 
-Why: on a GPU the engine's sweeps were bound by their launch count. A two-sided bf16 step of a 1.17 B Llama
-launched ~15-17 k kernels, and the first H200 lease's perturb and update seconds come to ~13 µs per launch,
-as MeZO's 1.6 k launches do (``scripts/launch_budget.py``, BENCHMARKS.md). Each kernel here computes z(seed)
+Why: a two-sided bf16 step of a 1.17 B Llama launched ~15-17 k kernels through the torch ops, and the first
+H200 lease's perturb and update seconds come to ~13 µs per launch, as MeZO's 1.6 k launches do
+(``scripts/launch_budget.py``, BENCHMARKS.md): consistent with a step set by its launch count. Each kernel here computes z(seed)
 at its positions in registers (the counter hash and Box-Muller layout of :mod:`hyft.engine.noise`, constants
 in :mod:`hyft.engine.counter`) and applies :mod:`hyft.engine.zmath`'s rule to it in the same pass.
 
