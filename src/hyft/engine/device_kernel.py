@@ -3,9 +3,10 @@
 
 Why: a two-sided bf16 step of a 1.17 B Llama launched ~15-17 k kernels through the torch ops, and the first
 H200 lease's perturb and update seconds come to ~13 µs per launch, as MeZO's 1.6 k launches do
-(``scripts/launch_budget.py``, BENCHMARKS.md): consistent with a step set by its launch count. Each kernel here computes z(seed)
-at its positions in registers (the counter hash and Box-Muller layout of :mod:`hyft.engine.noise`, constants
-in :mod:`hyft.engine.counter`) and applies :mod:`hyft.engine.zmath`'s rule to it in the same pass.
+(``scripts/launch_budget.py``, BENCHMARKS.md): consistent with a step set by its launch count. Each kernel
+here computes z(seed) at its positions in registers (the counter hash and Box-Muller layout of
+:mod:`hyft.engine.noise`, constants in :mod:`hyft.engine.counter`) and applies :mod:`hyft.engine.zmath`'s rule
+to it in the same pass.
 
 Used only where bitwise equal to the torch-op path, like the CPU kernel. Where torch adds with ``alpha`` the
 kernels use a fused multiply-add or a multiply and an add, as a probe shows torch does on that device
@@ -55,37 +56,31 @@ class Launches:
 
 
 @contextmanager
-def _mode(mode: Kernels | str) -> Iterator[None]:
-    """This thread's path until the block ends; the innermost block wins."""
-    before = getattr(_state, "mode", None)
-    _state.mode = mode
+def _setting(name: str, value: Any) -> Iterator[None]:
+    """This thread's ``name`` is ``value`` until the block ends; the innermost block wins."""
+    before = getattr(_state, name, None)
+    setattr(_state, name, value)
     try:
         yield
     finally:
-        _state.mode = before
+        setattr(_state, name, before)
 
 
 def disabled() -> Any:
     """Within the block this thread takes the torch-op path (the checks' reference)."""
-    return _mode("torch")
+    return _setting("mode", "torch")
 
 
 def forced(kernels: Kernels) -> Any:
     """Within the block this thread's zmath and noise calls use ``kernels`` on any device, unchecked (the
     checks themselves, tests, and ``scripts/gpu_fused.py``)."""
-    return _mode(kernels)
+    return _setting("mode", kernels)
 
 
-@contextmanager
-def counting_on_meta() -> Iterator[None]:
+def counting_on_meta() -> Any:
     """Within the block, meta tensors take the fused path and only count its launches (``hyft bench
     --launches``: what an accelerator with the kernels would launch)."""
-    before = getattr(_state, "meta", False)
-    _state.meta = True
-    try:
-        yield
-    finally:
-        _state.meta = before
+    return _setting("meta", True)
 
 
 @cache

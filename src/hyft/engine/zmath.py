@@ -242,54 +242,50 @@ def _differ(a: list[Tensor | None], b: list[Tensor | None]) -> bool:
                for x, y in zip(a, b, strict=True))
 
 
-def _gaussian_ready(kernels: device_kernel.Kernels, device: torch.device, dist: str) -> str | None:
-    return noise.check_gaussian_tables(kernels, device) if dist == "gaussian" else None
+def _same_both_ways(kernels: device_kernel.Kernels, device: torch.device, dtype: torch.dtype, residual: bool,
+                    dist: str, run: Callable[[Target], list[Tensor | None]], what: str) -> str | None:
+    """None if ``run`` on sample targets gives the same bits by the torch ops and by ``kernels``; else what
+    differed (a Gaussian variant also needs the Box–Muller tables to agree)."""
+    if dist == "gaussian" and (problem := noise.check_gaussian_tables(kernels, device)):
+        return problem
+    for start in CHECK_STARTS:
+        theta, r = _sample(dtype, residual, device, start)
+        outs = []
+        for path in (device_kernel.disabled(), device_kernel.forced(kernels)):
+            with path:
+                outs.append(run(Target(theta.clone(), None if r is None else r.clone(), CHECK_SEED, start)))
+        if _differ(*outs):
+            return f"{what} from {start}"
+    return None
 
 
 def _perturb_kernels(t: Target, out: Tensor, scale: float, dist: str) -> device_kernel.Kernels | None:
-    device = t.p.device
     if not device_kernel.takes(t.p, t.r, out):
         return None
-    residual = t.r is not None
+    device, dtype, residual = t.p.device, t.p.dtype, t.r is not None
+
+    def run(sample: Target) -> list[Tensor | None]:
+        return [perturbed_range(sample, scale, dist, 17, CHECK_SIZE)]
 
     def check(kernels: device_kernel.Kernels) -> str | None:
-        if problem := _gaussian_ready(kernels, device, dist):
-            return problem
-        for start in CHECK_STARTS:
-            theta, r = _sample(t.p.dtype, residual, device, start)
-            outs = []
-            for path in (device_kernel.disabled(), device_kernel.forced(kernels)):
-                with path:
-                    outs.append([perturbed_range(Target(theta, r, CHECK_SEED, start), scale, dist, 17, CHECK_SIZE)])
-            if _differ(*outs):
-                return f"θ + s·z from {start}"
-        return None
+        return _same_both_ways(kernels, device, dtype, residual, dist, run, "θ + s·z")
 
-    return device_kernel.kernels_for(device, ("perturb", dist, t.p.dtype, residual), check)
+    return device_kernel.kernels_for(device, ("perturb", dist, dtype, residual), check)
 
 
 def _update_kernels(t: Target, step: float, decay: float, dist: str, applied: Applied | None,
                     shifts: tuple[float, ...], rounding: str) -> device_kernel.Kernels | None:
-    device = t.p.device
     if not device_kernel.takes(t.p, t.r) or len(shifts) > device_kernel.MAX_SHIFTS:
         return None
-    residual = t.r is not None
-    variant = ("update", dist, t.p.dtype, residual, None if applied is None else applied.two_sided, len(shifts),
+    device, dtype, residual = t.p.device, t.p.dtype, t.r is not None
+    variant = ("update", dist, dtype, residual, None if applied is None else applied.two_sided, len(shifts),
                bool(decay), bool(step), rounding)
 
+    def run(sample: Target) -> list[Tensor | None]:
+        update_([sample], step, decay, dist, applied, shifts, rounding)
+        return [sample.p, sample.r]
+
     def check(kernels: device_kernel.Kernels) -> str | None:
-        if problem := _gaussian_ready(kernels, device, dist):
-            return problem
-        for start in CHECK_STARTS:
-            theta, r = _sample(t.p.dtype, residual, device, start)
-            outs = []
-            for path in (device_kernel.disabled(), device_kernel.forced(kernels)):
-                sample = Target(theta.clone(), None if r is None else r.clone(), CHECK_SEED, start)
-                with path:
-                    update_([sample], step, decay, dist, applied, shifts, rounding)
-                outs.append([sample.p, sample.r])
-            if _differ(*outs):
-                return f"update from {start}"
-        return None
+        return _same_both_ways(kernels, device, dtype, residual, dist, run, "update")
 
     return device_kernel.kernels_for(device, variant, check)
