@@ -23,9 +23,9 @@ timeout 90 python3 scripts/gpu_check.py check --in runs/gpu-check --device cuda 
   > /tmp/gc.log 2>&1; echo "check rc=$?"; cp /tmp/gc/gpu_check.json "$OUT/" 2>/dev/null || tail -30 /tmp/gc.log
 timeout 120 python3 scripts/gpu_fused.py --device cuda --out /tmp/gf > /tmp/gf.log 2>&1
 echo "fused rc=$?"; cp /tmp/gf/gpu_fused.json "$OUT/" 2>/dev/null; tail -12 /tmp/gf.log
-timeout 240 python3 scripts/gpu_check.py bench --out /tmp/gb --device cuda --size 1b > /tmp/gb.log 2>&1
+timeout 200 python3 scripts/gpu_check.py bench --out /tmp/gb --device cuda --size 1b > /tmp/gb.log 2>&1
 echo "bench rc=$?"; cp /tmp/gb/bench/bench.json /tmp/gb/bench/bench.md /tmp/gb.log "$OUT/" 2>/dev/null; tail -40 /tmp/gb.log
 # 4. where the step time goes (torch.profiler, unobserved rows): the question the first lease left open
-timeout 100 python3 scripts/gpu_profile.py --model /tmp/gb/llama-1b-random-bf16 --device cuda --dtype bfloat16 \
+timeout 80 python3 scripts/gpu_profile.py --model /tmp/gb/llama-1b-random-bf16 --device cuda --dtype bfloat16 \
   --rows mezo zo-full-in-place zo-full-stochastic zo-lowrank --out /tmp/prof > /tmp/prof.log 2>&1
 echo "profile rc=$?"; cp /tmp/prof/profile.txt "$OUT/" 2>/dev/null; tail -5 /tmp/prof.log
