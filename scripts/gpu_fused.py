@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,22 +26,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hyft.engine import device_kernel
 from hyft.engine.zo import ZOEngine, ZOUpdate, select_params
+from hyft.tools.bench.sweeps import median_seconds
 
 SHAPES = {"1b": dict(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                      num_attention_heads=32, num_key_value_heads=4),
           "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2)}
-
-
-def timed(fn, sync, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -94,8 +82,8 @@ def main() -> None:
                         with engine.perturbed(13, 1e-3):
                             model(input_ids=ids)
 
-                    row[f"update_s_{key}"] = timed(update, sync, args.repeats)
-                    row[f"perturbed_forward_s_{key}"] = timed(forward, sync, args.repeats)
+                    row[f"update_s_{key}"] = median_seconds(update, sync, args.repeats)
+                    row[f"perturbed_forward_s_{key}"] = median_seconds(forward, sync, args.repeats)
                     before = device_kernel.Launches.count
                     update()
                     row[f"fused_launches_per_update_{key}"] = device_kernel.Launches.count - before
@@ -109,7 +97,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     with torch.no_grad():
-        summary["plain_forward_s"] = timed(lambda: model(input_ids=ids), sync, args.repeats)
+        summary["plain_forward_s"] = median_seconds(lambda: model(input_ids=ids), sync, args.repeats)
     summary["rows"] = rows
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -85,13 +85,18 @@ def time_sweeps(numel: int, device: torch.device, repeats: int = 3, log=print) -
     out = {}
     for name, sweep in cases.items():
         sweep()  # warm-up: scratch buffers, first touch
-        times = []
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            sweep()
-            sync()
-            times.append(time.perf_counter() - start)
-        out[name] = statistics.median(times)
+        out[name] = median_seconds(sweep, sync, repeats)
         log(f"sweep {name}: {out[name]:.3f} s")
     return out
+
+
+def median_seconds(fn, sync, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn``, each synchronised (``sync``) at both ends only."""
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
