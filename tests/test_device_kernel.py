@@ -174,18 +174,23 @@ def test_each_variant_is_checked_once_and_a_kernel_that_differs_is_refused(kerne
     assert refused == [("update", "rademacher", torch.bfloat16, True, True, 0, False, True, "nearest")]
 
 
-def test_the_kernels_add_with_alphas_rounding_as_torch_does(kernels, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernels_add_with_alphas_rounding_as_torch_does(kernels, monkeypatch, dtype):
     """Where θ = −round(s·z), θ + s·z is round(s·z)'s rounding error under a fused multiply-add and 0 under a
-    multiply and an add: the probe's choice (this CPU's torch) gives torch's bits, the other does not."""
+    multiply and an add (fp32); in bf16 the two fp32 sums differ by an fp32 ulp of s·z, which moves some of
+    their bf16 roundings. The probe's choice (this CPU's torch) gives torch's bits, the other does not."""
     drawn = noise.z_piece
     monkeypatch.setattr(noise, "z_piece", lambda *a: _forced_z(kernels, drawn, *a))
     scale = 1 + 2.0**-12
     with dk.forced(kernels):
         z = noise.segment(N, 99, 0, "gaussian", CPU)
-    theta = -(z * scale)  # fp32 products, rounded
+    theta = (-(z * scale)).to(dtype)  # fp32 products, rounded (again, to bf16)
+    fused = (theta.double() + scale * z.double()).float().to(dtype)  # exact in float64: one rounding to fp32
+    separate = (theta.float() + z * scale).to(dtype)
+    assert (fused != separate).sum() >= (N // 3 if dtype == torch.float32 else 5)  # the input tells them apart
     with dk.disabled():
         expected = zmath.perturbed_range(zmath.Target(theta, None, 99, 0), scale, "gaussian", 0, N)
-    assert (expected != 0).float().mean() > 0.3  # the input tells the two apart
+    assert same_bits(expected, fused if dk.torch_fuses(CPU) else separate)
     for fma in (True, False):
         with dk.forced(dk.Kernels(fma)):
             got = zmath.perturbed_range(zmath.Target(theta, None, 99, 0), scale, "gaussian", 0, N)
