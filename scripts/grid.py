@@ -12,7 +12,8 @@
                                                         # grid's ``parked`` folder, to be committed
 
 The grid file has ``out`` (run directories), ``results`` (the results file: one JSON line per finished
-run, with its dev curve, so rendering needs nothing else), ``base`` (RunConfig keys of every run),
+run, with its dev curve, so rendering needs nothing else), optionally ``logs`` (a folder that receives each
+recorded run's whole step log, ``NAME.jsonl``, to be committed), ``base`` (RunConfig keys of every run),
 ``sweeps`` (name → {method, task, ...fixed keys, ``grid``: {key: [values]}}, every combination run on
 seed 0) and ``cells`` (name → {method, tasks, seeds, ``tuned``: a sweep whose best-dev values it takes,
 ...fixed keys}). A run whose name is in the results file is skipped; an interrupted one resumes from its
@@ -342,7 +343,9 @@ def other_settings(run: dict[str, Any], run_dir: Path) -> str:
 
 
 def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = False,
-            stop_at: float | None = None) -> None:
+            stop_at: float | None = None, logs: Path | None = None) -> None:
+    """Run (or resume) one run and append its record; with ``logs``, also copy its whole step log there as
+    ``NAME.jsonl`` (committed beside the results, so that claims read off a log can be checked)."""
     run_dir = out / run["name"]
     if differs := other_settings(run, run_dir):  # e.g. the grid file changed since: never record or resume it
         raise SystemExit(f"[grid] {run_dir} was made with other settings ({differs}); it is not this cell's "
@@ -403,6 +406,9 @@ def run_one(run: dict[str, Any], out: Path, results_path: Path, reuse: bool = Fa
         record["base_movement"] = movement(run_dir)
     with results_path.open("a") as f:
         f.write(json.dumps(record) + "\n")
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / "metrics.jsonl", logs / f"{run['name']}.jsonl")
 
 
 def movement(run_dir: Path) -> float:
@@ -484,7 +490,8 @@ def run_grid(grid: dict[str, Any], only: str | None, reuse: bool = False, exclud
         if not pending:
             return
         try:
-            run_one(pending[0], out, results_path, reuse, stop_at)
+            run_one(pending[0], out, results_path, reuse, stop_at,
+                    Path(grid["logs"]) if grid.get("logs") else None)
         except SystemExit:
             park_all()  # stopped at stop_at, or the grid was signalled: either way the run checkpointed
             if stop_at is not None and time.time() >= stop_at:

@@ -132,6 +132,34 @@ def test_each_launch_of_a_run_is_recorded_as_a_segment(tmp_path, monkeypatch):
     assert record["segments"][1]["cpu"] == record["provenance"]["cpu"]
 
 
+def test_a_recorded_runs_step_log_is_copied_to_the_grids_logs_folder(tmp_path, monkeypatch):
+    """With ``logs``, the run's whole metrics.jsonl (every step, not only the record's dev curve) lands there."""
+    import json
+
+    g = grid_module
+    cell = {"name": "sst2-fo-s0", "cell": "fo", "label": "fo",
+            "config": {"steps": 2, "method": "fo-peft", "task": "sst2", "seed": 0}}
+    run_dir, logs = tmp_path / "runs" / "sst2-fo-s0", tmp_path / "docs" / "metrics"
+    rows = [{"step": 1, "loss": 0.7, "seconds": 1.0}, {"step": 2, "loss": 0.5, "seconds": 2.0},
+            {"step": 2, "dev_accuracy": 0.8}]
+    real_run = g.subprocess.run
+
+    def fake_run(argv, check=False, **kwargs):
+        if argv[0] == "git":
+            return real_run(argv, check=check, **kwargs)
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (out / "results.json").write_text(json.dumps({"method": "fo-peft", "metric": "accuracy"}))
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(g.subprocess, "run", fake_run)
+    g.run_one(cell, tmp_path / "runs", tmp_path / "results.jsonl", logs=logs)
+    assert (logs / "sst2-fo-s0.jsonl").read_text() == (run_dir / "metrics.jsonl").read_text()
+    g.run_one({**cell, "name": "sst2-fo-s1"}, tmp_path / "runs", tmp_path / "results.jsonl")
+    assert not (logs / "sst2-fo-s1.jsonl").exists()  # no ``logs``: nothing copied
+
+
 def test_seconds_to_the_bar_compare_within_a_seed(tmp_path):
     """Seed 1 ran on a host twice as slow: mean seconds mix the hosts, the ratio to fo-peft's (same seed,
     same host) does not; a method that misses the bar on a seed counts as not reaching it there."""
@@ -408,7 +436,7 @@ def test_stop_at_skips_a_cell_that_cannot_be_parked_when_it_would_not_finish(tmp
                       "fo-peft": {"method": "fo-peft", "tasks": ["sst2"]}}}
     started: list[str] = []
 
-    def fake_run_one(run, out, results_path, reuse=False, stop_at=None):
+    def fake_run_one(run, out, results_path, reuse=False, stop_at=None, logs=None):
         started.append(run["name"])
         with results_path.open("a") as f:
             f.write(json.dumps({"name": run["name"]}) + "\n")
