@@ -305,15 +305,19 @@ def launch(argv: list[str], stop_at: float | None = None) -> int:
     checkpoint is kept.) Returns the exit code."""
     if stop_at is None:
         return subprocess.run(argv, check=False).returncode
-    child = subprocess.Popen(argv)
-    stop = [False]
+    stop, started = [False], []
 
     def forward(*_: Any) -> None:  # the grid is asked to stop: stop the child first
         stop[0] = True
-        child.send_signal(signal.SIGTERM)
+        for child in started:
+            child.send_signal(signal.SIGTERM)
 
-    previous = signal.signal(signal.SIGTERM, forward)
+    previous = signal.signal(signal.SIGTERM, forward)  # before the child starts: no signal falls between
     try:
+        child = subprocess.Popen(argv)
+        started.append(child)
+        if stop[0]:  # asked to stop while starting it
+            child.send_signal(signal.SIGTERM)
         while True:
             try:
                 return child.wait(timeout=1.0 if stop[0] else max(0.0, min(60.0, stop_at - time.time())))

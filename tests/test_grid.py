@@ -408,6 +408,7 @@ def test_stop_at_terminates_the_run_so_that_it_checkpoints(tmp_path):
                      "    open(sys.argv[1], 'w').write('checkpoint')\n"
                      "    sys.exit(143)\n"
                      "signal.signal(signal.SIGTERM, stop)\n"
+                     "open(sys.argv[1] + '.ready', 'w').close()\n"
                      "time.sleep(60)\n")
     start = time.time()
     assert grid_module.launch([sys.executable, str(child), str(tmp_path / "a")], stop_at=start + 5) == 143
@@ -420,7 +421,10 @@ def test_stop_at_terminates_the_run_so_that_it_checkpoints(tmp_path):
                              f"code = g.launch([sys.executable, {str(child)!r}, {str(tmp_path / 'b')!r}], "
                              "stop_at=time.time() + 3600)\n"
                              "print('child exit', code)\n"], stdout=subprocess.PIPE, text=True)
-    time.sleep(5)  # both processes up, the child's handler installed
+    ready = tmp_path / "b.ready"  # the child's handler installed (the grid's was, before the child started)
+    while not ready.exists() and grid.poll() is None and time.time() - start < 120:  # a loaded machine is slow
+        time.sleep(0.1)
+    assert ready.exists()
     grid.send_signal(subprocess.signal.SIGTERM)
     out, _ = grid.communicate(timeout=60)
     assert out.strip() == "child exit 143" and (tmp_path / "b").read_text() == "checkpoint"
